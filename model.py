@@ -1,0 +1,434 @@
+"""A LLaMA-family causal language model written from scratch (llama, mistral, qwen2).
+
+Parameter names are exactly those of Hugging Face checkpoints (model.layers.3.self_attn.q_proj.weight, ...),
+so loading and saving are identity mappings, and the robustness scan and the trainer can address Q, K, V
+and O of every layer as separate modules. Also here: the tokenizer with hand-written chat formats, and
+batched generation with a preallocated KV cache.
+"""
+import json, math, os, re, shutil
+from dataclasses import dataclass
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tokenizers import Tokenizer
+
+
+class SwatError(Exception):
+    """A problem with the user's input; the CLI prints it as one line."""
+
+
+@dataclass
+class Config:
+    vocab_size: int
+    dim: int
+    hidden_dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None    # llama3 parameters, or None
+    qkv_bias: bool
+    o_bias: bool
+    tie: bool
+    window: int | None           # sliding window (mistral/qwen2); refused at run time once exceeded
+    eos: list
+    raw: dict                    # the config.json as read, written back by save()
+
+
+def read_config(path):
+    def bad(key, val):
+        raise SwatError(f"{path}: unsupported {key}={val!r} (swat-min implements llama, mistral, qwen2 "
+                        "with default or llama3 rope)")
+    c = _read_json(path)
+    mt = c.get("model_type")
+    if mt not in ("llama", "mistral", "qwen2"):
+        bad("model_type", mt)
+    if c.get("hidden_act", "silu") != "silu":
+        bad("hidden_act", c["hidden_act"])
+    # rope settings come in three spellings: rope_scaling {type|rope_type}, or v5's rope_parameters
+    rope = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
+    rtype = rope.get("rope_type", rope.get("type", "default"))
+    if rtype not in ("default", "llama3"):
+        bad("rope_type", rtype)
+    window = c.get("sliding_window") if (mt == "mistral" or c.get("use_sliding_window")) else None
+    try:
+        heads, dim = c["num_attention_heads"], c["hidden_size"]
+        eos = c.get("eos_token_id")
+        return Config(
+            vocab_size=c["vocab_size"], dim=dim, hidden_dim=c["intermediate_size"],
+            n_layers=c["num_hidden_layers"], n_heads=heads,
+            n_kv_heads=c.get("num_key_value_heads") or heads,
+            head_dim=c.get("head_dim") or dim // heads, norm_eps=c.get("rms_norm_eps", 1e-6),
+            rope_theta=c.get("rope_theta", rope.get("rope_theta", 10000.0)),
+            rope_scaling=rope if rtype == "llama3" else None,
+            qkv_bias=mt == "qwen2" or bool(c.get("attention_bias")),
+            o_bias=mt == "llama" and bool(c.get("attention_bias")),
+            tie=bool(c.get("tie_word_embeddings", False)), window=window,
+            eos=[] if eos is None else eos if isinstance(eos, list) else [eos], raw=c)
+    except KeyError as e:
+        raise SwatError(f"{path}: missing key {e}") from None
+
+
+def rope_inv_freq(cfg):
+    """Rotary frequencies; llama3 scaling stretches the long wavelengths (Llama 3.1/3.2)."""
+    inv = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.int64, device="cpu").float() / cfg.head_dim)
+    s = cfg.rope_scaling
+    if s:
+        f, lo, hi, old = s["factor"], s["low_freq_factor"], s["high_freq_factor"], s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old / lo, inv / f, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        mid = (wavelen >= old / hi) & (wavelen <= old / lo)
+        inv = torch.where(mid, (1 - smooth) * scaled / f + smooth * scaled, scaled)
+    return inv
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
+
+    def forward(self, x):  # in fp32 whatever the weights' dtype, as the checkpoints were trained
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rotate(x, cos, sin):  # HF "rotate half" layout: pairs are (i, i + d/2), so no weight permutation
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.nh, self.nkv, self.hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, self.nh * self.hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.dim, self.nkv * self.hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.dim, self.nkv * self.hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.nh * self.hd, cfg.dim, bias=cfg.o_bias)
+
+    def forward(self, x, rope, mask, kv=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.nh, self.hd).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
+        q, k = rotate(q, *rope), rotate(k, *rope)
+        if kv is not None:  # write into the preallocated cache, attend to everything so far
+            k, v = kv.update(k, v)
+        if mask is not None and self.nkv != self.nh:  # sdpa's GQA has no fast masked kernel: share K/V by hand
+            k, v = k.repeat_interleave(self.nh // self.nkv, 1), v.repeat_interleave(self.nh // self.nkv, 1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.nkv != self.nh)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+
+    def forward(self, x):  # SwiGLU
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, rope, mask, kv=None):
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, kv)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class KVCache:
+    """Keys and values for every layer, allocated once for the whole generation."""
+    def __init__(self, cfg, batch, max_len, device, dtype):
+        shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.layers = [(torch.empty(shape, device=device, dtype=dtype),
+                        torch.empty(shape, device=device, dtype=dtype)) for _ in range(cfg.n_layers)]
+        self.pos, self.i = 0, 0  # tokens already cached; layer being written
+
+    def update(self, k, v):
+        K, V = self.layers[self.i]
+        end = self.pos + k.shape[2]
+        K[:, :, self.pos:end], V[:, :, self.pos:end] = k, v
+        self.i = (self.i + 1) % len(self.layers)
+        self.pos += k.shape[2] * (self.i == 0)  # advance once all layers have written
+        return K[:, :, :end], V[:, :, :end]
+
+
+class LLaMA(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.model = nn.Module()  # the "model." prefix of HF parameter names
+        self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.model.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.model.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = None if cfg.tie else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.inv_freq = rope_inv_freq(cfg)  # a plain attribute: stays fp32 whatever .to() does
+
+    def context(self, T, mask=None, cache=None, device=None):
+        """Rotary (cos, sin) and attention mask for T new tokens. mask: [B, S] with 1 at real tokens
+        (left padding), S = cached + T. Positions count real tokens only, so padding shifts nothing."""
+        start = cache.pos if cache else 0
+        if self.cfg.window and start + T > self.cfg.window:
+            raise SwatError(f"sequence of {start + T} tokens exceeds the sliding window {self.cfg.window}")
+        if mask is None and start > 0:
+            mask = torch.ones(1, start + T, dtype=torch.bool, device=device)
+        if mask is None:  # plain causal attention (training, one unpadded prompt): sdpa's fast path
+            pos, attn = torch.arange(T, device=device)[None], None
+        else:
+            pos = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+            S, diag = mask.shape[1], torch.arange(T, device=device)
+            attn = torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T) & mask.bool()[:, None, None, :]
+            attn[:, :, diag, S - T + diag] = True  # a pad position sees itself, so no row is all -inf
+        freqs = pos[..., None].float() * self.inv_freq.to(device)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B|1, 1, T, head_dim]
+        dt = self.model.embed_tokens.weight.dtype
+        return (emb.cos().to(dt), emb.sin().to(dt)), attn
+
+    def forward(self, idx, mask=None, cache=None, hidden=False, last=False):
+        """idx [B, T] -> logits [B, T, vocab] (last=True: only the last position's). hidden=True also
+        returns the hidden states as transformers' output_hidden_states does: [embeddings, block 1, ...,
+        block L-1, final-normed block L]."""
+        rope, attn = self.context(idx.shape[1], mask, cache, idx.device)
+        h = self.model.embed_tokens(idx)
+        hs = [h]
+        for layer in self.model.layers:
+            h = layer(h, rope, attn, cache)
+            hs.append(h)
+        h = hs[-1] = self.model.norm(h)
+        if last:
+            h = h[:, -1:]
+        logits = F.linear(h, self.lm_head.weight if self.lm_head else self.model.embed_tokens.weight)
+        return (logits, hs) if hidden else logits
+
+
+def _read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise SwatError(f"{path}: not found") from None
+    except (OSError, ValueError) as e:
+        raise SwatError(f"{path}: unreadable ({e})") from None
+
+
+def _weight_files(d):
+    index = os.path.join(d, "model.safetensors.index.json")
+    if os.path.exists(index):
+        return sorted(set(_read_json(index)["weight_map"].values()))
+    if os.path.exists(os.path.join(d, "model.safetensors")):
+        return ["model.safetensors"]
+    raise SwatError(f"{d}: no model.safetensors or model.safetensors.index.json (swat-min never reads pickles)")
+
+
+def load(path, device="cpu", dtype=torch.float32, chat_format=None):
+    """Load an HF-format directory -> (LLaMA, Tok). Weights are copied tensor by tensor into the
+    preallocated model, so there is never a second full copy in memory."""
+    if not os.path.isdir(path):
+        raise SwatError(f"{path}: not a model directory")
+    cfg = read_config(os.path.join(path, "config.json"))
+    files = _weight_files(path)
+    tok = Tok(path, chat_format)
+    with torch.device("meta"):
+        net = LLaMA(cfg).to(dtype)
+    net.to_empty(device=device)
+    params, seen = net.state_dict(), set()
+    for fname in files:
+        fpath = os.path.join(path, fname)
+        try:
+            with safe_open(fpath, framework="pt") as f:
+                for name in f.keys():
+                    if name.endswith("rotary_emb.inv_freq"):
+                        continue
+                    if name == "lm_head.weight" and cfg.tie:
+                        continue
+                    if name not in params:
+                        raise SwatError(f"{fpath}: unexpected tensor {name}")
+                    t = f.get_tensor(name)
+                    if t.shape != params[name].shape:
+                        raise SwatError(f"{fpath}: tensor {name} has shape {list(t.shape)}, "
+                                        f"expected {list(params[name].shape)}")
+                    with torch.no_grad():
+                        params[name].copy_(t)
+                    seen.add(name)
+        except SwatError:
+            raise
+        except Exception as e:  # truncated or corrupt file, missing shard
+            raise SwatError(f"{fpath}: cannot read safetensors ({str(e).splitlines()[0]})") from None
+    missing = set(params) - seen
+    if missing == {"lm_head.weight"}:  # no output head in the file: tie it to the embeddings
+        cfg.tie, net.lm_head = True, None
+    elif missing:
+        raise SwatError(f"{path}: missing tensors, e.g. {sorted(missing)[0]} ({len(missing)} in all)")
+    return net.eval(), tok
+
+
+def save(net, tok, out):
+    """Write an HF-format directory (config.json, model.safetensors, tokenizer files) atomically: into
+    a temporary sibling first, renamed into place only when complete."""
+    out = os.path.abspath(out)
+    if tok.path and os.path.abspath(tok.path) == out:
+        raise SwatError(f"{out}: refusing to overwrite the model it was loaded from")
+    tmp, old = out + ".tmp", out + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        sd = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
+        save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        dt = str(next(net.parameters()).dtype).removeprefix("torch.")
+        cfg = dict(net.cfg.raw, tie_word_embeddings=net.cfg.tie, torch_dtype=dt)
+        cfg.pop("dtype", None)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(cfg, f, indent=2)
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                     "generation_config.json", "chat_template.jinja"):
+            if tok.path and os.path.exists(os.path.join(tok.path, name)):
+                shutil.copy(os.path.join(tok.path, name), tmp)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SwatError(f"{out}: could not save ({e.strerror or e})") from None
+    if os.path.exists(out):
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+class Tok:
+    """tokenizer.json plus the checkpoint's chat format, written by hand for four families:
+    chatml (SmolLM2, Qwen2), llama3, llama2 and mistral ([INST]). The family is read off the checkpoint's
+    chat_template string, or forced with chat_format=."""
+    FORMATS = ("chatml", "llama3", "llama2", "mistral")
+
+    def __init__(self, path, chat_format=None):
+        self.path, tj = path, os.path.join(path, "tokenizer.json")
+        if not os.path.exists(tj):
+            raise SwatError(f"{tj}: not found (swat-min needs the fast-tokenizer file)")
+        try:
+            self.tk = Tokenizer.from_file(tj)
+        except Exception as e:
+            raise SwatError(f"{tj}: unreadable ({str(e).splitlines()[0]})") from None
+        tcp = os.path.join(path, "tokenizer_config.json")
+        tc = _read_json(tcp) if os.path.exists(tcp) else {}
+        special = lambda v: v.get("content") if isinstance(v, dict) else v
+        self.bos, self.eos = special(tc.get("bos_token")) or "", special(tc.get("eos_token")) or ""
+        t = tc.get("chat_template") or ""
+        if isinstance(t, list):  # named templates: take the default one
+            t = next((x["template"] for x in t if x.get("name") == "default"), "")
+        jinja = os.path.join(path, "chat_template.jinja")
+        if not t and os.path.exists(jinja):
+            t = open(jinja).read()
+        self.format = chat_format or ("llama3" if "<|start_header_id|>" in t else "llama2" if "<<SYS>>" in t
+                                      else "mistral" if "[INST]" in t else "chatml")
+        if self.format not in self.FORMATS:
+            raise SwatError(f"unknown chat format {self.format!r}; choose one of {', '.join(self.FORMATS)}")
+        # the family's default system prompt, as the template writes it when the user gives none
+        m = re.search(r"<\|im_start\|>system(?:\n|\\n)([^'\"{}]*?)<\|im_end\|>", t)
+        self.system = m.group(1).replace("\\n", "\n") if m else None
+        # Llama 3.1+ always opens with a dated system turn
+        self.dated = "Cutting Knowledge Date" in t
+        m = re.search(r'date_string = "([^"]+)"', t)
+        self.date = m.group(1) if m else None
+        ids = [self.tk.token_to_id(s) for s in (self.eos, "<|im_end|>", "<|eot_id|>", "<|end_of_text|>")]
+        self.stop_ids = {i for i in ids if i is not None}
+
+    def encode(self, text, special=True):
+        return self.tk.encode(text, add_special_tokens=special).ids
+
+    def decode(self, ids):
+        return self.tk.decode(list(ids), skip_special_tokens=True)
+
+    def render(self, messages, add_generation_prompt=True):
+        """The chat as text, exactly as the family's template renders it."""
+        msgs, f = list(messages), self.format
+        sys = msgs.pop(0)["content"] if msgs and msgs[0]["role"] == "system" else None
+        if f == "chatml":
+            sys = sys if sys is not None else self.system
+            head = [{"role": "system", "content": sys}] if sys is not None else []
+            s = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in head + msgs)
+            return s + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+        if f == "llama3":
+            turn = lambda role, c: f"<|start_header_id|>{role}<|end_header_id|>\n\n{c}<|eot_id|>"
+            s = self.bos
+            if self.dated:
+                import time
+                date = self.date or time.strftime("%d %b %Y")
+                s += turn("system", f"Cutting Knowledge Date: December 2023\nToday Date: {date}\n\n"
+                                    + (sys or "").strip())
+            elif sys is not None:
+                s += turn("system", sys.strip())
+            s += "".join(turn(m["role"], m["content"].strip()) for m in msgs)
+            return s + ("<|start_header_id|>assistant<|end_header_id|>\n\n" if add_generation_prompt else "")
+        if sys is not None and msgs:  # [INST] families fold the system prompt into the first user turn
+            fold = f"<<SYS>>\n{sys}\n<</SYS>>\n\n" if f == "llama2" else f"{sys}\n\n"
+            msgs[0] = dict(msgs[0], content=fold + msgs[0]["content"])
+        s = "" if f == "llama2" else self.bos
+        for m in msgs:
+            if m["role"] == "user":
+                c = m["content"].strip() if f == "llama2" else m["content"]
+                s += (self.bos if f == "llama2" else "") + f"[INST] {c} [/INST]"
+            else:
+                s += f" {m['content'].strip()} {self.eos}" if f == "llama2" else m["content"] + self.eos
+        return s
+
+    def encode_chat(self, messages, add_generation_prompt=True):
+        return self.encode(self.render(messages, add_generation_prompt), special=False)
+
+
+def _pick(logits, temperature, top_p, gen):
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, -1)
+    p, i = probs.sort(-1, descending=True)
+    p[(p.cumsum(-1) - p) > top_p] = 0  # keep the smallest prefix whose mass reaches top_p
+    return i.gather(-1, torch.multinomial(p, 1, generator=gen)).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(net, prompts, max_new_tokens=64, temperature=0.0, top_p=1.0, stop_ids=None,
+             batch_size=64, seed=0, progress=False):
+    """Prompts (lists of ids) -> lists of new ids, each cut before its first stop token. Greedy unless
+    temperature > 0. Prompts are sorted by length and run in left-padded batches with a KV cache."""
+    from tqdm import tqdm
+    dev = net.model.embed_tokens.weight.device
+    stop = torch.tensor(sorted(stop_ids if stop_ids is not None else net.cfg.eos), device=dev, dtype=torch.long)
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    outs = [None] * len(prompts)
+    for b in tqdm(range(0, len(order), batch_size), disable=not progress, desc="generate"):
+        rows = [prompts[i] for i in order[b:b + batch_size]]
+        B, L = len(rows), max(map(len, rows))
+        idx = torch.zeros(B, L, dtype=torch.long)
+        mask = torch.ones(B, L + max_new_tokens, dtype=torch.bool)
+        for r, p in enumerate(rows):
+            idx[r, L - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[r, :L - len(p)] = False
+        idx, mask = idx.to(dev), mask.to(dev)
+        cache = KVCache(net.cfg, B, L + max_new_tokens, dev, net.model.embed_tokens.weight.dtype)
+        logits = net(idx, mask[:, :L], cache, last=True)[:, -1]
+        done, new = torch.zeros(B, dtype=torch.bool, device=dev), []
+        for t in range(max_new_tokens):
+            nxt = _pick(logits, temperature, top_p, gen)
+            new.append(nxt)
+            done |= torch.isin(nxt, stop)
+            if t + 1 == max_new_tokens or done.all():
+                break
+            logits = net(nxt[:, None], mask[:, :L + t + 1], cache, last=True)[:, -1]
+        for r, row in enumerate(torch.stack(new, 1).tolist()):
+            cut = next((j for j, x in enumerate(row) if x in set(stop.tolist())), len(row))
+            outs[order[b + r]] = row[:cut]
+    return outs

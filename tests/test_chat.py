@@ -1,0 +1,73 @@
+"""Chat formats written by hand must give the token ids of transformers' apply_chat_template."""
+import pytest
+from conftest import make_tokenizer, CHATML
+import model
+
+QWEN2 = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+         "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+         "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
+         "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+LLAMA3 = ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+          "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + "
+          "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+          "{{ content }}{% endfor %}{% if add_generation_prompt %}"
+          "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
+LLAMA31 = ("{{- bos_token }}{%- if not date_string is defined %}{%- set date_string = \"26 Jul 2024\" %}{%- endif %}"
+           "{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content']|trim %}"
+           "{%- set messages = messages[1:] %}{%- else %}{%- set system_message = \"\" %}{%- endif %}"
+           "{{- \"<|start_header_id|>system<|end_header_id|>\\n\\n\" }}"
+           "{{- \"Cutting Knowledge Date: December 2023\\n\" }}{{- \"Today Date: \" + date_string + \"\\n\\n\" }}"
+           "{{- system_message }}{{- \"<|eot_id|>\" }}{%- for message in messages %}"
+           "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + '<|eot_id|>' }}"
+           "{%- endfor %}{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}")
+LLAMA2 = ("{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+          "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+          "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+          "{% if loop.index0 == 0 and system_message != false %}{% set content = '<<SYS>>\\n' + system_message + "
+          "'\\n<</SYS>>\\n\\n' + message['content'] %}{% else %}{% set content = message['content'] %}{% endif %}"
+          "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+          "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}")
+MISTRAL = ("{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+           "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+           "{{ message['content'] + eos_token}}{% endif %}{% endfor %}")
+
+CASES = {  # name: template, bos, eos, expected family, whether a system turn is allowed
+    "smollm2": (CHATML, "<|im_start|>", "<|im_end|>", "chatml", True),
+    "qwen2": (QWEN2, "<|endoftext|>", "<|im_end|>", "chatml", True),
+    "llama3": (LLAMA3, "<|begin_of_text|>", "<|eot_id|>", "llama3", True),
+    "llama3.1": (LLAMA31, "<|begin_of_text|>", "<|eot_id|>", "llama3", True),
+    "llama2": (LLAMA2, "<s>", "</s>", "llama2", True),
+    "mistral": (MISTRAL, "<s>", "</s>", "mistral", False),
+}
+CHATS = [
+    [{"role": "user", "content": "How do I bake bread at home?"}],
+    [{"role": "user", "content": "  Write a poem about the sea.  "}],
+    [{"role": "system", "content": "You are a helpful assistant."},
+     {"role": "user", "content": "Explain photosynthesis."}],
+    [{"role": "user", "content": "1 + 2 = ?"}, {"role": "assistant", "content": "3"},
+     {"role": "user", "content": "and 4 + 5?"}],
+]
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_chat_ids_match_transformers(tmp_path, name):
+    from transformers import PreTrainedTokenizerFast
+    template, bos, eos, family, system_ok = CASES[name]
+    make_tokenizer(str(tmp_path), template, bos=bos, eos=eos)
+    tok = model.Tok(str(tmp_path))
+    assert tok.format == family
+    hf = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"), bos_token=bos, eos_token=eos)
+    hf.chat_template = template
+    for chat in CHATS:
+        if chat[0]["role"] == "system" and not system_ok:
+            continue
+        for gen in (True, False):
+            want = hf.apply_chat_template(chat, add_generation_prompt=gen, tokenize=True, return_dict=True)["input_ids"]
+            assert tok.encode_chat(chat, add_generation_prompt=gen) == list(want), (chat, gen)
+
+
+def test_format_override_and_unknown(tmp_path):
+    make_tokenizer(str(tmp_path), CHATML)
+    assert model.Tok(str(tmp_path), chat_format="llama2").format == "llama2"
+    with pytest.raises(model.SwatError, match="unknown chat format 'vicuna'"):
+        model.Tok(str(tmp_path), chat_format="vicuna")
