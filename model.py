@@ -5,14 +5,16 @@ so loading and saving are identity mappings, and the robustness scan and the tra
 and O of every layer as separate modules. Also here: the tokenizer with hand-written chat formats, and
 batched generation with a preallocated KV cache.
 """
-import json, math, os, re, shutil
+import json, math, os, re, shutil, time
 from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
+from tqdm import tqdm
 
 
 class SwatError(Exception):
@@ -207,7 +209,10 @@ class LLaMA(nn.Module):
         h = self.model.embed_tokens(idx)
         hs = [h]
         for layer in self.model.layers:
-            h = layer(h, rope, attn, cache)
+            if getattr(self, "grad_ckpt", False) and self.training:  # recompute activations in backward
+                h = torch.utils.checkpoint.checkpoint(layer, h, rope, attn, use_reentrant=False)
+            else:
+                h = layer(h, rope, attn, cache)
             hs.append(h)
         h = hs[-1] = self.model.norm(h)
         if last:
@@ -277,9 +282,9 @@ def load(path, device="cpu", dtype=torch.float32, chat_format=None):
     return net.eval(), tok
 
 
-def save(net, tok, out):
-    """Write an HF-format directory (config.json, model.safetensors, tokenizer files) atomically: into
-    a temporary sibling first, renamed into place only when complete."""
+def save(net, tok, out, extra=None):
+    """Write an HF-format directory (config.json, model.safetensors, tokenizer files, and `extra`
+    {filename: tensors or JSON}) atomically: into a temporary sibling, renamed into place when complete."""
     out = os.path.abspath(out)
     if tok.path and os.path.abspath(tok.path) == out:
         raise SwatError(f"{out}: refusing to overwrite the model it was loaded from")
@@ -298,6 +303,12 @@ def save(net, tok, out):
                      "generation_config.json", "chat_template.jinja"):
             if tok.path and os.path.exists(os.path.join(tok.path, name)):
                 shutil.copy(os.path.join(tok.path, name), tmp)
+        for name, obj in (extra or {}).items():
+            if name.endswith(".safetensors"):
+                save_file(obj, os.path.join(tmp, name))
+            else:
+                with open(os.path.join(tmp, name), "w") as f:
+                    json.dump(obj, f)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise SwatError(f"{out}: could not save ({e.strerror or e})") from None
@@ -365,7 +376,6 @@ class Tok:
             turn = lambda role, c: f"<|start_header_id|>{role}<|end_header_id|>\n\n{c}<|eot_id|>"
             s = self.bos
             if self.dated:
-                import time
                 date = self.date or time.strftime("%d %b %Y")
                 s += turn("system", f"Cutting Knowledge Date: December 2023\nToday Date: {date}\n\n"
                                     + (sys or "").strip())
@@ -403,7 +413,6 @@ def generate(net, prompts, max_new_tokens=64, temperature=0.0, top_p=1.0, stop_i
              batch_size=64, seed=0, progress=False):
     """Prompts (lists of ids) -> lists of new ids, each cut before its first stop token. Greedy unless
     temperature > 0. Prompts are sorted by length and run in left-padded batches with a KV cache."""
-    from tqdm import tqdm
     dev = net.model.embed_tokens.weight.device
     stop = torch.tensor(sorted(stop_ids if stop_ids is not None else net.cfg.eos), device=dev, dtype=torch.long)
     gen = torch.Generator(device=dev).manual_seed(seed)

@@ -1,0 +1,138 @@
+"""The security feature space: each instruction's hidden state at its last prompt token, at every layer,
+and a logistic-regression probe per layer that separates harmful (1) from harmless (0) instructions."""
+import csv, hashlib, json, os
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+from model import SwatError
+
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+
+
+def builtin(kind, split=None):
+    """The project's own instructions: kind 'harmful' or 'harmless'; split 'train', 'test' or None (all).
+    The split is fixed: every fourth line of data/<kind>.tsv is held out for testing."""
+    with open(os.path.join(DATA, f"{kind}.tsv")) as f:
+        rows = [line.rstrip("\n").split("\t")[1] for line in f if line.strip()]
+    return [r for i, r in enumerate(rows) if split is None or (i % 4 == 3) == (split == "test")]
+
+
+def read_instructions(path):
+    """AdvBench CSV (goal), HarmBench CSV (Behavior), JSON/JSONL (instruction or prompt), or plain text."""
+    try:
+        with open(path, newline="") as f:
+            if path.endswith(".csv"):
+                rows = list(csv.DictReader(f))
+                col = next((c for c in ("goal", "Behavior", "instruction", "prompt") if rows and c in rows[0]), None)
+                if col is None:
+                    raise SwatError(f"{path}: no 'goal', 'Behavior', 'instruction' or 'prompt' column")
+                out = [r[col] for r in rows]
+            elif path.endswith((".json", ".jsonl")):
+                recs = json.load(f) if path.endswith(".json") else [json.loads(l) for l in f if l.strip()]
+                out = [r.get("instruction") or r.get("prompt") for r in recs]
+                if None in out:
+                    raise SwatError(f"{path}: record {out.index(None) + 1} has no 'instruction' or 'prompt'")
+            else:
+                out = [l.strip() for l in f if l.strip()]
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError) as e:
+        raise SwatError(f"{path}: unreadable ({e.strerror if isinstance(e, OSError) else e})") from None
+    if not out:
+        raise SwatError(f"{path}: no instructions found")
+    return out
+
+
+@torch.no_grad()
+def features(net, tok, instructions, batch_size=32, cache_dir=None):
+    """Hidden states at the last prompt token -> fp32 tensor [layers + 1, N, dim]. Prompts are formatted
+    with the chat format and generation prompt, then left-padded, so position -1 is the last prompt token."""
+    prompts = [tok.encode_chat([{"role": "user", "content": s}]) for s in instructions]
+    key = None
+    if cache_dir:  # keyed by the weights (a checksum of a few numbers) and the prompts
+        w = torch.cat([p.detach().flatten()[:64].float().cpu() for p in net.parameters()])
+        key = hashlib.sha256(w.numpy().tobytes() + json.dumps(prompts).encode()).hexdigest()[:24]
+        path = os.path.join(cache_dir, f"features-{key}.safetensors")
+        if os.path.exists(path):
+            return load_file(path)["x"]
+    dev, out = net.model.embed_tokens.weight.device, []
+    for b in tqdm(range(0, len(prompts), batch_size), desc="features", leave=False):
+        rows = prompts[b:b + batch_size]
+        L = max(map(len, rows))
+        ids = torch.tensor([[0] * (L - len(r)) + r for r in rows], device=dev)
+        mask = torch.tensor([[0] * (L - len(r)) + [1] * len(r) for r in rows], device=dev).bool()
+        _, hs = net(ids, mask, hidden=True, last=True)
+        out.append(torch.stack([h[:, -1].float().cpu() for h in hs]))
+    x = torch.cat(out, 1)
+    if key:
+        os.makedirs(cache_dir, exist_ok=True)
+        save_file({"x": x}, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    return x
+
+
+def labelled(harmful, harmless):
+    """Two feature tensors [..., N, D] -> X [..., N1 + N2, D], y (1 = harmful)."""
+    y = torch.cat([torch.ones(harmful.shape[-2]), torch.zeros(harmless.shape[-2])])
+    return torch.cat([harmful, harmless], -2), y
+
+
+class LogisticProbe:
+    """L2-regularised logistic regression on standardised features, solved with full-batch L-BFGS in
+    float64. Objective as scikit-learn's: sum of log-losses + ||w||^2 / (2 C)."""
+    def __init__(self, C=1.0, max_iter=200):
+        self.C, self.max_iter = C, max_iter
+
+    def fit(self, X, y):
+        X, y = X.double(), torch.as_tensor(y).double()
+        if len(X) != len(y) or len(X) == 0:
+            raise SwatError(f"probe: {len(X)} feature rows but {len(y)} labels")
+        if not (0 < y.sum() < len(y)):
+            raise SwatError("probe: training data holds only one class; it needs harmful and harmless examples")
+        self.mu, self.sd = X.mean(0), X.std(0).clamp(min=1e-6)
+        Z = (X - self.mu) / self.sd
+        self.w = torch.zeros(Z.shape[1], dtype=torch.float64, requires_grad=True)
+        self.b = torch.zeros((), dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.LBFGS([self.w, self.b], max_iter=self.max_iter, tolerance_grad=1e-9,
+                                tolerance_change=1e-12, history_size=20, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(Z @ self.w + self.b, y, reduction="sum")
+            loss = loss + self.w.square().sum() / (2 * self.C)
+            loss.backward()
+            return loss
+        opt.step(closure)
+        self.w, self.b = self.w.detach(), self.b.detach()
+        return self
+
+    def logits(self, X):
+        return ((X.double() - self.mu) / self.sd) @ self.w + self.b
+
+    def predict_proba(self, X):
+        return torch.sigmoid(self.logits(X)).float()
+
+    def score(self, X, y):
+        """Accuracy, AUC and mean log-loss on (X, y)."""
+        y, z = torch.as_tensor(y).double(), self.logits(X)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(z, y).item()
+        return {"acc": ((z > 0).double() == y).double().mean().item(), "auc": auc(z, y), "loss": loss}
+
+
+def auc(scores, y):
+    """Area under the ROC curve: the chance that a random harmful example outscores a harmless one."""
+    pos, neg = scores[y == 1], scores[y == 0]
+    return ((pos[:, None] > neg[None]).double() + 0.5 * (pos[:, None] == neg[None]).double()).mean().item()
+
+
+def fit_layers(X, y):
+    """One probe per layer: X [layers + 1, N, D] -> list of probes (index 0: the embeddings)."""
+    return [LogisticProbe().fit(X[l], y) for l in range(X.shape[0])]
+
+
+def drift(probes, layer, orig, tuned, y):
+    """Security feature-space drift of a tuned model: the original model's probe at `layer` scored on the
+    tuned model's features, and how far each class mean moved, relative to the original gap between them."""
+    before, after = probes[layer].score(orig[layer], y), probes[layer].score(tuned[layer], y)
+    gap = (orig[layer][y == 1].mean(0) - orig[layer][y == 0].mean(0)).norm()
+    shift = [((tuned[layer][y == c].mean(0) - orig[layer][y == c].mean(0)).norm() / gap).item() for c in (1, 0)]
+    return {"layer": layer, "acc_before": before["acc"], "acc_after": after["acc"], "auc_before": before["auc"],
+            "auc_after": after["auc"], "shift_harmful": shift[0], "shift_harmless": shift[1]}

@@ -1,0 +1,150 @@
+"""train.py: AdamW against torch.optim.AdamW, frozen modules, resume, masked loss, data readers, errors."""
+import json, os
+import pytest, torch
+from conftest import SMOLLM2, tiny_hf
+import model, train
+
+CHATS = [[{"role": "user", "content": f"What is {a} plus {b}?"}, {"role": "assistant", "content": f"{a + b}"}]
+         for a in range(6) for b in range(4)]
+
+
+def test_adamw_matches_torch(tiny):
+    torch.manual_seed(0)
+    nets = [model.load(tiny)[0] for _ in range(3)]
+
+    def groups(net):
+        ps = list(net.named_parameters())
+        return [{"params": [p for n, p in ps if p.ndim >= 2], "weight_decay": 0.1},
+                {"params": [p for n, p in ps if p.ndim < 2], "lr": 3e-3, "weight_decay": 0.0}]
+    ours = train.AdamW(groups(nets[0]), lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    ref = torch.optim.AdamW(groups(nets[1]), lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    for step in range(20):
+        x = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(step))
+        for net, opt in ((nets[0], ours), (nets[1], ref)):
+            net(x).float().logsumexp(-1).mean().backward()
+            opt.step()
+            opt.zero_grad()
+    for (n, a), b in zip(nets[0].named_parameters(), nets[1].parameters()):
+        assert not torch.equal(a, nets[2].state_dict()[n])  # it did move
+        rel = ((a - b).norm() / b.norm()).item()
+        assert rel <= 1e-6, (n, rel)
+
+
+def test_swat_warmup_freezes_the_rest(tiny, tmp_path):
+    net, tok = model.load(tiny)
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    mods = train.parse_mods("0-1:q,k", net.cfg.n_layers)
+    train.train(net, tok, CHATS, str(tmp_path / "o"), "swat", mods, steps=0, warmup_steps=3, lr=1e-3, batch_size=4)
+    for n, p in net.named_parameters():
+        sel = any(n.startswith(f"model.layers.{l}.self_attn.{m}_proj") for l, m in mods)
+        assert torch.equal(p, before[n]) != sel, n
+
+
+def test_mllr_rates(tiny):
+    net, _ = model.load(tiny)
+    gs = train.param_groups(net, "mllr", {(0, "v")}, 1e-3, 0.1, 0.01)
+    for g in gs:
+        assert g["lr"] == (1e-3 if g["selected"] else 1e-4)
+        assert all(n.startswith("model.layers.0.self_attn.v_proj") == g["selected"] for n in g["names"])
+        assert (g["weight_decay"] == 0.0) == all(p.ndim == 1 for p in g["params"])
+
+
+def test_resume_equals_uninterrupted(tiny, tmp_path, monkeypatch):
+    kw = dict(strategy="swat", mods={(0, "q"), (2, "o")}, steps=4, warmup_steps=2, lr=1e-3, batch_size=4,
+              save_every=3, seed=5, weight_decay=0.01)
+    net, tok = model.load(tiny)
+    train.train(net, tok, CHATS, str(tmp_path / "a"), **kw)
+    real_order, calls = train.order, []
+
+    def dying(*a):  # the run dies while fetching data for step 4 (after the checkpoint of step 3)
+        calls.append(1)
+        if len(calls) > 3:
+            raise KeyboardInterrupt
+        return real_order(*a)
+    monkeypatch.setattr(train, "order", dying)
+    net, tok = model.load(tiny)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(net, tok, CHATS, str(tmp_path / "b"), **kw)
+    assert json.load(open(tmp_path / "b" / "trainer.json"))["step"] == 3
+    monkeypatch.setattr(train, "order", real_order)
+    net, tok = model.load(tiny)
+    train.train(net, tok, CHATS, str(tmp_path / "b"), resume=True, **kw)
+    a, b = model.load(str(tmp_path / "a"))[0], model.load(str(tmp_path / "b"))[0]
+    for (n, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), n
+
+
+def test_loss_counts_only_the_response(tiny):
+    net, tok = model.load(tiny)
+    chat = CHATS[7]
+    ids, labels = train.encode(tok, chat, 512)
+    n = len(tok.encode_chat(chat[:-1]))
+    assert labels[:n] == [-100] * n and labels[n:] == ids[n:] and len(ids) > n
+    x, y = train.collate([(ids, labels)], "cpu")
+    base = train.loss_fn(net, x, y)
+
+    class Scrambled(torch.nn.Module):  # garbage predictions at every prompt position
+        def forward(self, i):
+            out = net(i)
+            noise = torch.randn_like(out) * 100
+            return torch.cat([noise[:, :n - 1], out[:, n - 1:]], 1)
+    assert torch.allclose(train.loss_fn(Scrambled(), x, y), base)
+    y2 = y.clone()
+    y2[0, n + 1] = (y2[0, n + 1] + 1) % 512  # a response label does count
+    assert not torch.allclose(train.loss_fn(net, x, y2), base)
+
+
+def test_readers(tmp_path):
+    p = tmp_path / "a.json"
+    p.write_text(json.dumps([{"instruction": "Add", "input": "2 and 3", "output": "5"}]))
+    assert train.read_examples(str(p)) == [[{"role": "user", "content": "Add\n\n2 and 3"},
+                                            {"role": "assistant", "content": "5"}]]
+    p = tmp_path / "g.jsonl"
+    p.write_text(json.dumps({"question": "1+1?", "answer": "2\n#### 2"}) + "\n")
+    assert train.read_examples(str(p))[0][1]["content"] == "2\n#### 2"
+    p = tmp_path / "c.jsonl"
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    p.write_text(json.dumps({"messages": chat}) + "\n")
+    assert train.read_examples(str(p)) == [chat]
+    shared = os.path.join(os.path.dirname(SMOLLM2), "x")  # the shared benign sets, when present
+    for f in ("../shared/data/gsm8k/train.jsonl", "../shared/data/alpaca_eval/alpaca_eval.jsonl"):
+        path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), f)
+        if os.path.exists(path):
+            assert len(train.read_examples(path)) > 500
+
+
+def test_bad_inputs(tiny, tmp_path):
+    with pytest.raises(model.SwatError, match="nope.json: unreadable"):
+        train.read_examples(str(tmp_path / "nope.json"))
+    p = tmp_path / "e.jsonl"
+    p.write_text("")
+    with pytest.raises(model.SwatError, match="e.jsonl: no examples"):
+        train.read_examples(str(p))
+    p.write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n" + json.dumps({"instruction": "c"}) + "\n")
+    with pytest.raises(model.SwatError, match="e.jsonl: record 2 has no 'output'"):
+        train.read_examples(str(p))
+    net, tok = model.load(tiny)
+    with pytest.raises(model.SwatError, match="example 1: prompt of .* tokens does not fit max length 8"):
+        train.train(net, tok, CHATS, str(tmp_path / "o"), max_len=8, steps=1)
+    for spec, msg in (("q,x", "unknown module 'x'"), ("0-99:q", "layer 3 out of range"), ("a-b:q", "bad layer range")):
+        with pytest.raises(model.SwatError, match=msg):
+            train.parse_mods(spec, net.cfg.n_layers)
+    with pytest.raises(model.SwatError, match="refusing to overwrite the input model"):
+        train.train(net, tok, CHATS, tiny, steps=1)
+
+
+@pytest.mark.parametrize("strategy", ["ift", "swat", "mllr"])
+def test_smollm2_strategies_reload_in_transformers(tmp_path, strategy):
+    from transformers import AutoModelForCausalLM
+    if not os.path.exists(os.path.join(SMOLLM2, "model.safetensors")):
+        pytest.skip(f"no SmolLM2 checkpoint at {SMOLLM2}: run ../shared/tools/get_smollm2.sh to build it")
+    net, tok = model.load(SMOLLM2)
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "../shared/data/gsm8k/train.jsonl")
+    chats = train.read_examples(path)[:16] if os.path.exists(path) else CHATS
+    rows = train.train(net, tok, chats, str(tmp_path / "o"), strategy, train.parse_mods("q,k", 30), steps=2,
+                       warmup_steps=1, batch_size=2, max_len=96, lr=1e-4)
+    assert len(rows) == (3 if strategy == "swat" else 2) and all(r["loss"] > 0 for r in rows)
+    ref = AutoModelForCausalLM.from_pretrained(str(tmp_path / "o"), dtype=torch.float32)
+    x = torch.tensor([tok.encode_chat([{"role": "user", "content": "What is 3 + 4?"}])])
+    with torch.no_grad():
+        assert (ref(x).logits - net(x)).abs().max() <= 1e-4

@@ -1,0 +1,252 @@
+"""Instruction fine-tuning with a hand-written AdamW, and the three strategies:
+
+  ift   all parameters at the base learning rate (plain IFT, the baseline).
+  swat  phase 1 (warm-up): only the Mods_Rob modules train; phase 2: all parameters, exactly as ift.
+  mllr  Mods_Rob at the base learning rate, every other parameter at base * ratio.
+
+At the SWAT phase boundary the Mods_Rob groups keep their Adam moments (their optimisation just goes
+on), the newly released groups start from zero moments and their own bias correction (as if just
+created), and the learning-rate schedule starts again, so phase 2 is plain IFT from a better start.
+"""
+import json, math, os, random, time
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+import model
+from model import SwatError
+from robustness import MODULES
+
+
+class AdamW:
+    """AdamW (decoupled weight decay) over parameter groups; each group may carry its own lr, weight_decay
+    and a 'trainable' flag. The trainer scales every group's lr by .scale (the schedule)."""
+    def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        params = list(params)
+        groups = params if isinstance(params[0], dict) else [{"params": params}]
+        self.groups = [{"lr": lr, "weight_decay": weight_decay, "trainable": True, "step": 0,
+                        **g, "params": list(g["params"])} for g in groups]
+        self.betas, self.eps, self.scale = betas, eps, 1.0
+        self.state = {p: (torch.zeros_like(p), torch.zeros_like(p)) for g in self.groups for p in g["params"]}
+
+    @torch.no_grad()
+    def step(self):
+        b1, b2 = self.betas
+        for g in self.groups:
+            ps = [p for p in g["params"] if p.grad is not None]
+            if not g["trainable"] or not ps:
+                continue
+            g["step"] += 1
+            lr, grads = g["lr"] * self.scale, [p.grad for p in ps]
+            ms, vs = [self.state[p][0] for p in ps], [self.state[p][1] for p in ps]
+            torch._foreach_lerp_(ms, grads, 1 - b1)                     # m <- b1 m + (1 - b1) g
+            torch._foreach_mul_(vs, b2)
+            torch._foreach_addcmul_(vs, grads, grads, value=1 - b2)     # v <- b2 v + (1 - b2) g^2
+            if g["weight_decay"]:
+                torch._foreach_mul_(ps, 1 - lr * g["weight_decay"])     # decoupled: shrink the weights
+            denom = torch._foreach_sqrt(vs)
+            torch._foreach_div_(denom, math.sqrt(1 - b2 ** g["step"]))
+            torch._foreach_add_(denom, self.eps)
+            torch._foreach_addcdiv_(ps, ms, denom, value=-lr / (1 - b1 ** g["step"]))
+
+    def zero_grad(self):
+        for g in self.groups:
+            for p in g["params"]:
+                p.grad = None
+
+
+# ---- data ----
+
+def read_examples(path):
+    """Alpaca JSON/JSONL (instruction, input, output), GSM8K (question, answer) or chat JSONL (messages)
+    -> list of chats, each ending with the assistant's answer."""
+    try:
+        with open(path) as f:
+            recs = json.load(f) if path.endswith(".json") else [json.loads(l) for l in f if l.strip()]
+    except OSError as e:
+        raise SwatError(f"{path}: unreadable ({e.strerror})") from None
+    except ValueError as e:
+        raise SwatError(f"{path}: not valid JSON ({e})") from None
+    out = []
+    for i, r in enumerate(recs, 1):
+        if not isinstance(r, dict):
+            raise SwatError(f"{path}: record {i} is not an object")
+        if "messages" in r:
+            if not r["messages"] or r["messages"][-1].get("role") != "assistant":
+                raise SwatError(f"{path}: record {i}: 'messages' must end with an assistant turn")
+            out.append(r["messages"])
+            continue
+        q, a = (r.get("instruction"), r.get("output")) if "instruction" in r else (r.get("question"), r.get("answer"))
+        if not isinstance(q, str) or not q.strip():
+            raise SwatError(f"{path}: record {i} has no 'instruction' (or 'question')")
+        if not isinstance(a, str):
+            raise SwatError(f"{path}: record {i} has no 'output' (or 'answer')")
+        q = f"{q}\n\n{r['input']}" if r.get("input") else q
+        out.append([{"role": "user", "content": q}, {"role": "assistant", "content": a}])
+    if not out:
+        raise SwatError(f"{path}: no examples")
+    return out
+
+
+def encode(tok, chat, max_len, where="example"):
+    """-> (ids, labels): labels are -100 on the prompt, so the loss counts only the response tokens."""
+    prompt = tok.encode_chat(chat[:-1], add_generation_prompt=True)
+    full = tok.encode_chat(chat, add_generation_prompt=False)
+    n = next((i for i, (a, b) in enumerate(zip(prompt, full)) if a != b), len(prompt))
+    if n >= max_len:
+        raise SwatError(f"{where}: prompt of {n} tokens does not fit max length {max_len}")
+    full = full[:max_len]
+    return full, [-100] * n + full[n:]
+
+
+def collate(rows, device):
+    """Right padding: causal attention never looks ahead, so pads need no mask and sdpa stays fast."""
+    T = max(len(ids) for ids, _ in rows)
+    ids = torch.tensor([i + [0] * (T - len(i)) for i, _ in rows], device=device)
+    labels = torch.tensor([l + [-100] * (T - len(l)) for _, l in rows], device=device)
+    return ids, labels
+
+
+def loss_fn(net, ids, labels):
+    logits = net(ids[:, :-1])
+    return F.cross_entropy(logits.float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum")
+
+
+def order(n, seed, epoch):
+    """The data order of an epoch: a pure function of (seed, epoch), so a resumed run sees the same."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+
+
+# ---- modules and strategies ----
+
+def parse_mods(spec, n_layers, key="mods_rob"):
+    """'q,k' (all layers), '0-11:q,k;12-29:v', or a scan JSON (its mods_rob list) -> set of (layer, m)."""
+    if spec.endswith(".json"):
+        try:
+            return {(int(l), m) for l, m in model._read_json(spec)[key]}
+        except (KeyError, TypeError, ValueError):
+            raise SwatError(f"{spec}: no '{key}' list of [layer, module] pairs") from None
+    out = set()
+    for part in filter(None, spec.replace(" ", "").split(";")):
+        rng, names = part.split(":") if ":" in part else (f"0-{n_layers - 1}", part)
+        lo, _, hi = rng.partition("-")
+        try:
+            layers = range(int(lo), int(hi or lo) + 1)
+        except ValueError:
+            raise SwatError(f"module selector {part!r}: bad layer range {rng!r}") from None
+        for m in names.split(","):
+            if m not in MODULES:
+                raise SwatError(f"module selector {part!r}: unknown module {m!r}; choose from {', '.join(MODULES)}")
+            for l in layers:
+                if not 0 <= l < n_layers:
+                    raise SwatError(f"module selector {part!r}: layer {l} out of range 0-{n_layers - 1}")
+                out.add((l, m))
+    if not out:
+        raise SwatError(f"module selector {spec!r} selects nothing")
+    return out
+
+
+def param_groups(net, strategy, mods, lr, ratio, weight_decay):
+    """Four groups: selected modules / the rest, each split into decayed matrices and undecayed
+    norms and biases. mllr gives the rest lr * ratio; swat starts with the rest frozen."""
+    chosen = {f"model.layers.{l}.{MODULES[m]}." for l, m in mods}
+    groups = {}
+    for name, p in net.named_parameters():
+        sel = strategy == "ift" or any(name.startswith(c) for c in chosen)
+        g = groups.setdefault((sel, p.ndim >= 2), {"params": [], "names": [], "selected": sel,
+                              "lr": lr if sel or strategy != "mllr" else lr * ratio,
+                              "weight_decay": weight_decay if p.ndim >= 2 else 0.0,
+                              "trainable": sel or strategy != "swat"})
+        g["params"].append(p)
+        g["names"].append(name)
+    return list(groups.values())
+
+
+def schedule(step, total, warmup_frac=0.1):
+    """Linear warm-up, then cosine decay to zero."""
+    w = max(1, int(warmup_frac * total))
+    return (step + 1) / w if step < w else 0.5 * (1 + math.cos(math.pi * (step - w) / max(1, total - w)))
+
+
+def train(net, tok, chats, out, strategy="ift", mods=(), steps=100, lr=2e-5, batch_size=8, accum=1,
+          warmup_steps=0, ratio=0.1, weight_decay=0.0, clip=1.0, max_len=512, seed=0, save_every=0,
+          resume=False, grad_ckpt=False, log_every=1):
+    """Tune net on chats; write an HF checkpoint (plus optimizer state) to out. Returns the log rows."""
+    if strategy not in ("ift", "swat", "mllr"):
+        raise SwatError(f"unknown strategy {strategy!r}; choose ift, swat or mllr")
+    if strategy != "ift" and not mods:
+        raise SwatError(f"strategy {strategy} needs a module set (--mods)")
+    if tok.path and os.path.abspath(out) == os.path.abspath(tok.path):
+        raise SwatError(f"{out}: refusing to overwrite the input model")
+    data = [encode(tok, c, max_len, f"example {i + 1}") for i, c in enumerate(chats)]
+    dev = net.model.embed_tokens.weight.device
+    net.train().grad_ckpt = grad_ckpt
+    opt = AdamW(param_groups(net, strategy, mods, lr, ratio, weight_decay), lr)
+    phase1 = warmup_steps if strategy == "swat" else 0
+    total, step, rows = phase1 + steps, 0, []
+    state = os.path.join(out, "trainer.safetensors")
+    if resume and os.path.exists(state):
+        step = _load_state(opt, net, out)
+    amp = torch.autocast("cuda", torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
+    bar = tqdm(range(step, total), desc=strategy, initial=step, total=total)
+    per_epoch = max(1, len(data) // batch_size)
+    for step in bar:
+        in_p1 = step < phase1
+        for g in opt.groups:  # phase 1 of swat: the rest is frozen (no gradient, no update)
+            g["trainable"] = g["selected"] or not in_p1
+            for p in g["params"]:
+                p.requires_grad_(g["trainable"])
+        opt.scale = schedule(step, phase1) if in_p1 else schedule(step - phase1, steps)
+        t0, loss_sum, ntok = time.time(), 0.0, 0
+        micro = []
+        for a in range(accum):
+            k = step * accum + a
+            idx = order(len(data), seed, k // per_epoch)[(k % per_epoch) * batch_size:][:batch_size]
+            micro.append([data[i] for i in idx])
+        n_resp = sum(sum(x != -100 for x in l[1:]) for rows_ in micro for _, l in rows_)
+        for rows_ in micro:
+            ids, labels = collate(rows_, dev)
+            with amp:
+                loss = loss_fn(net, ids, labels) / max(1, n_resp)
+            loss.backward()
+            loss_sum += loss.item()
+            ntok += ids.numel()
+        if not math.isfinite(loss_sum):
+            raise SwatError(f"non-finite loss at step {step}; stopped, the last good checkpoint stays in {out}")
+        gnorm = torch.nn.utils.clip_grad_norm_([p for p in net.parameters() if p.grad is not None], clip)
+        opt.step()
+        opt.zero_grad()
+        row = {"step": step + 1, "phase": 1 if in_p1 else 2 if phase1 else 1, "loss": loss_sum,
+               "lr": lr * opt.scale, "grad_norm": gnorm.item(), "tokens_per_s": ntok / (time.time() - t0)}
+        rows.append(row)
+        bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "log.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if save_every and (step + 1) % save_every == 0 and step + 1 < total:
+            _save(net, tok, opt, out, step + 1)
+    for p in net.parameters():
+        p.requires_grad_(True)
+    _save(net, tok, opt, out, total)
+    net.eval().grad_ckpt = False
+    return rows
+
+
+def _save(net, tok, opt, out, step):
+    names = {p: n for g in opt.groups for p, n in zip(g["params"], g["names"])}
+    tensors = {f"{k}.{names[p]}": t for p, (m, v) in opt.state.items() for k, t in (("m", m), ("v", v))}
+    meta = {"step": step, "group_steps": [g["step"] for g in opt.groups]}
+    model.save(net, tok, out, extra={"trainer.safetensors": tensors, "trainer.json": meta})
+
+
+def _load_state(opt, net, out):
+    from safetensors.torch import load_file
+    meta = model._read_json(os.path.join(out, "trainer.json"))
+    tensors = load_file(os.path.join(out, "trainer.safetensors"), device=str(net.model.embed_tokens.weight.device))
+    saved, _ = model.load(out, device=net.model.embed_tokens.weight.device, dtype=next(net.parameters()).dtype)
+    net.load_state_dict(saved.state_dict())
+    for g, s in zip(opt.groups, meta["group_steps"]):
+        g["step"] = s
+        for p, n in zip(g["params"], g["names"]):
+            opt.state[p][0].copy_(tensors[f"m.{n}"])
+            opt.state[p][1].copy_(tensors[f"v.{n}"])
+    return meta["step"]
