@@ -6,7 +6,7 @@ and O of every layer as separate modules. Also here: the tokenizer with hand-wri
 batched generation with a preallocated KV cache.
 """
 import json, math, os, re, shutil, time
-from dataclasses import dataclass
+from types import SimpleNamespace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -21,27 +21,8 @@ class SwatError(Exception):
     """A problem with the user's input; the CLI prints it as one line."""
 
 
-@dataclass
-class Config:
-    vocab_size: int
-    dim: int
-    hidden_dim: int
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    norm_eps: float
-    rope_theta: float
-    rope_scaling: dict | None    # llama3 parameters, or None
-    qkv_bias: bool
-    o_bias: bool
-    tie: bool
-    window: int | None           # sliding window (mistral/qwen2); refused at run time once exceeded
-    eos: list
-    raw: dict                    # the config.json as read, written back by save()
-
-
 def read_config(path):
+    """config.json -> the settings the model needs; anything it does not implement is refused."""
     def bad(key, val):
         raise SwatError(f"{path}: unsupported {key}={val!r} (swat-min implements llama, mistral, qwen2 "
                         "with default or llama3 rope)")
@@ -58,19 +39,17 @@ def read_config(path):
         bad("rope_type", rtype)
     window = c.get("sliding_window") if (mt == "mistral" or c.get("use_sliding_window")) else None
     try:
-        heads, dim = c["num_attention_heads"], c["hidden_size"]
-        eos = c.get("eos_token_id")
-        return Config(
-            vocab_size=c["vocab_size"], dim=dim, hidden_dim=c["intermediate_size"],
-            n_layers=c["num_hidden_layers"], n_heads=heads,
-            n_kv_heads=c.get("num_key_value_heads") or heads,
-            head_dim=c.get("head_dim") or dim // heads, norm_eps=c.get("rms_norm_eps", 1e-6),
-            rope_theta=c.get("rope_theta", rope.get("rope_theta", 10000.0)),
-            rope_scaling=rope if rtype == "llama3" else None,
-            qkv_bias=mt == "qwen2" or bool(c.get("attention_bias")),
-            o_bias=mt == "llama" and bool(c.get("attention_bias")),
-            tie=bool(c.get("tie_word_embeddings", False)), window=window,
-            eos=[] if eos is None else eos if isinstance(eos, list) else [eos], raw=c)
+        heads, dim, eos = c["num_attention_heads"], c["hidden_size"], c.get("eos_token_id")
+        return SimpleNamespace(
+            vocab_size=c["vocab_size"], dim=dim, hidden_dim=c["intermediate_size"], n_layers=c["num_hidden_layers"],
+            n_heads=heads, n_kv_heads=c.get("num_key_value_heads") or heads, head_dim=c.get("head_dim") or dim // heads,
+            norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=c.get("rope_theta", rope.get("rope_theta", 10000.0)),
+            rope_scaling=rope if rtype == "llama3" else None,  # llama3 parameters, or None
+            qkv_bias=mt == "qwen2" or bool(c.get("attention_bias")), o_bias=mt == "llama" and bool(c.get("attention_bias")),
+            tie=bool(c.get("tie_word_embeddings", False)),
+            window=window,  # sliding window (mistral/qwen2): refused at run time once a sequence exceeds it
+            eos=[] if eos is None else eos if isinstance(eos, list) else [eos],
+            raw=c)  # the config.json as read: save() writes it back
     except KeyError as e:
         raise SwatError(f"{path}: missing key {e}") from None
 
@@ -257,9 +236,7 @@ def load(path, device="cpu", dtype=torch.float32, chat_format=None):
         try:
             with safe_open(fpath, framework="pt") as f:
                 for name in f.keys():
-                    if name.endswith("rotary_emb.inv_freq"):
-                        continue
-                    if name == "lm_head.weight" and cfg.tie:
+                    if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and cfg.tie):
                         continue
                     if name not in params:
                         raise SwatError(f"{fpath}: unexpected tensor {name}")
@@ -274,6 +251,7 @@ def load(path, device="cpu", dtype=torch.float32, chat_format=None):
             raise
         except Exception as e:  # truncated or corrupt file, missing shard
             raise SwatError(f"{fpath}: cannot read safetensors ({str(e).splitlines()[0]})") from None
+    tok.stop_ids |= set(cfg.eos)
     missing = set(params) - seen
     if missing == {"lm_head.weight"}:  # no output head in the file: tie it to the embeddings
         cfg.tie, net.lm_head = True, None
@@ -289,7 +267,8 @@ def save(net, tok, out, extra=None):
     if tok.path and os.path.abspath(tok.path) == out:
         raise SwatError(f"{out}: refusing to overwrite the model it was loaded from")
     tmp, old = out + ".tmp", out + ".old"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for d in (tmp, old):  # leftovers of an interrupted save
+        shutil.rmtree(d, ignore_errors=True)
     os.makedirs(tmp)
     try:
         sd = {k: v.detach().contiguous() for k, v in net.state_dict().items()}

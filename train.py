@@ -169,7 +169,7 @@ def schedule(step, total, warmup_frac=0.1):
 
 def train(net, tok, chats, out, strategy="ift", mods=(), steps=100, lr=2e-5, batch_size=8, accum=1,
           warmup_steps=0, ratio=0.1, weight_decay=0.0, clip=1.0, max_len=512, seed=0, save_every=0,
-          resume=False, grad_ckpt=False, log_every=1):
+          resume=False, grad_ckpt=False, compile=False):
     """Tune net on chats; write an HF checkpoint (plus optimizer state) to out. Returns the log rows."""
     if strategy not in ("ift", "swat", "mllr"):
         raise SwatError(f"unknown strategy {strategy!r}; choose ift, swat or mllr")
@@ -180,12 +180,17 @@ def train(net, tok, chats, out, strategy="ift", mods=(), steps=100, lr=2e-5, bat
     data = [encode(tok, c, max_len, f"example {i + 1}") for i, c in enumerate(chats)]
     dev = net.model.embed_tokens.weight.device
     net.train().grad_ckpt = grad_ckpt
+    if compile:  # per block, so parameter names (and checkpoints) stay those of the checkpoint
+        for layer in net.model.layers:
+            layer.compile()
     opt = AdamW(param_groups(net, strategy, mods, lr, ratio, weight_decay), lr)
     phase1 = warmup_steps if strategy == "swat" else 0
     total, step, rows = phase1 + steps, 0, []
     state = os.path.join(out, "trainer.safetensors")
     if resume and os.path.exists(state):
         step = _load_state(opt, net, out)
+    elif os.path.exists(os.path.join(out, "log.jsonl")):  # a fresh run: a fresh log
+        os.remove(os.path.join(out, "log.jsonl"))
     amp = torch.autocast("cuda", torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
     bar = tqdm(range(step, total), desc=strategy, initial=step, total=total)
     per_epoch = max(1, len(data) // batch_size)
@@ -196,15 +201,13 @@ def train(net, tok, chats, out, strategy="ift", mods=(), steps=100, lr=2e-5, bat
             for p in g["params"]:
                 p.requires_grad_(g["trainable"])
         opt.scale = schedule(step, phase1) if in_p1 else schedule(step - phase1, steps)
-        t0, loss_sum, ntok = time.time(), 0.0, 0
-        micro = []
-        for a in range(accum):
-            k = step * accum + a
+        t0, loss_sum, ntok, micro = time.time(), 0.0, 0, []
+        for k in range(step * accum, (step + 1) * accum):  # micro-batch k of the seeded epoch order
             idx = order(len(data), seed, k // per_epoch)[(k % per_epoch) * batch_size:][:batch_size]
             micro.append([data[i] for i in idx])
-        n_resp = sum(sum(x != -100 for x in l[1:]) for rows_ in micro for _, l in rows_)
-        for rows_ in micro:
-            ids, labels = collate(rows_, dev)
+        n_resp = sum(sum(x != -100 for x in l[1:]) for mb in micro for _, l in mb)  # the loss is a mean over them
+        for mb in micro:
+            ids, labels = collate(mb, dev)
             with amp:
                 loss = loss_fn(net, ids, labels) / max(1, n_resp)
             loss.backward()
@@ -215,7 +218,7 @@ def train(net, tok, chats, out, strategy="ift", mods=(), steps=100, lr=2e-5, bat
         gnorm = torch.nn.utils.clip_grad_norm_([p for p in net.parameters() if p.grad is not None], clip)
         opt.step()
         opt.zero_grad()
-        row = {"step": step + 1, "phase": 1 if in_p1 else 2 if phase1 else 1, "loss": loss_sum,
+        row = {"step": step + 1, "phase": "warmup" if in_p1 else "main", "loss": loss_sum,
                "lr": lr * opt.scale, "grad_norm": gnorm.item(), "tokens_per_s": ntok / (time.time() - t0)}
         rows.append(row)
         bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")

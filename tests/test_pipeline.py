@@ -1,0 +1,122 @@
+"""swat_min.py end to end: the offline demo (shortened), CLI errors, hub download, atomic saving."""
+import errno, http.server, json, os, shutil, threading
+import pytest, torch
+import model, swat_min
+
+
+def run(*argv):
+    return swat_min.main([str(a) for a in argv])
+
+
+def test_demo_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    run("demo", "--out", out, "--toy-steps", 60, "--steps", 12, "--n", 12, "--n-eval", 12, "--n-task", 12,
+        "--n-acc", 6, "--task-tokens", 12, "--max-new-tokens", 8)
+    res = json.load(open(out / "results.json"))
+    names = [r["strategy"] for r in res["rows"]]
+    assert names == ["original", "ift", "swat", "mllr", "control"]
+    for r in res["rows"]:
+        assert 0 <= r["asr"] <= 1 and 0 <= r["over_refusal"] <= 1
+        assert r["task_loss"] > 0 and r["drift"] >= 0 and "settings" in r and "seed" in r
+    assert res["rows"][0]["drift"] == 0
+    scan = json.load(open(out / "scan.json"))
+    assert len(scan["mods_rob"]) == len(scan["mods_fragile"]) == 8  # half of 4 layers x q,k,v,o
+    ctl = next(r for r in res["rows"] if r["strategy"] == "control")
+    assert ctl["n_mods"] == 8 and ctl["scheme"] == "swat"
+    assert os.path.exists(out / "results.md") and os.path.exists(out / "swat-seed0" / "generations.jsonl")
+    gen = [json.loads(l) for l in open(out / "swat-seed0" / "generations.jsonl")]
+    assert len(gen) == 24 and {"prompt", "response", "refused", "harmful"} <= set(gen[0])
+
+
+def test_cli_errors(tmp_path, tiny, capsys):
+    with pytest.raises(SystemExit) as e:
+        run("fly")
+    assert e.value.code == 2 and "invalid choice: 'fly'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        run("probe", "--model", tiny, "--bogus")
+    assert e.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match=r"error: .*missing.json: unreadable"):
+        run("train", "--model", tiny, "--data", tmp_path / "missing.json", "--out", tmp_path / "o")
+    d = tmp_path / "notok"
+    shutil.copytree(tiny, d)
+    os.remove(d / "tokenizer.json")
+    with pytest.raises(SystemExit, match=r"error: .*notok/tokenizer.json: not found"):
+        run("generate", "--model", d, "--prompt", "hi")
+    with pytest.raises(SystemExit, match=r"error: module selector 'q,zz': unknown module 'zz'"):
+        (tmp_path / "d.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
+        run("train", "--model", tiny, "--data", tmp_path / "d.jsonl", "--mods", "q,zz", "--strategy", "swat",
+            "--out", tmp_path / "o")
+
+
+def test_full_disk_leaves_nothing(tmp_path, tiny, monkeypatch):
+    net, tok = model.load(tiny)
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(model, "save_file", full)
+    with pytest.raises(model.SwatError, match="could not save \\(No space left on device\\)"):
+        model.save(net, tok, str(tmp_path / "out"))
+    assert os.listdir(tmp_path) == ["tiny"]  # no output and no temporary directory
+    monkeypatch.undo()
+    model.save(net, tok, str(tmp_path / "out"))  # an existing checkpoint survives a failed overwrite
+    monkeypatch.setattr(model, "save_file", full)
+    with pytest.raises(model.SwatError):
+        model.save(net, tok, str(tmp_path / "out"))
+    monkeypatch.undo()
+    assert torch.equal(model.load(str(tmp_path / "out"))[0](torch.tensor([[1, 2]])), net(torch.tensor([[1, 2]])))
+
+
+class Hub(http.server.BaseHTTPRequestHandler):
+    """A stand-in for the hub: serves files under /org/name/resolve/main/, honours Range, and can cut a
+    response short once (an interrupted download)."""
+    root, cut, seen = None, set(), []
+
+    def do_GET(self):
+        name = self.path.split("/resolve/main/")[-1]
+        path = os.path.join(self.root, name)
+        Hub.seen.append((name, self.headers.get("Range"), self.headers.get("Authorization")))
+        if not os.path.exists(path):
+            self.send_error(404)
+            return
+        data = open(path, "rb").read()
+        start = int(self.headers["Range"].split("=")[1].rstrip("-")) if self.headers.get("Range") else 0
+        self.send_response(206 if start else 200)
+        self.send_header("Content-Length", str(len(data) - start))
+        self.end_headers()
+        if name in Hub.cut:
+            Hub.cut.discard(name)
+            self.wfile.write(data[start:start + (len(data) - start) // 2])
+            return
+        self.wfile.write(data[start:])
+
+    def log_message(self, *a):
+        pass
+
+
+def test_hub_download_resumes(tmp_path, monkeypatch):
+    from conftest import tiny_hf
+    src = tmp_path / "src"
+    ref = tiny_hf(str(src), "llama")
+    ref.save_pretrained(str(src), max_shard_size="100KB")  # sharded, with an index
+    os.remove(src / "model.safetensors") if os.path.exists(src / "model.safetensors") else None
+    Hub.root, Hub.cut, Hub.seen = str(src), {"model-00002-of-00003.safetensors"}, []
+    shards = json.load(open(src / "model.safetensors.index.json"))["weight_map"].values()
+    Hub.cut = {sorted(set(shards))[1]}
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{srv.server_address[1]}")
+    monkeypatch.setenv("SWAT_MODEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_TOKEN", "secret")
+    try:
+        with pytest.raises(model.SwatError, match="incomplete .* run again to resume"):
+            swat_min.fetch("org/tiny")
+        d = swat_min.fetch("org/tiny")  # resumes the partial shard with a Range request
+    finally:
+        srv.shutdown()
+    assert any(r and r.startswith("bytes=") for _, r, _ in Hub.seen)
+    assert all(a == "Bearer secret" for *_, a in Hub.seen)
+    net, _ = model.load(d)
+    x = torch.tensor([[3, 4, 5]])
+    with torch.no_grad():
+        assert (net(x) - ref(x).logits).abs().max() <= 1e-5
+    assert not [f for f in os.listdir(d) if f.endswith(".part")]

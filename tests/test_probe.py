@@ -1,0 +1,131 @@
+"""probe.py and robustness.py: scikit-learn parity, the scan's exactness, Mods_Rob, bad input."""
+import json, os
+import pytest, torch
+from conftest import SMOLLM2, SHARED
+import model, probe, robustness as rb
+
+
+def gaussian(n, d, shift, seed):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(2 * n, d, generator=g) * torch.linspace(0.1, 3, d)
+    y = torch.cat([torch.ones(n), torch.zeros(n)])
+    X[:n] += shift * torch.randn(d, generator=torch.Generator().manual_seed(99))
+    return X, y
+
+
+def sklearn_acc(X, y, Xt, yt):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+    s = StandardScaler().fit(X.numpy())
+    m = LogisticRegression(C=1.0, max_iter=5000).fit(s.transform(X.numpy()), y.numpy())
+    return m.score(s.transform(Xt.numpy()), yt.numpy())
+
+
+@pytest.mark.parametrize("d,shift", [(20, 0.3), (300, 0.08)])
+def test_probe_matches_sklearn(d, shift):
+    X, y = gaussian(150, d, shift, 0)
+    Xt, yt = gaussian(150, d, shift, 1)
+    p = probe.LogisticProbe().fit(X, y)
+    ours = p.score(Xt, yt)["acc"]
+    assert abs(ours - sklearn_acc(X, y, Xt, yt)) <= 0.02
+    assert 0.6 < ours < 1.0  # a problem that is neither trivial nor hopeless
+    assert p.predict_proba(Xt).shape == (300,) and ((p.predict_proba(Xt) > 0.5).float() == (p.logits(Xt) > 0)).all()
+
+
+def test_auc():
+    assert probe.auc(torch.tensor([0.9, 0.8, 0.1, 0.2]), torch.tensor([1, 1, 0, 0])) == 1.0
+    assert probe.auc(torch.tensor([0.1, 0.8, 0.9, 0.2]), torch.tensor([1, 1, 0, 0])) == 0.25
+
+
+def test_builtin_sets():
+    for kind in ("harmful", "harmless"):
+        allx, tr, te = probe.builtin(kind), probe.builtin(kind, "train"), probe.builtin(kind, "test")
+        assert len(allx) >= 200 and len(tr) + len(te) == len(allx) and not set(tr) & set(te)
+    lengths = [sum(map(len, probe.builtin(k))) / len(probe.builtin(k)) for k in ("harmful", "harmless")]
+    assert abs(lengths[0] - lengths[1]) < 8  # similar length, so length cannot give the class away
+
+
+def test_readers(tmp_path):
+    (tmp_path / "adv.csv").write_text("goal,target\nDo a bad thing,Sure\nAnother,Sure\n")
+    (tmp_path / "hb.csv").write_text("Behavior,FunctionalCategory\nHarm X,standard\n")
+    (tmp_path / "a.jsonl").write_text('{"prompt": "p1"}\n{"instruction": "p2"}\n')
+    (tmp_path / "t.txt").write_text("one\n\ntwo\n")
+    assert probe.read_instructions(str(tmp_path / "adv.csv")) == ["Do a bad thing", "Another"]
+    assert probe.read_instructions(str(tmp_path / "hb.csv")) == ["Harm X"]
+    assert probe.read_instructions(str(tmp_path / "a.jsonl")) == ["p1", "p2"]
+    assert probe.read_instructions(str(tmp_path / "t.txt")) == ["one", "two"]
+
+
+def test_bad_input(tmp_path, tiny):
+    with pytest.raises(model.SwatError, match="only one class"):
+        probe.LogisticProbe().fit(torch.randn(10, 3), torch.ones(10))
+    with pytest.raises(model.SwatError, match="0 feature rows"):
+        probe.LogisticProbe().fit(torch.randn(0, 3), torch.ones(0))
+    (tmp_path / "e.txt").write_text("\n\n")
+    with pytest.raises(model.SwatError, match="e.txt: no instructions"):
+        probe.read_instructions(str(tmp_path / "e.txt"))
+    with pytest.raises(model.SwatError, match="nope.csv: unreadable"):
+        probe.read_instructions(str(tmp_path / "nope.csv"))
+    (tmp_path / "x.csv").write_text("foo,bar\n1,2\n")
+    with pytest.raises(model.SwatError, match="x.csv: no 'goal'"):
+        probe.read_instructions(str(tmp_path / "x.csv"))
+    (tmp_path / "b.bin").write_bytes(b"\xff\xfe\x00\x81")
+    with pytest.raises(model.SwatError, match="b.bin: unreadable"):
+        probe.read_instructions(str(tmp_path / "b.bin"))
+    net, _ = model.load(tiny)
+    with pytest.raises(model.SwatError, match="unknown module 'z'"):
+        rb.module(net, 0, "z")
+    with pytest.raises(model.SwatError, match="layer 3 out of range 0-2"):
+        rb.module(net, 3, "q")
+
+
+def tiny_scan(net, tok, naive=False, seed=0):
+    H, S = probe.builtin("harmful", "train")[:12], probe.builtin("harmless", "train")[:12]
+    X, y = probe.labelled(probe.features(net, tok, H), probe.features(net, tok, S))
+    probes = probe.fit_layers(X, y)
+    return rb.scan(net, probes, rb.prefix(net, tok, H + S, batch_size=8), y, ("q", "k", "v", "o", "down"),
+                   scale=0.5, seed=seed, naive=naive)
+
+
+def test_scan_exact_restore_and_prefix_reuse(tiny):
+    net, tok = model.load(tiny)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    fast = tiny_scan(net, tok)
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    assert fast == tiny_scan(net, tok, naive=True)  # cached prefix: the same table as full recomputes
+    assert fast == tiny_scan(net, tok)              # fixed seed: the same table twice
+    assert fast != tiny_scan(net, tok, seed=1)
+    assert len(set(fast["q"] + fast["v"])) > 4      # perturbations do move the probes
+    rob, fragile = rb.choose(fast, 4)
+    every = sorted(v for row in fast.values() for v in row)
+    assert sorted(fast[m][l] for l, m in rob) == every[:4] and sorted(fast[m][l] for l, m in fragile) == every[-4:]
+    assert len(rb.heatmap(fast).splitlines()) == 7
+
+
+def test_scan_on_qwen2_biases(tmp_path):
+    from conftest import tiny_hf
+    tiny_hf(str(tmp_path), "qwen2", tie_word_embeddings=True)
+    net, tok = model.load(str(tmp_path))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    assert any(p.ndim == 1 for p in rb.module(net, 1, "q").parameters())  # the bias is part of the module
+    tiny_scan(net, tok)
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+
+
+def test_smollm2_probe_accuracy():
+    if not os.path.exists(os.path.join(SMOLLM2, "model.safetensors")):
+        pytest.skip(f"no SmolLM2 checkpoint at {SMOLLM2}: run ../shared/tools/get_smollm2.sh to build it")
+    net, tok = model.load(SMOLLM2)
+    f = lambda xs: probe.features(net, tok, xs)
+    X, y = probe.labelled(f(probe.builtin("harmful", "train")), f(probe.builtin("harmless", "train")))
+    held_harmless = f(probe.builtin("harmless", "test"))
+    Xt, yt = probe.labelled(f(probe.builtin("harmful", "test")), held_harmless)
+    probes = probe.fit_layers(X, y)
+    accs = [p.score(x, yt)["acc"] for p, x in zip(probes, Xt)]
+    best = max(range(len(accs)), key=accs.__getitem__)
+    assert accs[best] >= 0.90
+    assert abs(accs[best] - sklearn_acc(X[best], y, Xt[best], yt)) <= 0.02
+    adv = os.path.join(SHARED, "data/advbench/harmful_behaviors_dev.csv")
+    if os.path.exists(adv):
+        Xa, ya = probe.labelled(f(probe.read_instructions(adv)[:100]), held_harmless)
+        assert probes[best].score(Xa[best], ya)["acc"] >= 0.90  # the same layer, on data it never saw
