@@ -393,7 +393,8 @@ def generate(net, prompts, max_new_tokens=64, temperature=0.0, top_p=1.0, stop_i
     """Prompts (lists of ids) -> lists of new ids, each cut before its first stop token. Greedy unless
     temperature > 0. Prompts are sorted by length and run in left-padded batches with a KV cache."""
     dev = net.model.embed_tokens.weight.device
-    stop = torch.tensor(sorted(stop_ids if stop_ids is not None else net.cfg.eos), device=dev, dtype=torch.long)
+    stops = set(stop_ids if stop_ids is not None else net.cfg.eos)
+    stop = torch.tensor(sorted(stops), device=dev, dtype=torch.long)
     gen = torch.Generator(device=dev).manual_seed(seed)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     outs = [None] * len(prompts)
@@ -417,6 +418,6 @@ def generate(net, prompts, max_new_tokens=64, temperature=0.0, top_p=1.0, stop_i
                 break
             logits = net(nxt[:, None], mask[:, :L + t + 1], cache, last=True)[:, -1]
         for r, row in enumerate(torch.stack(new, 1).tolist()):
-            cut = next((j for j, x in enumerate(row) if x in set(stop.tolist())), len(row))
+            cut = next((j for j, x in enumerate(row) if x in stops), len(row))
             outs[order[b + r]] = row[:cut]
     return outs

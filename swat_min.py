@@ -39,28 +39,32 @@ def load(a):
     return model.load(a.model, device=a.device, dtype=dtype, chat_format=a.chat_format)
 
 
-def probe_data(a, net, tok):
-    """Features of the built-in train/test sets (or the user's files), labelled, and per-layer probes."""
+def baseline(a, net, tok, test_harmful=None):
+    """Per-layer probes fitted on the train splits (or the user's files) and scored on held-out prompts;
+    the best layer's probe and features are what drift is later measured against."""
+    f = lambda xs: probe.features(net, tok, xs, cache_dir=a.cache)
     H = probe.read_instructions(a.harmful) if a.harmful else probe.builtin("harmful", "train")
     S = probe.read_instructions(a.harmless) if a.harmless else probe.builtin("harmless", "train")
-    X, y = probe.labelled(probe.features(net, tok, H, cache_dir=a.cache), probe.features(net, tok, S, cache_dir=a.cache))
-    return H, S, X, y, probe.fit_layers(X, y)
+    probes = probe.fit_layers(*probe.labelled(f(H), f(S)))
+    Ht = probe.read_instructions(test_harmful) if test_harmful else probe.builtin("harmful", "test")
+    St = probe.builtin("harmless", "test")
+    X, y = probe.labelled(f(Ht), f(St))
+    scores = [p.score(x, y) for p, x in zip(probes, X)]
+    layer = max(range(len(scores)), key=lambda l: (scores[l]["acc"], scores[l]["auc"]))
+    return {"probes": probes, "scores": scores, "layer": layer, "X": X, "y": y, "harmful": Ht, "harmless": St,
+            "train": (H, S)}
 
 
 def cmd_probe(a):
     net, tok = load(a)
-    *_, probes = probe_data(a, net, tok)
-    Ht = probe.read_instructions(a.test_harmful) if a.test_harmful else probe.builtin("harmful", "test")
-    Xt, yt = probe.labelled(probe.features(net, tok, Ht, cache_dir=a.cache),
-                            probe.features(net, tok, probe.builtin("harmless", "test"), cache_dir=a.cache))
-    scores = [p.score(x, yt) for p, x in zip(probes, Xt)]
-    print(f"held-out harmful: {a.test_harmful or 'built-in test split'} ({len(Ht)}) vs built-in harmless test split")
-    print("layer  acc    auc")
-    for l, s in enumerate(scores):
+    b = baseline(a, net, tok, a.test_harmful)
+    print(f"held-out: {a.test_harmful or 'built-in harmful test split'} ({len(b['harmful'])}) vs built-in "
+          f"harmless test split ({len(b['harmless'])})\nlayer  acc    auc")
+    for l, s in enumerate(b["scores"]):
         print(f"{l:5d}  {s['acc']:.3f}  {s['auc']:.3f}")
-    best = max(range(len(scores)), key=lambda l: (scores[l]["acc"], scores[l]["auc"]))
-    print(f"best layer {best}: accuracy {scores[best]['acc']:.3f}, AUC {scores[best]['auc']:.3f}")
-    return scores
+    s = b["scores"][b["layer"]]
+    print(f"best layer {b['layer']}: accuracy {s['acc']:.3f}, AUC {s['auc']:.3f}")
+    return b["scores"]
 
 
 def do_scan(a, net, tok, H, S, probes, out):
@@ -80,8 +84,8 @@ def do_scan(a, net, tok, H, S, probes, out):
 
 def cmd_scan(a):
     net, tok = load(a)
-    H, S, X, y, probes = probe_data(a, net, tok)
-    do_scan(a, net, tok, H, S, probes, a.out)
+    b = baseline(a, net, tok)
+    do_scan(a, net, tok, *b["train"], b["probes"], a.out)
 
 
 def final_answer(text):
@@ -157,16 +161,6 @@ def split(chats, n):
     chats = list(chats)
     random.Random(0).shuffle(chats)
     return chats[:n], chats[n:]
-
-
-def baseline(a, net, tok):
-    """The original model's probes and features on the held-out probe sets: what drift is measured against."""
-    H, S, X, y, probes = probe_data(a, net, tok)
-    Ht, St = probe.builtin("harmful", "test"), probe.builtin("harmless", "test")
-    Xt, yt = probe.labelled(probe.features(net, tok, Ht, cache_dir=a.cache), probe.features(net, tok, St, cache_dir=a.cache))
-    layer = max(range(len(probes)), key=lambda l: (probes[l].score(Xt[l], yt)["acc"], l))
-    return {"probes": probes, "layer": layer, "X": Xt, "y": yt, "harmful": Ht, "harmless": St,
-            "train": (H, S)}
 
 
 def cmd_train(a):
