@@ -99,7 +99,7 @@ def final_answer(text):
 @torch.no_grad()
 def task_metrics(net, tok, chats, a):
     """Held-out response-token loss; exact-match accuracy where the reference answers are short."""
-    data = [train.encode(tok, c, a.max_len, f"held-out example {i + 1}") for i, c in enumerate(chats)]
+    data = train.encode_all(tok, chats, a.max_len, skip_long=True, what="held-out example")
     dev, total, n = net.model.embed_tokens.weight.device, 0.0, 0
     for b in range(0, len(data), a.batch):
         ids, labels = train.collate(data[b:b + a.batch], dev)
@@ -171,7 +171,7 @@ def cmd_train(a):
     train.train(net, tok, chats, a.out, a.strategy, mods, steps=a.steps, lr=a.lr, batch_size=a.batch,
                 accum=a.accum, warmup_steps=warm, ratio=a.ratio, weight_decay=a.weight_decay,
                 max_len=a.max_len, seed=a.seed, save_every=a.save_every, resume=a.resume, grad_ckpt=a.grad_ckpt,
-                compile=a.compile)
+                compile=a.compile, skip_long=a.skip_long)
     print(f"wrote {a.out} (log: {os.path.join(a.out, 'log.jsonl')})")
 
 
@@ -227,7 +227,7 @@ def cmd_run(a):
             d, t0 = os.path.join(a.out, f"{name}-seed{seed}"), time.time()
             warm = round(a.warmup_frac * a.steps)
             train.train(net, tok, tune, d, strategy, mods, steps=a.steps, lr=a.lr, batch_size=a.batch,
-                        warmup_steps=warm, ratio=a.ratio, max_len=a.max_len, seed=seed)
+                        warmup_steps=warm, ratio=a.ratio, max_len=a.max_len, seed=seed, skip_long=True)
             row = evaluate(net, tok, a, name, base, task, os.path.join(d, "generations.jsonl"))
             rows.append(dict(row, seed=seed, train_time_s=round(time.time() - t0, 1), scheme=strategy,
                              n_mods=len(mods), warmup_steps=warm if strategy == "swat" else 0))
@@ -410,6 +410,7 @@ def main(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing (less memory, slower)")
     p.add_argument("--compile", action="store_true", help="torch.compile each block (faster on GPU after warm-up)")
+    p.add_argument("--skip-long", action="store_true", help="leave out examples whose prompt exceeds --max-len")
     p = command("eval", cmd_eval, "ASR, over-refusal, feature drift against --base, task loss on --data")
     eval_args(p)
     probe_args(p)

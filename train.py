@@ -98,6 +98,23 @@ def encode(tok, chat, max_len, where="example"):
     return full, [-100] * n + full[n:]
 
 
+def encode_all(tok, chats, max_len, skip_long=False, what="example"):
+    """Encode every chat; one whose prompt does not fit max_len is an error, or, with skip_long, left out
+    (and counted, so nothing is dropped silently)."""
+    out = []
+    for i, c in enumerate(chats):
+        try:
+            out.append(encode(tok, c, max_len, f"{what} {i + 1}"))
+        except SwatError:
+            if not skip_long:
+                raise
+    if len(out) < len(chats):
+        print(f"left out {len(chats) - len(out)} of {len(chats)} {what}s whose prompt exceeds {max_len} tokens")
+    if not out:
+        raise SwatError(f"no {what} fits max length {max_len}")
+    return out
+
+
 def collate(rows, device):
     """Right padding: causal attention never looks ahead, so pads need no mask and sdpa stays fast."""
     T = max(len(ids) for ids, _ in rows)
@@ -169,7 +186,7 @@ def schedule(step, total, warmup_frac=0.1):
 
 def train(net, tok, chats, out, strategy="ift", mods=(), steps=100, lr=2e-5, batch_size=8, accum=1,
           warmup_steps=0, ratio=0.1, weight_decay=0.0, clip=1.0, max_len=512, seed=0, save_every=0,
-          resume=False, grad_ckpt=False, compile=False):
+          resume=False, grad_ckpt=False, compile=False, skip_long=False):
     """Tune net on chats; write an HF checkpoint (plus optimizer state) to out. Returns the log rows."""
     if strategy not in ("ift", "swat", "mllr"):
         raise SwatError(f"unknown strategy {strategy!r}; choose ift, swat or mllr")
@@ -177,7 +194,7 @@ def train(net, tok, chats, out, strategy="ift", mods=(), steps=100, lr=2e-5, bat
         raise SwatError(f"strategy {strategy} needs a module set (--mods)")
     if tok.path and os.path.abspath(out) == os.path.abspath(tok.path):
         raise SwatError(f"{out}: refusing to overwrite the input model")
-    data = [encode(tok, c, max_len, f"example {i + 1}") for i, c in enumerate(chats)]
+    data = encode_all(tok, chats, max_len, skip_long)
     dev = net.model.embed_tokens.weight.device
     net.train().grad_ckpt = grad_ckpt
     if compile:  # per block, so parameter names (and checkpoints) stay those of the checkpoint

@@ -126,6 +126,8 @@ def test_bad_inputs(tiny, tmp_path):
     net, tok = model.load(tiny)
     with pytest.raises(model.SwatError, match="example 1: prompt of .* tokens does not fit max length 8"):
         train.train(net, tok, CHATS, str(tmp_path / "o"), max_len=8, steps=1)
+    with pytest.raises(model.SwatError, match="no example fits max length 8"):
+        train.train(net, tok, CHATS, str(tmp_path / "o"), max_len=8, steps=1, skip_long=True)
     for spec, msg in (("q,x", "unknown module 'x'"), ("0-99:q", "layer 3 out of range"), ("a-b:q", "bad layer range")):
         with pytest.raises(model.SwatError, match=msg):
             train.parse_mods(spec, net.cfg.n_layers)
@@ -142,7 +144,7 @@ def test_smollm2_strategies_reload_in_transformers(tmp_path, strategy):
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "../shared/data/gsm8k/train.jsonl")
     chats = train.read_examples(path)[:16] if os.path.exists(path) else CHATS
     rows = train.train(net, tok, chats, str(tmp_path / "o"), strategy, train.parse_mods("q,k", 30), steps=2,
-                       warmup_steps=1, batch_size=2, max_len=96, lr=1e-4)
+                       warmup_steps=1, batch_size=2, max_len=96, lr=1e-4, skip_long=True)
     assert len(rows) == (3 if strategy == "swat" else 2) and all(r["loss"] > 0 for r in rows)
     ref = AutoModelForCausalLM.from_pretrained(str(tmp_path / "o"), dtype=torch.float32)
     x = torch.tensor([tok.encode_chat([{"role": "user", "content": "What is 3 + 4?"}])])
