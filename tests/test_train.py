@@ -1,7 +1,7 @@
 """train.py: AdamW against torch.optim.AdamW, frozen modules, resume, masked loss, data readers, errors."""
 import json, os
 import pytest, torch
-from conftest import SMOLLM2, tiny_hf
+from conftest import SHARED, SMOLLM2, tiny_hf
 import model, train
 
 CHATS = [[{"role": "user", "content": f"What is {a} plus {b}?"}, {"role": "assistant", "content": f"{a + b}"}]
@@ -106,9 +106,8 @@ def test_readers(tmp_path):
     chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     p.write_text(json.dumps({"messages": chat}) + "\n")
     assert train.read_examples(str(p)) == [chat]
-    shared = os.path.join(os.path.dirname(SMOLLM2), "x")  # the shared benign sets, when present
-    for f in ("../shared/data/gsm8k/train.jsonl", "../shared/data/alpaca_eval/alpaca_eval.jsonl"):
-        path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), f)
+    for f in ("gsm8k/train.jsonl", "alpaca_eval/alpaca_eval.jsonl"):  # the shared benign sets, when present
+        path = os.path.join(SHARED, "data", f)
         if os.path.exists(path):
             assert len(train.read_examples(path)) > 500
 
@@ -141,7 +140,7 @@ def test_smollm2_strategies_reload_in_transformers(tmp_path, strategy):
     if not os.path.exists(os.path.join(SMOLLM2, "model.safetensors")):
         pytest.skip(f"no SmolLM2 checkpoint at {SMOLLM2}: run ../shared/tools/get_smollm2.sh to build it")
     net, tok = model.load(SMOLLM2)
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "../shared/data/gsm8k/train.jsonl")
+    path = os.path.join(SHARED, "data/gsm8k/train.jsonl")
     chats = train.read_examples(path)[:16] if os.path.exists(path) else CHATS
     rows = train.train(net, tok, chats, str(tmp_path / "o"), strategy, train.parse_mods("q,k", 30), steps=2,
                        warmup_steps=1, batch_size=2, max_len=96, lr=1e-4, skip_long=True)
