@@ -231,7 +231,7 @@ def train(net, tok, chats, out, strategy="ift", mods=(), steps=100, lr=2e-5, bat
             loss_sum += loss.item()
             ntok += ids.numel()
         if not math.isfinite(loss_sum):
-            raise SwatError(f"non-finite loss at step {step}; stopped, the last good checkpoint stays in {out}")
+            raise SwatError(f"non-finite loss at step {step + 1}; stopped, the last good checkpoint stays in {out}")
         gnorm = torch.nn.utils.clip_grad_norm_([p for p in net.parameters() if p.grad is not None], clip)
         opt.step()
         opt.zero_grad()

@@ -74,6 +74,21 @@ def test_resume_equals_uninterrupted(tiny, tmp_path, monkeypatch):
         assert torch.equal(x, y), n
 
 
+def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(tiny, tmp_path, monkeypatch):
+    real_loss, calls = train.loss_fn, []
+
+    def poisoned(*a):  # the loss turns NaN at step 3, after the checkpoint of step 2
+        calls.append(1)
+        return real_loss(*a) * (float("nan") if len(calls) == 3 else 1.0)
+    monkeypatch.setattr(train, "loss_fn", poisoned)
+    net, tok = model.load(tiny)
+    with pytest.raises(model.SwatError, match="non-finite loss at step 3"):
+        train.train(net, tok, CHATS, str(tmp_path / "o"), steps=4, lr=1e-3, batch_size=4, save_every=2)
+    assert json.load(open(tmp_path / "o" / "trainer.json"))["step"] == 2
+    saved = model.load(str(tmp_path / "o"))[0]
+    assert all(torch.isfinite(v).all() for v in saved.state_dict().values())
+
+
 def test_loss_counts_only_the_response(tiny):
     net, tok = model.load(tiny)
     chat = CHATS[7]
