@@ -436,7 +436,7 @@ def main(argv=None):
         p = command(name, fn, help, model_required=name == "run")
         probe_args(p)
         scan_args(p)
-        train_args(p, *((100, 2e-5, 8) if name == "run" else (150, 1e-3, 16)))
+        train_args(p, *((100, 2e-5, 8) if name == "run" else (150, 3e-4, 16)))
         eval_args(p, *((100, 64) if name == "run" else (52, 24)))
         p.add_argument("--data", required=name == "run", help="benign tuning data (Alpaca/GSM8K/chat JSONL)")
         p.add_argument("--out", required=True)
