@@ -261,9 +261,9 @@ def _save(net, tok, opt, out, step):
 def _load_state(opt, net, out):
     from safetensors.torch import load_file
     meta = model._read_json(os.path.join(out, "trainer.json"))
-    tensors = load_file(os.path.join(out, "trainer.safetensors"), device=str(net.model.embed_tokens.weight.device))
-    saved, _ = model.load(out, device=net.model.embed_tokens.weight.device, dtype=next(net.parameters()).dtype)
-    net.load_state_dict(saved.state_dict())
+    dev = str(net.model.embed_tokens.weight.device)
+    tensors = load_file(os.path.join(out, "trainer.safetensors"), device=dev)
+    net.load_state_dict(load_file(os.path.join(out, "model.safetensors"), device=dev))  # our own save: same names
     for g, s in zip(opt.groups, meta["group_steps"]):
         g["step"] = s
         for p, n in zip(g["params"], g["names"]):
