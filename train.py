@@ -259,11 +259,14 @@ def _save(net, tok, opt, out, step):
 
 
 def _load_state(opt, net, out):
+    from safetensors import safe_open
     from safetensors.torch import load_file
     meta = model._read_json(os.path.join(out, "trainer.json"))
-    dev = str(net.model.embed_tokens.weight.device)
+    dev, params = str(net.model.embed_tokens.weight.device), net.state_dict()
     tensors = load_file(os.path.join(out, "trainer.safetensors"), device=dev)
-    net.load_state_dict(load_file(os.path.join(out, "model.safetensors"), device=dev))  # our own save: same names
+    with safe_open(os.path.join(out, "model.safetensors"), framework="pt", device=dev) as f:
+        for name in f.keys():  # our own save: the same names; one tensor at a time, no second copy
+            params[name].copy_(f.get_tensor(name))
     for g, s in zip(opt.groups, meta["group_steps"]):
         g["step"] = s
         for p, n in zip(g["params"], g["names"]):
