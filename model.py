@@ -99,8 +99,10 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
         q, k = rotate(q, *rope), rotate(k, *rope)
-        if kv is not None:  # write into the preallocated cache, attend to everything so far
-            k, v = kv.update(k, v)
+        if kv is not None:  # generation: write into the preallocated cache, attend to all of it so far
+            (K, V), S = kv, mask.shape[-1]
+            K[:, :, S - T:S], V[:, :, S - T:S] = k, v
+            k, v = K[:, :, :S], V[:, :, :S]
         if mask is not None and self.nkv != self.nh:  # sdpa's GQA has no fast masked kernel: share K/V by hand
             k, v = k.repeat_interleave(self.nh // self.nkv, 1), v.repeat_interleave(self.nh // self.nkv, 1)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
@@ -132,23 +134,6 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class KVCache:
-    """Keys and values for every layer, allocated once for the whole generation."""
-    def __init__(self, cfg, batch, max_len, device, dtype):
-        shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
-        self.layers = [(torch.empty(shape, device=device, dtype=dtype),
-                        torch.empty(shape, device=device, dtype=dtype)) for _ in range(cfg.n_layers)]
-        self.pos, self.i = 0, 0  # tokens already cached; layer being written
-
-    def update(self, k, v):
-        K, V = self.layers[self.i]
-        end = self.pos + k.shape[2]
-        K[:, :, self.pos:end], V[:, :, self.pos:end] = k, v
-        self.i = (self.i + 1) % len(self.layers)
-        self.pos += k.shape[2] * (self.i == 0)  # advance once all layers have written
-        return K[:, :, :end], V[:, :, :end]
-
-
 class LLaMA(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -160,19 +145,17 @@ class LLaMA(nn.Module):
         self.lm_head = None if cfg.tie else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.inv_freq = rope_inv_freq(cfg)  # a plain attribute: stays fp32 whatever .to() does
 
-    def context(self, T, mask=None, cache=None, device=None):
-        """Rotary (cos, sin) and attention mask for T new tokens. mask: [B, S] with 1 at real tokens
-        (left padding), S = cached + T. Positions count real tokens only, so padding shifts nothing."""
-        start = cache.pos if cache else 0
-        if self.cfg.window and start + T > self.cfg.window:
-            raise SwatError(f"sequence of {start + T} tokens exceeds the sliding window {self.cfg.window}")
-        if mask is None and start > 0:
-            mask = torch.ones(1, start + T, dtype=torch.bool, device=device)
+    def context(self, T, mask=None, device=None):
+        """Rotary (cos, sin) and attention mask for the last T of S tokens. mask: [B, S], True at real tokens
+        (left padding; the first S - T are in the cache). Positions count real tokens only, so padding
+        shifts nothing."""
+        S = T if mask is None else mask.shape[1]
+        if self.cfg.window and S > self.cfg.window:
+            raise SwatError(f"sequence of {S} tokens exceeds the sliding window {self.cfg.window}")
         if mask is None:  # plain causal attention (training, one unpadded prompt): sdpa's fast path
             pos, attn = torch.arange(T, device=device)[None], None
         else:
-            pos = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
-            S, diag = mask.shape[1], torch.arange(T, device=device)
+            pos, diag = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:], torch.arange(T, device=device)
             attn = torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T) & mask.bool()[:, None, None, :]
             attn[:, :, diag, S - T + diag] = True  # a pad position sees itself, so no row is all -inf
         freqs = pos[..., None].float() * self.inv_freq.to(device)
@@ -181,17 +164,18 @@ class LLaMA(nn.Module):
         return (emb.cos().to(dt), emb.sin().to(dt)), attn
 
     def forward(self, idx, mask=None, cache=None, hidden=False, last=False):
-        """idx [B, T] -> logits [B, T, vocab] (last=True: only the last position's). hidden=True also
+        """idx [B, T] -> logits [B, T, vocab] (last=True: only the last position's). cache: generate's list
+        of per-layer (K, V) buffers, used with a mask. hidden=True also
         returns the hidden states as transformers' output_hidden_states does: [embeddings, block 1, ...,
         block L-1, final-normed block L]."""
-        rope, attn = self.context(idx.shape[1], mask, cache, idx.device)
+        rope, attn = self.context(idx.shape[1], mask, idx.device)
         h = self.model.embed_tokens(idx)
         hs = [h]
-        for layer in self.model.layers:
+        for i, layer in enumerate(self.model.layers):
             if getattr(self, "grad_ckpt", False) and self.training:  # recompute activations in backward
                 h = torch.utils.checkpoint.checkpoint(layer, h, rope, attn, use_reentrant=False)
             else:
-                h = layer(h, rope, attn, cache)
+                h = layer(h, rope, attn, cache and cache[i])
             hs.append(h)
         h = hs[-1] = self.model.norm(h)
         if last:
@@ -378,6 +362,15 @@ class Tok:
         return self.encode(self.render(messages, add_generation_prompt), special=False)
 
 
+def pad_left(rows, device):
+    """Token lists -> ids [B, L] padded on the left, and the mask of real tokens: every row then ends at
+    position -1, where generation continues and the probe reads its features."""
+    L = max(map(len, rows))
+    ids = torch.tensor([[0] * (L - len(r)) + r for r in rows], device=device)
+    mask = torch.tensor([[False] * (L - len(r)) + [True] * len(r) for r in rows], device=device)
+    return ids, mask
+
+
 def _pick(logits, temperature, top_p, gen):
     if temperature <= 0:
         return logits.argmax(-1)
@@ -400,14 +393,11 @@ def generate(net, prompts, max_new_tokens=64, temperature=0.0, top_p=1.0, stop_i
     outs = [None] * len(prompts)
     for b in tqdm(range(0, len(order), batch_size), disable=not progress, desc="generate"):
         rows = [prompts[i] for i in order[b:b + batch_size]]
-        B, L = len(rows), max(map(len, rows))
-        idx = torch.zeros(B, L, dtype=torch.long)
-        mask = torch.ones(B, L + max_new_tokens, dtype=torch.bool)
-        for r, p in enumerate(rows):
-            idx[r, L - len(p):] = torch.tensor(p, dtype=torch.long)
-            mask[r, :L - len(p)] = False
-        idx, mask = idx.to(dev), mask.to(dev)
-        cache = KVCache(net.cfg, B, L + max_new_tokens, dev, net.model.embed_tokens.weight.dtype)
+        idx, mask = pad_left(rows, dev)
+        (B, L), dt = idx.shape, net.model.embed_tokens.weight.dtype
+        mask = torch.cat([mask, mask.new_ones(B, max_new_tokens)], 1)
+        empty = lambda: torch.empty(B, net.cfg.n_kv_heads, L + max_new_tokens, net.cfg.head_dim, device=dev, dtype=dt)
+        cache = [(empty(), empty()) for _ in net.model.layers]  # K and V of every layer, allocated once
         logits = net(idx, mask[:, :L], cache, last=True)[:, -1]
         done, new = torch.zeros(B, dtype=torch.bool, device=dev), []
         for t in range(max_new_tokens):

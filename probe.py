@@ -4,7 +4,7 @@ import csv, hashlib, json, os
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
-from model import SwatError
+from model import SwatError, pad_left
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
@@ -55,11 +55,7 @@ def features(net, tok, instructions, batch_size=32, cache_dir=None):
             return load_file(path)["x"]
     dev, out = net.model.embed_tokens.weight.device, []
     for b in tqdm(range(0, len(prompts), batch_size), desc="features", leave=False):
-        rows = prompts[b:b + batch_size]
-        L = max(map(len, rows))
-        ids = torch.tensor([[0] * (L - len(r)) + r for r in rows], device=dev)
-        mask = torch.tensor([[0] * (L - len(r)) + [1] * len(r) for r in rows], device=dev).bool()
-        _, hs = net(ids, mask, hidden=True, last=True)
+        _, hs = net(*pad_left(prompts[b:b + batch_size], dev), hidden=True, last=True)
         out.append(torch.stack([h[:, -1].float().cpu() for h in hs]))
     x = torch.cat(out, 1)
     if key:

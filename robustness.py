@@ -9,7 +9,7 @@ change. Hidden states below the perturbed layer do not change, so they are compu
 import json, os
 import torch
 from tqdm import tqdm
-from model import SwatError
+from model import SwatError, pad_left
 
 MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
            "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
@@ -29,11 +29,8 @@ def prefix(net, tok, instructions, batch_size=32):
     dev, out = net.model.embed_tokens.weight.device, []
     prompts = [tok.encode_chat([{"role": "user", "content": s}]) for s in instructions]
     for b in range(0, len(prompts), batch_size):
-        rows = prompts[b:b + batch_size]
-        L = max(map(len, rows))
-        ids = torch.tensor([[0] * (L - len(r)) + r for r in rows], device=dev)
-        mask = torch.tensor([[0] * (L - len(r)) + [1] * len(r) for r in rows], device=dev).bool()
-        rope, attn = net.context(L, mask, None, dev)
+        ids, mask = pad_left(prompts[b:b + batch_size], dev)
+        rope, attn = net.context(ids.shape[1], mask, dev)
         _, hs = net(ids, mask, hidden=True, last=True)
         out.append((hs[:-1], rope, attn))  # hs[l] is the input of layer l
     return out

@@ -22,7 +22,7 @@ def main():
     batches = []
     with torch.no_grad():
         for b in range(0, n, 64):  # the same cached inputs as rb.prefix builds, from random prompts
-            rope, attn = net.context(48, None, None, dev)
+            rope, attn = net.context(48, None, dev)
             _, hs = net(ids[b:b + 64], hidden=True, last=True)
             batches.append((hs[:-1], rope, attn))
         X = rb.features_from(net, batches, 0)
