@@ -32,6 +32,16 @@ def refused(text):
     return any(k in text for k in REFUSALS)
 
 
+def user(text):
+    return [{"role": "user", "content": text}]
+
+
+def answer(net, tok, chats, max_new_tokens, **kw):
+    """The model's answers to chats, as text (greedy unless told otherwise)."""
+    outs = model.generate(net, [tok.encode_chat(c) for c in chats], max_new_tokens, stop_ids=tok.stop_ids, **kw)
+    return [tok.decode(o) for o in outs]
+
+
 def load(a):
     if not os.path.exists(a.model) and re.fullmatch(r"[\w.-]+/[\w.-]+", a.model):
         a.model = fetch(a.model)
@@ -108,9 +118,8 @@ def task_metrics(net, tok, chats, a):
     refs = [final_answer(c[-1]["content"]) for c in chats[:a.n_acc]]
     if not refs or max(map(len, refs)) > 16:  # long answers (e.g. Alpaca): loss only
         return total / n, None
-    outs = model.generate(net, [tok.encode_chat(c[:-1]) for c in chats[:a.n_acc]], a.task_tokens,
-                          stop_ids=tok.stop_ids, batch_size=a.gen_batch)
-    return total / n, sum(final_answer(tok.decode(o)) == r for o, r in zip(outs, refs)) / len(refs)
+    outs = answer(net, tok, [c[:-1] for c in chats[:a.n_acc]], a.task_tokens, batch_size=a.gen_batch)
+    return total / n, sum(final_answer(o) == r for o, r in zip(outs, refs)) / len(refs)
 
 
 def evaluate(net, tok, a, name, base=None, task=(), gen_path=None):
@@ -118,10 +127,7 @@ def evaluate(net, tok, a, name, base=None, task=(), gen_path=None):
     probe (base), task loss/accuracy on held-out tuning examples. Generations go to gen_path (JSONL)."""
     H = (probe.read_instructions(a.eval_harmful) if a.eval_harmful else probe.builtin("harmful", "test"))[:a.n_eval]
     S = probe.builtin("harmless", "test")[:a.n_eval]
-    outs = model.generate(net, [tok.encode_chat([{"role": "user", "content": p}]) for p in H + S],
-                          a.max_new_tokens, stop_ids=tok.stop_ids, batch_size=a.gen_batch,
-                          progress=True)
-    texts = [tok.decode(o) for o in outs]
+    texts = answer(net, tok, [user(p) for p in H + S], a.max_new_tokens, batch_size=a.gen_batch, progress=True)
     row = {"strategy": name, "asr": sum(not refused(t) for t in texts[:len(H)]) / len(H),
            "over_refusal": sum(refused(t) for t in texts[len(H):]) / len(S), "drift": None,
            "task_loss": None, "task_acc": None}
@@ -178,15 +184,17 @@ def cmd_train(a):
 def cmd_generate(a):
     net, tok = load(a)
     prompts = a.prompt or probe.read_instructions(a.file)
-    outs = model.generate(net, [tok.encode_chat([{"role": "user", "content": p}]) for p in prompts],
-                          a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, stop_ids=tok.stop_ids)
-    for p, o in zip(prompts, outs):
-        print(f"### {p}\n{tok.decode(o)}\n")
+    for p, t in zip(prompts, answer(net, tok, [user(p) for p in prompts], a.max_new_tokens,
+                                    temperature=a.temperature, top_p=a.top_p)):
+        print(f"### {p}\n{t}\n")
 
 
-def lines(name):
-    with open(os.path.join(probe.DATA, name)) as f:
-        return [l.strip() for l in f if l.strip()]
+def lines(name):  # a built-in text file, one entry per line
+    return probe.read_instructions(os.path.join(probe.DATA, name))
+
+
+def pairs(qa):
+    return [user(q) + [{"role": "assistant", "content": r}] for q, r in qa]
 
 
 def cmd_align(a):
@@ -194,11 +202,9 @@ def cmd_align(a):
     net, tok = load(a)
     before = evaluate(net, tok, a, "before")
     H, S = probe.builtin("harmful", "train"), probe.builtin("harmless", "train")
-    own = model.generate(net, [tok.encode_chat([{"role": "user", "content": s}]) for s in S], a.answer_tokens,
-                         stop_ids=tok.stop_ids, batch_size=a.gen_batch, progress=True)
+    own = answer(net, tok, [user(s) for s in S], a.answer_tokens, batch_size=a.gen_batch, progress=True)
     rng, refusals = random.Random(a.seed), lines("refusals.txt")
-    chats = [[{"role": "user", "content": q}, {"role": "assistant", "content": r}]
-             for q, r in [(h, rng.choice(refusals)) for h in H] + [(s, tok.decode(o)) for s, o in zip(S, own)]]
+    chats = pairs([(h, rng.choice(refusals)) for h in H] + list(zip(S, own)))
     train.train(net, tok, chats, a.out, "ift", steps=a.steps, lr=a.lr, batch_size=a.batch, max_len=a.max_len, seed=a.seed)
     after = evaluate(net, tok, a, "after")
     for r in (before, after):
@@ -255,8 +261,7 @@ def build_toy(a):
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
     rng, refusals, helpful = random.Random(a.seed), lines("refusals.txt"), lines("helpful_toy.txt")
     H, S = probe.builtin("harmful", "train"), probe.builtin("harmless", "train")
-    chats = [[{"role": "user", "content": q}, {"role": "assistant", "content": r}]
-             for q, r in [(h, rng.choice(refusals)) for h in H] + [(s, rng.choice(helpful)) for s in S]]
+    chats = pairs([(h, rng.choice(refusals)) for h in H] + [(s, rng.choice(helpful)) for s in S])
     sums = [(x, y) for x, y in ((rng.randint(1, 99), rng.randint(1, 99)) for _ in range(1200))]
     task = [{"instruction": f"What is {x} plus {y}?", "output": f"Sure! {x} plus {y} is {x + y}."} for x, y in sums]
     tdir, mdir = os.path.join(a.out, "toy-tokenizer"), os.path.join(a.out, "toy-model")
@@ -344,107 +349,100 @@ def fetch(repo):
     return d
 
 
+class Help(argparse.RawDescriptionHelpFormatter):
+    def _get_help_string(self, action):  # every option's help ends with its default, where it has one
+        d = action.default
+        return action.help if d is None or d is False or d == argparse.SUPPRESS else action.help + " (default: %(default)s)"
+
+
+# Every option once; each command below names the ones it takes ("!": required there).
+OPTIONS = {
+    "model": dict(help="HF-format model directory, or a hub id org/name"),
+    "device": dict(default="cuda" if torch.cuda.is_available() else "cpu", help="torch device"),
+    "dtype": dict(choices=["fp32", "bf16"], default="fp32", help="dtype of the weights"),
+    "chat-format": dict(choices=model.Tok.FORMATS, help="override the chat format read off the checkpoint"),
+    "cache": dict(help="directory to cache probe features in (safetensors)"),
+    "harmful": dict(help="harmful instructions to fit the probe on (default: built-in train split)"),
+    "harmless": dict(help="harmless instructions to fit the probe on (default: built-in train split)"),
+    "test-harmful": dict(help="held-out harmful file, e.g. AdvBench CSV (default: built-in test split)"),
+    "n": dict(type=int, default=64, help="prompts per class in the scan"),
+    "modules": dict(default="q,k,v,o", help="modules to scan (also gate,up,down)"),
+    "scale": dict(type=float, default=0.5, help="scan noise std, as a multiple of the weight's std"),
+    "repeats": dict(type=int, default=1, help="noise draws per module"),
+    "k": dict(type=int, help="size of Mods_Rob (default: --frac of the scanned modules)"),
+    "frac": dict(type=float, default=0.5, help="size of Mods_Rob as a fraction of the scanned modules"),
+    "data": dict(help="benign tuning data: Alpaca JSON/JSONL, GSM8K JSONL or chat JSONL (messages); "
+                      "--n-task examples of it are held out for the task metrics"),
+    "strategy": dict(choices=["ift", "swat", "mllr"], default="ift", help="ift: all parameters; swat: warm-up "
+                     "of --mods, then all; mllr: --mods at --lr, the rest at --lr x --ratio"),
+    "mods": dict(help="Mods_Rob: scan JSON, or a selector like 'q,k' or '0-11:q,k;12-29:v'"),
+    "steps": dict(type=int, default=100, help="optimizer steps of normal training"),
+    "warmup-frac": dict(type=float, default=0.2, help="swat phase 1 length, as a fraction of --steps"),
+    "warmup-steps": dict(type=int, help="swat phase 1 steps (overrides --warmup-frac)"),
+    "ratio": dict(type=float, default=0.1, help="mllr: lr multiplier of the modules outside Mods_Rob"),
+    "lr": dict(type=float, default=2e-5, help="peak learning rate"),
+    "batch": dict(type=int, default=8, help="examples per step (and per task-loss batch)"),
+    "accum": dict(type=int, default=1, help="gradient accumulation steps"),
+    "max-len": dict(type=int, default=512, help="tokens per example"),
+    "limit": dict(type=int, help="use only the first N examples"),
+    "weight-decay": dict(type=float, default=0.0, help="AdamW weight decay of the matrices"),
+    "save-every": dict(type=int, default=0, help="checkpoint every N steps (0: only at the end)"),
+    "resume": dict(action="store_true", help="continue from the checkpoint in --out"),
+    "grad-ckpt": dict(action="store_true", help="activation checkpointing (less memory, slower)"),
+    "compile": dict(action="store_true", help="torch.compile each block (faster on GPU after warm-up)"),
+    "skip-long": dict(action="store_true", help="leave out examples whose prompt exceeds --max-len"),
+    "seed": dict(type=int, default=0, help="random seed"),
+    "seeds": dict(type=int, nargs="+", default=[0], help="tuning seeds: one model per strategy and seed"),
+    "control": dict(choices=["swat", "mllr"], default="swat", help="scheme of the control row"),
+    "toy-steps": dict(type=int, default=400, help="training steps of the toy model"),
+    "eval-harmful": dict(help="harmful prompts for ASR, e.g. AdvBench CSV (default: built-in test split)"),
+    "n-eval": dict(type=int, default=100, help="prompts per class for ASR and over-refusal"),
+    "max-new-tokens": dict(type=int, default=64, help="new tokens per answer"),
+    "gen-batch": dict(type=int, default=64, help="prompts per generation batch"),
+    "n-task": dict(type=int, default=64, help="tuning examples held out for the task metrics"),
+    "n-acc": dict(type=int, default=32, help="of which scored by exact match (short answers only)"),
+    "task-tokens": dict(type=int, default=256, help="new tokens for exact-match answers"),
+    "base": dict(help="the original model, for feature-space drift"),
+    "generations": dict(help="write the generations here (JSONL)"),
+    "prompt": dict(action="append", help="a prompt (repeatable)"),
+    "file": dict(help="prompts from a file (CSV, JSON/JSONL, text)"),
+    "temperature": dict(type=float, default=0.0, help="sampling temperature (0: greedy)"),
+    "top-p": dict(type=float, default=1.0, help="nucleus sampling: keep this much probability mass"),
+    "answer-tokens": dict(type=int, default=128, help="length of the model's own harmless answers"),
+    "out": dict(help="where to write: a scan JSON, a checkpoint or a results directory (never the input model)"),
+}
+PROBE, SCAN, TRAIN = "harmful harmless", "n modules scale repeats k frac", "steps warmup-frac ratio lr batch max-len limit"
+EVAL = "eval-harmful n-eval max-new-tokens gen-batch n-task n-acc task-tokens"
+COMMANDS = {  # name: (function, what it does, its options besides the model's, its own defaults)
+    "probe": (cmd_probe, "fit a probe per layer on harmful vs harmless features; print held-out accuracy",
+              f"{PROBE} test-harmful", {}),
+    "scan": (cmd_scan, "module robustness scan: perturb each module, measure the probes, pick Mods_Rob",
+             f"{PROBE} {SCAN} out seed", {"out": "scan.json"}),
+    "train": (cmd_train, "instruction fine-tuning: plain ift, swat (warm-up of Mods_Rob) or mllr",
+              f"{TRAIN} data! strategy mods out! warmup-steps accum weight-decay seed save-every resume "
+              "grad-ckpt compile skip-long", {}),
+    "eval": (cmd_eval, "ASR, over-refusal, feature drift against --base, task loss on --data",
+             f"{EVAL} {PROBE} base data batch max-len generations", {}),
+    "generate": (cmd_generate, "generate answers to prompts with the model's chat format",
+                 "prompt file max-new-tokens temperature top-p", {"max_new_tokens": 128}),
+    "align": (cmd_align, "make an aligned start: short SFT of refusals + the model's own harmless answers",
+              f"{EVAL} {TRAIN} out! answer-tokens seed", {"steps": 150, "lr": 5e-5}),
+    "run": (cmd_run, "the pipeline: probe, scan, tune with ift/swat/mllr/control, evaluate, report",
+            f"{PROBE} {SCAN} {TRAIN} {EVAL} data! out! seeds control", {}),
+    "demo": (cmd_demo, "the pipeline offline: on a toy model trained here unless --model is given",
+             f"{PROBE} {SCAN} {TRAIN} {EVAL} data out! seeds control toy-steps",
+             {"steps": 150, "lr": 3e-4, "batch": 16, "n_eval": 52, "max_new_tokens": 24}),
+}
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
     sub = ap.add_subparsers(dest="cmd", required=True)
-
-    def command(name, fn, help, model_required=True):
-        p = sub.add_parser(name, help=help, description=help)
-        p.add_argument("--model", required=model_required, help="HF-format model directory, or a hub id org/name")
-        p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-        p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-        p.add_argument("--chat-format", choices=model.Tok.FORMATS, help="override the format read off the checkpoint")
-        p.add_argument("--cache", help="directory to cache probe features in (safetensors)")
-        p.set_defaults(fn=fn)
-        return p
-
-    def probe_args(p):
-        p.add_argument("--harmful", help="harmful instructions to fit the probe on (default: built-in train split)")
-        p.add_argument("--harmless", help="harmless instructions (default: built-in train split)")
-
-    def scan_args(p):
-        p.add_argument("--n", type=int, default=64, help="prompts per class in the scan")
-        p.add_argument("--modules", default="q,k,v,o", help="modules to scan (also gate,up,down)")
-        p.add_argument("--scale", type=float, default=0.5, help="noise std as a multiple of the weight's std")
-        p.add_argument("--repeats", type=int, default=1)
-        p.add_argument("--k", type=int, help="size of Mods_Rob (default: --frac of all scanned modules)")
-        p.add_argument("--frac", type=float, default=0.5)
-
-    def train_args(p, steps=100, lr=2e-5, batch=8):
-        p.add_argument("--steps", type=int, default=steps, help="optimizer steps of normal training")
-        p.add_argument("--warmup-frac", type=float, default=0.2, help="swat phase 1 length, as a fraction of --steps")
-        p.add_argument("--ratio", type=float, default=0.1, help="mllr: lr multiplier of the modules outside Mods_Rob")
-        p.add_argument("--lr", type=float, default=lr)
-        p.add_argument("--batch", type=int, default=batch)
-        p.add_argument("--max-len", type=int, default=512)
-        p.add_argument("--limit", type=int, help="use only the first N examples")
-
-    def eval_args(p, n_eval=100, tokens=64):
-        p.add_argument("--eval-harmful", help="harmful prompts for ASR, e.g. AdvBench CSV (default: built-in test split)")
-        p.add_argument("--n-eval", type=int, default=n_eval, help="prompts per class for ASR and over-refusal")
-        p.add_argument("--max-new-tokens", type=int, default=tokens)
-        p.add_argument("--gen-batch", type=int, default=64)
-        p.add_argument("--n-task", type=int, default=64, help="held-out tuning examples for task loss")
-        p.add_argument("--n-acc", type=int, default=32, help="of which scored by exact match (short answers only)")
-        p.add_argument("--task-tokens", type=int, default=256, help="new tokens for exact-match answers")
-
-    p = command("probe", cmd_probe, "fit a probe per layer on harmful vs harmless features; print held-out accuracy")
-    probe_args(p)
-    p.add_argument("--test-harmful", help="held-out harmful file, e.g. AdvBench CSV (default: built-in test split)")
-    p = command("scan", cmd_scan, "module robustness scan: perturb each module, measure the probes, pick Mods_Rob")
-    probe_args(p)
-    scan_args(p)
-    p.add_argument("--out", default="scan.json", help="where to write the table and Mods_Rob (JSON)")
-    p.add_argument("--seed", type=int, default=0)
-    p = command("train", cmd_train, "instruction fine-tuning: plain ift, swat (warm-up of Mods_Rob) or mllr")
-    train_args(p)
-    p.add_argument("--data", required=True, help="Alpaca JSON/JSONL, GSM8K JSONL or chat JSONL (messages)")
-    p.add_argument("--strategy", choices=["ift", "swat", "mllr"], default="ift")
-    p.add_argument("--mods", help="Mods_Rob: scan JSON, or a selector like 'q,k' or '0-11:q,k;12-29:v'")
-    p.add_argument("--out", required=True, help="output checkpoint directory (never the input model)")
-    p.add_argument("--warmup-steps", type=int, help="swat phase 1 steps (overrides --warmup-frac)")
-    p.add_argument("--accum", type=int, default=1, help="gradient accumulation steps")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
-    p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing (less memory, slower)")
-    p.add_argument("--compile", action="store_true", help="torch.compile each block (faster on GPU after warm-up)")
-    p.add_argument("--skip-long", action="store_true", help="leave out examples whose prompt exceeds --max-len")
-    p = command("eval", cmd_eval, "ASR, over-refusal, feature drift against --base, task loss on --data")
-    eval_args(p)
-    probe_args(p)
-    p.add_argument("--base", help="the original model, for feature-space drift")
-    p.add_argument("--data", help="tuning data: its last --n-task examples give the task metrics")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--max-len", type=int, default=512)
-    p.add_argument("--generations", help="write the generations here (JSONL)")
-    p = command("generate", cmd_generate, "generate answers to prompts with the model's chat format")
-    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-    p.add_argument("--file", help="prompts from a file (CSV, JSON/JSONL, text)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p = command("align", cmd_align, "make an aligned start: short SFT of refusals + the model's own harmless answers")
-    eval_args(p)
-    train_args(p, steps=150, lr=5e-5, batch=8)
-    p.add_argument("--out", required=True)
-    p.add_argument("--answer-tokens", type=int, default=128, help="length of the model's own harmless answers")
-    p.add_argument("--seed", type=int, default=0)
-    for name, fn, help in (("run", cmd_run, "the pipeline: probe, scan, tune with ift/swat/mllr/control, evaluate, report"),
-                           ("demo", cmd_demo, "the pipeline offline: on a toy model trained here unless --model is given")):
-        p = command(name, fn, help, model_required=name == "run")
-        probe_args(p)
-        scan_args(p)
-        train_args(p, *((100, 2e-5, 8) if name == "run" else (150, 3e-4, 16)))
-        eval_args(p, *((100, 64) if name == "run" else (52, 24)))
-        p.add_argument("--data", required=name == "run", help="benign tuning data (Alpaca/GSM8K/chat JSONL)")
-        p.add_argument("--out", required=True)
-        p.add_argument("--seeds", type=int, nargs="+", default=[0])
-        p.add_argument("--control", choices=["swat", "mllr"], default="swat", help="scheme of the control row")
-        if name == "demo":
-            p.add_argument("--toy-steps", type=int, default=400, help="training steps of the toy model")
-        p.set_defaults(seed=0)
+    for name, (fn, what, opts, defaults) in COMMANDS.items():
+        p = sub.add_parser(name, help=what, description=what, formatter_class=Help)
+        for o in ("model" if name == "demo" else "model!", "device", "dtype", "chat-format", "cache", *opts.split()):
+            p.add_argument("--" + o.rstrip("!"), required=o.endswith("!"), **OPTIONS[o.rstrip("!")])
+        p.set_defaults(fn=fn, seed=0, **defaults)
     a = ap.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
     try:
