@@ -8,7 +8,7 @@ At the SWAT phase boundary the Mods_Rob groups keep their Adam moments (their op
 on), the newly released groups start from zero moments and their own bias correction (as if just
 created), and the learning-rate schedule starts again, so phase 2 is plain IFT from a better start.
 """
-import json, math, os, random, time
+import json, math, os, time
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm

@@ -1,7 +1,7 @@
 """model.py against transformers: logits, hidden states, padded batches, generation, save/load, errors."""
 import json, os, shutil
 import pytest, torch
-from conftest import SMOLLM2, tiny_hf, make_tokenizer
+from conftest import SMOLLM2, tiny_hf
 import model
 
 FAMILIES = {

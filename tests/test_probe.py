@@ -1,5 +1,5 @@
 """probe.py and robustness.py: scikit-learn parity, the scan's exactness, Mods_Rob, bad input."""
-import json, os
+import os
 import pytest, torch
 from conftest import SMOLLM2, SHARED
 import model, probe, robustness as rb

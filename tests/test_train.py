@@ -1,7 +1,7 @@
 """train.py: AdamW against torch.optim.AdamW, frozen modules, resume, masked loss, data readers, errors."""
 import json, os
 import pytest, torch
-from conftest import SHARED, SMOLLM2, tiny_hf
+from conftest import SHARED, SMOLLM2
 import model, train
 
 CHATS = [[{"role": "user", "content": f"What is {a} plus {b}?"}, {"role": "assistant", "content": f"{a + b}"}]
