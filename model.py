@@ -164,10 +164,9 @@ class LLaMA(nn.Module):
         return (emb.cos().to(dt), emb.sin().to(dt)), attn
 
     def forward(self, idx, mask=None, cache=None, hidden=False, last=False):
-        """idx [B, T] -> logits [B, T, vocab] (last=True: only the last position's). cache: generate's list
-        of per-layer (K, V) buffers, used with a mask. hidden=True also
-        returns the hidden states as transformers' output_hidden_states does: [embeddings, block 1, ...,
-        block L-1, final-normed block L]."""
+        """idx [B, T] -> logits [B, T, vocab] (last=True: only the last position's). cache: generate's
+        per-layer (K, V) buffers, used with a mask. hidden=True also returns the hidden states as
+        transformers' output_hidden_states does: [embeddings, block 1, ..., block L-1, final-normed block L]."""
         rope, attn = self.context(idx.shape[1], mask, idx.device)
         h = self.model.embed_tokens(idx)
         hs = [h]
