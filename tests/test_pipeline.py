@@ -28,6 +28,13 @@ def test_demo_end_to_end(tmp_path):
     assert len(gen) == 24 and {"prompt", "response", "refused", "harmful"} <= set(gen[0])
 
 
+def test_help_shows_each_commands_defaults(capsys):
+    for cmd, lr in (("train", "2e-05"), ("align", "5e-05"), ("demo", "0.0003")):
+        with pytest.raises(SystemExit) as e:
+            run(cmd, "--help")
+        assert e.value.code == 0 and f"--lr LR peak learning rate (default: {lr})" in " ".join(capsys.readouterr().out.split())
+
+
 def test_cli_errors(tmp_path, tiny, capsys):
     with pytest.raises(SystemExit) as e:
         run("fly")
