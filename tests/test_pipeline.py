@@ -1,5 +1,5 @@
 """swat_min.py end to end: the offline demo (shortened), CLI errors, hub download, atomic saving."""
-import errno, http.server, json, os, shutil, threading
+import errno, http.server, json, os, shutil, subprocess, sys, threading
 import pytest, torch
 import model, swat_min
 
@@ -127,3 +127,23 @@ def test_hub_download_resumes(tmp_path, monkeypatch):
     with torch.no_grad():
         assert (net(x) - ref(x).logits).abs().max() <= 1e-5
     assert not [f for f in os.listdir(d) if f.endswith(".part")]
+
+
+def test_dev_sweep_smoke(tmp_path, tiny):
+    """experiments/dev_sweep.py end to end on a tiny model: one scored row per setting, plus the start."""
+    data, harmful = tmp_path / "d.jsonl", tmp_path / "h.txt"
+    data.write_text("".join(json.dumps({"instruction": f"Add {i} and {i}.", "output": str(2 * i)}) + "\n" for i in range(20)))
+    harmful.write_text("".join(f"harmful request {i}\n" for i in range(6)))
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "dev_sweep.py")
+    r = subprocess.run([str(x) for x in [sys.executable, script, "--model", tiny, "--data", data, "--mods", "q,k", "--out", tmp_path / "s",
+                        "--dev-harmful", harmful, "--dev-start", 2, "--n-task", 4, "--n-dev", 4, "--steps", 2, "--batch", 2,
+                        "--n-eval", 3, "--max-new-tokens", 4, "--device", "cpu", "ift", "mllr:ratio=0.5", "swat"]],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(l) for l in open(tmp_path / "s" / "sweep.jsonl")]
+    assert [x["strategy"] for x in rows] == ["original", "ift", "mllr:ratio=0.5", "swat"]
+    assert rows[0]["drift"] == 0 and all(0 <= x["asr"] <= 1 and x["task_loss"] > 0 for x in rows)
+    assert open(tmp_path / "s" / "dev_harmful.txt").read().splitlines() == [f"harmful request {i}" for i in range(2, 6)]
+    bad = subprocess.run([str(x) for x in [sys.executable, script, "--model", tiny, "--data", data, "--mods", "q,k", "--out", tmp_path / "s",
+                          "--dev-harmful", harmful, "mllr:ratio"]], capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 1 and "setting 'mllr:ratio': expected" in bad.stderr

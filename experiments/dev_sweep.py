@@ -1,0 +1,74 @@
+"""The dev-set sweep behind the README's chosen settings (SWAT's warm-up length, ML-LR's ratio).
+
+Every setting tunes the same start on the same data, steps and seed, and is scored only on data that the
+reported results never use: the harmful prompts of --dev-harmful from row --dev-start on (the README's
+tables report the first 100 of the same file), and --n-dev tuning examples held out from tuning as well as
+from `run`'s task metrics. One JSON line per setting goes to stdout and to OUT/sweep.jsonl.
+
+  python experiments/dev_sweep.py --model aligned --data ../shared/data/gsm8k/train.jsonl \\
+      --mods gsm8k/scan.json --dev-harmful ../shared/data/advbench/harmful_behaviors_dev.csv --out sweep \\
+      ift mllr:ratio=0.5 swat:warmup_steps=40
+"""
+import argparse, json, os, sys, time
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import probe, swat_min, train
+from model import SwatError
+
+
+def parse(setting):
+    """'mllr:ratio=0.5,warmup_steps=8' -> ('mllr', {'ratio': 0.5, 'warmup_steps': 8})"""
+    strategy, _, opts = setting.partition(":")
+    try:
+        kw = {k: float(v) if "." in v else int(v) for k, v in (o.split("=") for o in opts.split(",") if o)}
+        assert strategy in ("ift", "swat", "mllr") and set(kw) <= {"ratio", "warmup_steps", "weight_decay", "accum"}
+    except (ValueError, AssertionError):
+        raise SwatError(f"setting {setting!r}: expected ift, swat or mllr[:key=number,...] with keys ratio, "
+                        "warmup_steps, weight_decay, accum") from None
+    return strategy, kw
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=swat_min.Help)
+    ap.add_argument("settings", nargs="+", help="strategy[:key=value,...] of train.train, e.g. ift, "
+                    "mllr:ratio=0.5, swat:warmup_steps=40 (swat's warm-up defaults to 20%% of --steps)")
+    for o in ("model", "data", "mods", "out", "device", "dtype", "chat-format", "cache", "steps", "lr", "batch",
+              "max-len", "seed", "n-eval", "max-new-tokens", "gen-batch", "n-task"):
+        ap.add_argument("--" + o, required=o in ("model", "data", "mods", "out"), **swat_min.OPTIONS[o])
+    ap.add_argument("--dev-harmful", required=True, help="harmful prompts (CSV, JSON/JSONL, text)")
+    ap.add_argument("--dev-start", type=int, default=200, help="first row of --dev-harmful to use")
+    ap.add_argument("--n-dev", type=int, default=64, help="tuning examples held out for the dev task loss")
+    a = ap.parse_args(argv)
+    settings = [parse(s) for s in a.settings]
+    os.makedirs(a.out, exist_ok=True)
+    H = probe.read_instructions(a.dev_harmful)[a.dev_start:]
+    if not H:
+        raise SwatError(f"{a.dev_harmful}: no prompts from row {a.dev_start} on")
+    a.eval_harmful = os.path.join(a.out, "dev_harmful.txt")  # evaluate() reads its prompts from a file
+    swat_min._write(a.eval_harmful, "".join(" ".join(h.split()) + "\n" for h in H))
+    a.harmful = a.harmless = None
+    a.n_acc = 0  # task loss only
+    _, tune = swat_min.split(train.read_examples(a.data), a.n_task)  # the first part is `run`'s held-out set
+    dev, tune = tune[-a.n_dev:], tune[:-a.n_dev]
+    net, tok = swat_min.load(a)
+    base = swat_min.baseline(a, net, tok)
+    mods = train.parse_mods(a.mods, net.cfg.n_layers)
+    with open(os.path.join(a.out, "sweep.jsonl"), "a") as log:
+        for s, (strategy, kw) in zip(["original"] + a.settings, [(None, {})] + settings):
+            name, t0 = s.replace(":", "-").replace(",", "-"), time.time()
+            net, tok = swat_min.load(a)
+            if strategy:
+                kw.setdefault("warmup_steps", round(0.2 * a.steps))
+                train.train(net, tok, tune, os.path.join(a.out, name), strategy, set() if strategy == "ift" else mods,
+                            steps=a.steps, lr=a.lr, batch_size=a.batch, max_len=a.max_len, seed=a.seed,
+                            skip_long=True, **kw)
+            row = swat_min.evaluate(net, tok, a, s, base, dev, os.path.join(a.out, name + ".jsonl"))
+            line = json.dumps(dict({k: v for k, v in row.items() if k != "drift_detail"}, time_s=round(time.time() - t0, 1)))
+            print(line, flush=True)
+            print(line, file=log, flush=True)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except SwatError as e:
+        sys.exit(f"error: {e}")
