@@ -55,8 +55,8 @@ def main(argv=None):
     with open(os.path.join(a.out, "sweep.jsonl"), "a") as log:
         for s, (strategy, kw) in zip(["original"] + a.settings, [(None, {})] + settings):
             name, t0 = s.replace(":", "-").replace(",", "-"), time.time()
-            net, tok = swat_min.load(a)
-            if strategy:
+            if strategy:  # every setting starts again from the original weights ("original" scores them as loaded)
+                net, tok = swat_min.load(a)
                 kw.setdefault("warmup_steps", round(0.2 * a.steps))
                 train.train(net, tok, tune, os.path.join(a.out, name), strategy, set() if strategy == "ift" else mods,
                             steps=a.steps, lr=a.lr, batch_size=a.batch, max_len=a.max_len, seed=a.seed,
