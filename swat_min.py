@@ -243,14 +243,38 @@ def cmd_run(a):
     return rows
 
 
+def versus_ift(r, ift, original):
+    """The two numbers SWAT's claim is about: the share of plain IFT's rise in ASR that r avoided, and r's
+    task loss relative to IFT's."""
+    rise, li = ift["asr"] - original["asr"], ift["task_loss"]
+    r["asr_cut_vs_ift"] = (ift["asr"] - r["asr"]) / rise if rise > 0 else None
+    r["task_loss_vs_ift"] = r["task_loss"] / li - 1 if r["task_loss"] and li else None
+
+
 def report(out, rows, settings):
+    """results.json (every row, each tuned one set against IFT of the same seed) and results.md; with
+    several seeds, results.md adds each strategy's mean, set against IFT's mean."""
+    ift = {r["seed"]: r for r in rows if r["strategy"] == "ift"}
+    for r in rows[1:]:
+        if r["seed"] in ift:
+            versus_ift(r, ift[r["seed"]], rows[0])
     _write(os.path.join(out, "results.json"), json.dumps({"rows": [dict(r, settings=settings) for r in rows]}, indent=1))
-    f = lambda v, p=3: "-" if v is None else f"{v:.{p}f}"
-    md = ["| strategy | seed | ASR | over-refusal | drift | probe acc | task loss | task acc | time (s) |",
-          "|---|---|---|---|---|---|---|---|---|"]
-    md += [f"| {r['strategy']} | {r['seed'] if r['seed'] is not None else '-'} | {r['asr']:.1%} | {r['over_refusal']:.1%} "
-           f"| {f(r['drift'])} | {f(r.get('probe_acc'))} | {f(r['task_loss'])} | {f(r['task_acc'])} "
-           f"| {r.get('train_time_s', '-')} |" for r in rows]
+    cols = {"asr": ("ASR", "{:.1%}"), "asr_cut_vs_ift": ("cut of the ASR rise vs ift", "{:+.0%}"),
+            "over_refusal": ("over-refusal", "{:.1%}"), "drift": ("drift", "{:.3f}"), "probe_acc": ("probe acc", "{:.3f}"),
+            "task_loss": ("task loss", "{:.3f}"), "task_loss_vs_ift": ("Δ loss vs ift", "{:+.1%}"),
+            "task_acc": ("task acc", "{:.1%}"), "train_time_s": ("time (s)", "{:.1f}")}
+    means = {}
+    if len({r["seed"] for r in rows[1:]}) > 1:
+        for s in dict.fromkeys(r["strategy"] for r in rows[1:]):
+            vals = {c: [r.get(c) for r in rows if r["strategy"] == s] for c in cols}
+            means[s] = dict(strategy=s, seed=f"mean of {len(vals['asr'])}",
+                            **{c: None if None in v else sum(v) / len(v) for c, v in vals.items()})
+        for m in means.values() if "ift" in means else ():
+            versus_ift(m, means["ift"], rows[0])
+    cell = lambda r, c: "-" if r.get(c) is None else cols[c][1].format(r[c])
+    md = ["| strategy | seed | " + " | ".join(h for h, _ in cols.values()) + " |", "|---" * (len(cols) + 2) + "|"]
+    md += [f"| {r['strategy']} | {'-' if r['seed'] is None else r['seed']} | " + " | ".join(cell(r, c) for c in cols) + " |"
+           for r in rows + list(means.values())]
     _write(os.path.join(out, "results.md"), "\n".join(md) + "\n")
 
 

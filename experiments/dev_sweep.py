@@ -3,7 +3,8 @@
 Every setting tunes the same start on the same data, steps and seed, and is scored only on data that the
 reported results never use: the harmful prompts of --dev-harmful from row --dev-start on (the README's
 tables report the first 100 of the same file), and --n-dev tuning examples held out from tuning as well as
-from `run`'s task metrics. One JSON line per setting goes to stdout and to OUT/sweep.jsonl.
+from `run`'s task metrics. One JSON line per setting goes to stdout and to OUT/sweep.jsonl, and
+OUT/results.md holds the table (with the cut of the ASR rise and the task loss against ift).
 
   python experiments/dev_sweep.py --model aligned --data ../shared/data/gsm8k/train.jsonl \\
       --mods gsm8k/scan.json --dev-harmful ../shared/data/advbench/harmful_behaviors_dev.csv --out sweep \\
@@ -52,6 +53,7 @@ def main(argv=None):
     net, tok = swat_min.load(a)
     base = swat_min.baseline(a, net, tok)
     mods = train.parse_mods(a.mods, net.cfg.n_layers)
+    rows = []
     with open(os.path.join(a.out, "sweep.jsonl"), "a") as log:
         for s, (strategy, kw) in zip(["original"] + a.settings, [(None, {})] + settings):
             name, t0 = s.replace(":", "-").replace(",", "-"), time.time()
@@ -62,7 +64,9 @@ def main(argv=None):
                             steps=a.steps, lr=a.lr, batch_size=a.batch, max_len=a.max_len, seed=a.seed,
                             skip_long=True, **kw)
             row = swat_min.evaluate(net, tok, a, s, base, dev, os.path.join(a.out, name + ".jsonl"))
-            line = json.dumps(dict({k: v for k, v in row.items() if k != "drift_detail"}, time_s=round(time.time() - t0, 1)))
+            rows.append(dict(row, seed=a.seed if strategy else None, train_time_s=round(time.time() - t0, 1)))
+            swat_min.report(a.out, rows, vars(a))  # OUT/results.md: the table, against ift
+            line = json.dumps({k: v for k, v in rows[-1].items() if k != "drift_detail"})
             print(line, flush=True)
             print(line, file=log, flush=True)
 

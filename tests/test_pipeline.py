@@ -24,8 +24,25 @@ def test_demo_end_to_end(tmp_path):
     ctl = next(r for r in res["rows"] if r["strategy"] == "control")
     assert ctl["n_mods"] == 8 and ctl["scheme"] == "swat"
     assert os.path.exists(out / "results.md") and os.path.exists(out / "swat-seed0" / "generations.jsonl")
+    assert all("asr_cut_vs_ift" in r and "task_loss_vs_ift" in r for r in res["rows"][1:])
     gen = [json.loads(l) for l in open(out / "swat-seed0" / "generations.jsonl")]
     assert len(gen) == 24 and {"prompt", "response", "refused", "harmful"} <= set(gen[0])
+
+
+def test_report_sets_each_strategy_against_ift(tmp_path):
+    row = lambda s, seed, asr, loss: {"strategy": s, "seed": seed, "asr": asr, "over_refusal": 0.0, "drift": 1.0,
+                                       "task_loss": loss, "task_acc": None}
+    rows = [row("original", None, 0.1, 2.0), row("ift", 0, 0.5, 1.0), row("swat", 0, 0.3, 1.1),
+            row("ift", 1, 0.7, 1.0), row("swat", 1, 0.7, 0.9)]
+    swat_min.report(str(tmp_path), rows, {"lr": 1e-4})
+    res = json.load(open(tmp_path / "results.json"))["rows"]
+    assert res[2]["asr_cut_vs_ift"] == pytest.approx(0.5) and res[2]["task_loss_vs_ift"] == pytest.approx(0.1)
+    assert res[4]["asr_cut_vs_ift"] == pytest.approx(0.0) and res[4]["task_loss_vs_ift"] == pytest.approx(-0.1)
+    assert res[0]["settings"] == {"lr": 1e-4} and "asr_cut_vs_ift" not in res[0]
+    md = open(tmp_path / "results.md").read().splitlines()
+    # means over the two seeds: ift ASR 60 %, swat 50 % -> a cut of (60 - 50) / (60 - 10) = 20 %
+    assert md[-1].startswith("| swat | mean of 2 | 50.0% | +20% |") and "| +0.0% | - |" in md[-1]
+    assert md[-2].startswith("| ift | mean of 2 | 60.0% | +0% |")
 
 
 def test_help_shows_each_commands_defaults(capsys):
@@ -144,6 +161,8 @@ def test_dev_sweep_smoke(tmp_path, tiny):
     assert [x["strategy"] for x in rows] == ["original", "ift", "mllr:ratio=0.5", "swat"]
     assert rows[0]["drift"] == 0 and all(0 <= x["asr"] <= 1 and x["task_loss"] > 0 for x in rows)
     assert open(tmp_path / "s" / "dev_harmful.txt").read().splitlines() == [f"harmful request {i}" for i in range(2, 6)]
+    md = open(tmp_path / "s" / "results.md").read().splitlines()
+    assert len(md) == 6 and "cut of the ASR rise vs ift" in md[0] and md[4].startswith("| mllr:ratio=0.5 | 0 |")
     bad = subprocess.run([str(x) for x in [sys.executable, script, "--model", tiny, "--data", data, "--mods", "q,k", "--out", tmp_path / "s",
                           "--dev-harmful", harmful, "mllr:ratio"]], capture_output=True, text=True, timeout=600)
     assert bad.returncode == 1 and "setting 'mllr:ratio': expected" in bad.stderr
