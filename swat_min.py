@@ -269,8 +269,9 @@ def report(out, rows, settings):
             vals = {c: [r.get(c) for r in rows if r["strategy"] == s] for c in cols}
             means[s] = dict(strategy=s, seed=f"mean of {len(vals['asr'])}",
                             **{c: None if None in v else sum(v) / len(v) for c, v in vals.items()})
-        for m in means.values() if "ift" in means else ():
-            versus_ift(m, means["ift"], rows[0])
+        if "ift" in means:
+            for m in means.values():
+                versus_ift(m, means["ift"], rows[0])
     cell = lambda r, c: "-" if r.get(c) is None else cols[c][1].format(r[c])
     md = ["| strategy | seed | " + " | ".join(h for h, _ in cols.values()) + " |", "|---" * (len(cols) + 2) + "|"]
     md += [f"| {r['strategy']} | {'-' if r['seed'] is None else r['seed']} | " + " | ".join(cell(r, c) for c in cols) + " |"
