@@ -266,7 +266,7 @@ def report(out, rows, settings):
     means = {}
     if len({r["seed"] for r in rows[1:]}) > 1:
         for s in dict.fromkeys(r["strategy"] for r in rows[1:]):
-            vals = {c: [r.get(c) for r in rows if r["strategy"] == s] for c in cols}
+            vals = {c: [r.get(c) for r in rows if r["strategy"] == s] for c in cols if not c.endswith("_vs_ift")}
             means[s] = dict(strategy=s, seed=f"mean of {len(vals['asr'])}",
                             **{c: None if None in v else sum(v) / len(v) for c, v in vals.items()})
         if "ift" in means:

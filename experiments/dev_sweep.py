@@ -21,10 +21,11 @@ def parse(setting):
     strategy, _, opts = setting.partition(":")
     try:
         kw = {k: float(v) if "." in v else int(v) for k, v in (o.split("=") for o in opts.split(",") if o)}
-        assert strategy in ("ift", "swat", "mllr") and set(kw) <= {"ratio", "warmup_steps", "weight_decay", "accum"}
-    except (ValueError, AssertionError):
+    except ValueError:
+        kw = None
+    if strategy not in ("ift", "swat", "mllr") or kw is None or not set(kw) <= {"ratio", "warmup_steps", "weight_decay", "accum"}:
         raise SwatError(f"setting {setting!r}: expected ift, swat or mllr[:key=number,...] with keys ratio, "
-                        "warmup_steps, weight_decay, accum") from None
+                        "warmup_steps, weight_decay, accum")
     return strategy, kw
 
 
