@@ -202,11 +202,17 @@ def _weight_files(d):
     raise SwatError(f"{d}: no model.safetensors or model.safetensors.index.json (swat-min never reads pickles)")
 
 
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
 def load(path, device="cpu", dtype=torch.float32, chat_format=None):
     """Load an HF-format directory -> (LLaMA, Tok). Weights are copied tensor by tensor into the
     preallocated model, so there is never a second full copy in memory."""
     if not os.path.isdir(path):
         raise SwatError(f"{path}: not a model directory")
+    dtype = DTYPES.get(dtype, dtype)
+    if not isinstance(dtype, torch.dtype):
+        raise SwatError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)} or a torch.dtype")
     cfg = read_config(os.path.join(path, "config.json"))
     files = _weight_files(path)
     tok = Tok(path, chat_format)
@@ -234,6 +240,10 @@ def load(path, device="cpu", dtype=torch.float32, chat_format=None):
             raise
         except Exception as e:  # truncated or corrupt file, missing shard
             raise SwatError(f"{fpath}: cannot read safetensors ({str(e).splitlines()[0]})") from None
+    gc = os.path.join(path, "generation_config.json")
+    eos = _read_json(gc).get("eos_token_id") if os.path.exists(gc) else None
+    if eos is not None:  # transformers' generate stops at these, not at config.json's
+        cfg.eos = eos if isinstance(eos, list) else [eos]
     tok.stop_ids |= set(cfg.eos)
     missing = set(params) - seen
     if missing == {"lm_head.weight"}:  # no output head in the file: tie it to the embeddings
@@ -323,7 +333,7 @@ class Tok:
         return self.tk.encode(text, add_special_tokens=special).ids
 
     def decode(self, ids):
-        return self.tk.decode(list(ids), skip_special_tokens=True)
+        return self.tk.decode([int(i) for i in ids], skip_special_tokens=True)
 
     def render(self, messages, add_generation_prompt=True):
         """The chat as text, exactly as the family's template renders it."""
@@ -384,6 +394,9 @@ def generate(net, prompts, max_new_tokens=64, temperature=0.0, top_p=1.0, stop_i
              batch_size=64, seed=0, progress=False):
     """Prompts (lists of ids) -> lists of new ids, each cut before its first stop token. Greedy unless
     temperature > 0. Prompts are sorted by length and run in left-padded batches with a KV cache."""
+    prompts = [p.tolist() if torch.is_tensor(p) else list(p) for p in prompts]
+    if max_new_tokens <= 0:
+        return [[] for _ in prompts]
     dev = net.model.embed_tokens.weight.device
     stops = set(stop_ids if stop_ids is not None else net.cfg.eos)
     stop = torch.tensor(sorted(stops), device=dev, dtype=torch.long)

@@ -17,24 +17,28 @@ def builtin(kind, split=None):
     return [r for i, r in enumerate(rows) if split is None or (i % 4 == 3) == (split == "test")]
 
 
+KEYS = ("goal", "Behavior", "instruction", "prompt")  # AdvBench, HarmBench, and the common names
+
+
 def read_instructions(path):
-    """AdvBench CSV (goal), HarmBench CSV (Behavior), JSON/JSONL (instruction or prompt), or plain text."""
+    """AdvBench CSV (goal), HarmBench CSV (Behavior), any CSV or JSON/JSONL with an instruction or prompt
+    field (JSON may also be a list of strings), or plain text, one per line."""
     try:
         with open(path, newline="") as f:
             if path.endswith(".csv"):
                 rows = list(csv.DictReader(f))
-                col = next((c for c in ("goal", "Behavior", "instruction", "prompt") if rows and c in rows[0]), None)
+                col = next((c for c in KEYS if rows and c in rows[0]), None)
                 if col is None:
-                    raise SwatError(f"{path}: no 'goal', 'Behavior', 'instruction' or 'prompt' column")
+                    raise SwatError(f"{path}: no {', '.join(map(repr, KEYS))} column")
                 out = [r[col] for r in rows]
             elif path.endswith((".json", ".jsonl")):
                 recs = json.load(f) if path.endswith(".json") else [json.loads(l) for l in f if l.strip()]
-                out = [r.get("instruction") or r.get("prompt") for r in recs]
+                out = [r if isinstance(r, str) else next((r[k] for k in KEYS if r.get(k)), None) for r in recs]
                 if None in out:
-                    raise SwatError(f"{path}: record {out.index(None) + 1} has no 'instruction' or 'prompt'")
+                    raise SwatError(f"{path}: record {out.index(None) + 1} has none of the fields {', '.join(KEYS)}")
             else:
                 out = [l.strip() for l in f if l.strip()]
-    except (OSError, UnicodeDecodeError, ValueError, AttributeError) as e:
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError, TypeError) as e:
         raise SwatError(f"{path}: unreadable ({e.strerror if isinstance(e, OSError) else e})") from None
     if not out:
         raise SwatError(f"{path}: no instructions found")
@@ -78,7 +82,7 @@ class LogisticProbe:
         self.C, self.max_iter = C, max_iter
 
     def fit(self, X, y):
-        X, y = X.double(), torch.as_tensor(y).double()
+        X, y = torch.as_tensor(X).double(), torch.as_tensor(y).double()
         if len(X) != len(y) or len(X) == 0:
             raise SwatError(f"probe: {len(X)} feature rows but {len(y)} labels")
         if not (0 < y.sum() < len(y)):
@@ -101,7 +105,7 @@ class LogisticProbe:
         return self
 
     def logits(self, X):
-        return ((X.double() - self.mu) / self.sd) @ self.w + self.b
+        return ((torch.as_tensor(X).double() - self.mu) / self.sd) @ self.w + self.b
 
     def predict_proba(self, X):
         return torch.sigmoid(self.logits(X)).float()

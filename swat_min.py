@@ -45,8 +45,7 @@ def answer(net, tok, chats, max_new_tokens, **kw):
 def load(a):
     if not os.path.exists(a.model) and re.fullmatch(r"[\w.-]+/[\w.-]+", a.model):
         a.model = fetch(a.model)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
-    return model.load(a.model, device=a.device, dtype=dtype, chat_format=a.chat_format)
+    return model.load(a.model, device=a.device, dtype=a.dtype, chat_format=a.chat_format)
 
 
 def baseline(a, net, tok, test_harmful=None):

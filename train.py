@@ -20,18 +20,20 @@ from robustness import MODULES
 class AdamW:
     """AdamW (decoupled weight decay) over parameter groups; each group may carry its own lr, weight_decay
     and a 'trainable' flag. The trainer scales every group's lr by .scale (the schedule)."""
-    def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
         params = list(params)
+        if not params:
+            raise SwatError("AdamW: no parameters to optimise")
         groups = params if isinstance(params[0], dict) else [{"params": params}]
-        self.groups = [{"lr": lr, "weight_decay": weight_decay, "trainable": True, "step": 0,
-                        **g, "params": list(g["params"])} for g in groups]
+        self.param_groups = [{"lr": lr, "weight_decay": weight_decay, "trainable": True, "step": 0,
+                              **g, "params": list(g["params"])} for g in groups]
         self.betas, self.eps, self.scale = betas, eps, 1.0
-        self.state = {p: (torch.zeros_like(p), torch.zeros_like(p)) for g in self.groups for p in g["params"]}
+        self.state = {p: (torch.zeros_like(p), torch.zeros_like(p)) for g in self.param_groups for p in g["params"]}
 
     @torch.no_grad()
     def step(self):
         b1, b2 = self.betas
-        for g in self.groups:
+        for g in self.param_groups:
             ps = [p for p in g["params"] if p.grad is not None]
             if not g["trainable"] or not ps:
                 continue
@@ -49,7 +51,7 @@ class AdamW:
             torch._foreach_addcdiv_(ps, ms, denom, value=-lr / (1 - b1 ** g["step"]))
 
     def zero_grad(self):
-        for g in self.groups:
+        for g in self.param_groups:
             for p in g["params"]:
                 p.grad = None
 
@@ -213,7 +215,7 @@ def train(net, tok, chats, out, strategy="ift", mods=(), steps=100, lr=2e-5, bat
     per_epoch = max(1, len(data) // batch_size)
     for step in bar:
         in_p1 = step < phase1
-        for g in opt.groups:  # phase 1 of swat: the rest is frozen (no gradient, no update)
+        for g in opt.param_groups:  # phase 1 of swat: the rest is frozen (no gradient, no update)
             g["trainable"] = g["selected"] or not in_p1
             for p in g["params"]:
                 p.requires_grad_(g["trainable"])
@@ -252,9 +254,9 @@ def train(net, tok, chats, out, strategy="ift", mods=(), steps=100, lr=2e-5, bat
 
 
 def _save(net, tok, opt, out, step):
-    names = {p: n for g in opt.groups for p, n in zip(g["params"], g["names"])}
+    names = {p: n for g in opt.param_groups for p, n in zip(g["params"], g["names"])}
     tensors = {f"{k}.{names[p]}": t for p, (m, v) in opt.state.items() for k, t in (("m", m), ("v", v))}
-    meta = {"step": step, "group_steps": [g["step"] for g in opt.groups]}
+    meta = {"step": step, "group_steps": [g["step"] for g in opt.param_groups]}
     model.save(net, tok, out, extra={"trainer.safetensors": tensors, "trainer.json": meta})
 
 
@@ -267,7 +269,7 @@ def _load_state(opt, net, out):
     with safe_open(os.path.join(out, "model.safetensors"), framework="pt", device=dev) as f:
         for name in f.keys():  # our own save: the same names; one tensor at a time, no second copy
             params[name].copy_(f.get_tensor(name))
-    for g, s in zip(opt.groups, meta["group_steps"]):
+    for g, s in zip(opt.param_groups, meta["group_steps"]):
         g["step"] = s
         for p, n in zip(g["params"], g["names"]):
             opt.state[p][0].copy_(tensors[f"m.{n}"])

@@ -147,6 +147,32 @@ def test_generation_stops_per_row(tiny):
     assert cut[1] == (free[1][:free[1].index(stop)] if stop in free[1] else free[1])
 
 
+def test_generation_config_eos_and_plain_inputs(tmp_path):
+    """transformers' generate stops at generation_config.json's eos_token_id; so must ours. Tensors and
+    dtype names are accepted as inputs, and zero new tokens give empty answers."""
+    from transformers import AutoModelForCausalLM
+    d = str(tmp_path)
+    tiny_hf(d)
+    net, _ = model.load(d)
+    p = [[5, 6, 7], [9, 10, 11, 12], [20, 21]]
+    free = model.generate(net, p, 10, stop_ids=[])
+    stop = free[1][3]
+    with open(os.path.join(d, "generation_config.json"), "w") as f:
+        json.dump({"bos_token_id": 1, "eos_token_id": [stop, 2], "pad_token_id": 0}, f)
+    net, _ = model.load(d)
+    ref = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    ids, mask = batch(p)
+    ref_out = ref.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)[:, ids.shape[1]:].tolist()
+    ours = model.generate(net, p, 10)
+    assert ours[1] == free[1][:3]
+    assert ours == [next((r[:i] for i, x in enumerate(r) if x in (stop, 2)), r) for r in ref_out]
+    assert model.generate(net, [torch.tensor(x) for x in p], 10) == ours
+    assert model.generate(net, p, 0) == [[], [], []]
+    assert next(model.load(d, dtype="bf16")[0].parameters()).dtype == torch.bfloat16
+    with pytest.raises(model.SwatError, match="unknown dtype 'int8'"):
+        model.load(d, dtype="int8")
+
+
 # ---- bad input: one clear SwatError naming the file ----
 
 def test_bad_inputs(tmp_path, tiny):

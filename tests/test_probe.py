@@ -30,6 +30,8 @@ def test_probe_matches_sklearn(d, shift):
     assert abs(ours - sklearn_acc(X, y, Xt, yt)) <= 0.02
     assert 0.6 < ours < 1.0  # a problem that is neither trivial nor hopeless
     assert p.predict_proba(Xt).shape == (300,) and ((p.predict_proba(Xt) > 0.5).float() == (p.logits(Xt) > 0)).all()
+    q = probe.LogisticProbe().fit(X.numpy(), y.tolist())  # numpy and lists work as well
+    assert torch.allclose(q.predict_proba(Xt.numpy()), p.predict_proba(Xt))
 
 
 def test_auc():
@@ -54,6 +56,11 @@ def test_readers(tmp_path):
     assert probe.read_instructions(str(tmp_path / "hb.csv")) == ["Harm X"]
     assert probe.read_instructions(str(tmp_path / "a.jsonl")) == ["p1", "p2"]
     assert probe.read_instructions(str(tmp_path / "t.txt")) == ["one", "two"]
+    (tmp_path / "s.json").write_text('["s1", {"goal": "s2"}, {"Behavior": "s3"}]')
+    assert probe.read_instructions(str(tmp_path / "s.json")) == ["s1", "s2", "s3"]
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "p1"}\n{"text": "p2"}\n')
+    with pytest.raises(model.SwatError, match="bad.jsonl: record 2 has none of the fields"):
+        probe.read_instructions(str(tmp_path / "bad.jsonl"))
 
 
 def test_bad_input(tmp_path, tiny):

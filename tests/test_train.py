@@ -30,6 +30,23 @@ def test_adamw_matches_torch(tiny):
         assert rel <= 1e-6, (n, rel)
 
 
+def test_adamw_plain_list_and_lr_change_match_torch(tiny):
+    """torch-style use: a plain parameter list, and a learning rate changed through param_groups."""
+    nets = [model.load(tiny)[0] for _ in range(2)]
+    opts = train.AdamW(nets[0].parameters(), lr=1e-3, weight_decay=0.01), torch.optim.AdamW(nets[1].parameters(), lr=1e-3)
+    for step in range(10):
+        x = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(step))
+        for net, opt in zip(nets, opts):
+            if step == 5:
+                opt.param_groups[0]["lr"] = 3e-4
+            net(x).float().logsumexp(-1).mean().backward()
+            opt.step()
+            opt.zero_grad()
+    assert max(((a - b).norm() / b.norm()).item() for a, b in zip(nets[0].parameters(), nets[1].parameters())) <= 1e-6
+    with pytest.raises(model.SwatError, match="no parameters"):
+        train.AdamW([], lr=1e-3)
+
+
 def test_swat_warmup_freezes_the_rest(tiny, tmp_path):
     net, tok = model.load(tiny)
     before = {n: p.detach().clone() for n, p in net.named_parameters()}
