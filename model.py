@@ -324,8 +324,15 @@ class Tok:
         self.system = m.group(1).replace("\\n", "\n") if m else None
         # Llama 3.1+ always opens with a dated system turn
         self.dated = "Cutting Knowledge Date" in t
-        m = re.search(r'date_string = "([^"]+)"', t)
-        self.date = m.group(1) if m else None
+        m = re.search(r'date_string = "([^"]+)"', t)  # 3.1 fixes a date; 3.2 takes today's (strftime_now)
+        self.date = m.group(1) if m and "strftime_now" not in t else None
+        # Mistral's templates differ by version: spaces around [INST] and before the reply, a trimmed reply,
+        # the system prompt in the first or the last user turn. Read them off the template.
+        lit = lambda pat, default: (re.findall(r"['\"](%s)['\"]" % pat, t) or [default])[0]
+        self.inst = (lit(r" ?\[INST\] ?", "[INST] "), lit(r" ?\[/INST\]", " [/INST]"),
+                     re.search(r"['\"] ['\"] *\+ *message\[['\"]content", t) is not None,
+                     re.search(r"content['\"]\] *\| *trim *\+ *eos_token", t) is not None,
+                     "loop.last and system_message" in t)
         ids = [self.tk.token_to_id(s) for s in (self.eos, "<|im_end|>", "<|eot_id|>", "<|end_of_text|>")]
         self.stop_ids = {i for i in ids if i is not None}
 
@@ -355,17 +362,17 @@ class Tok:
                 s += turn("system", sys.strip())
             s += "".join(turn(m["role"], m["content"].strip()) for m in msgs)
             return s + ("<|start_header_id|>assistant<|end_header_id|>\n\n" if add_generation_prompt else "")
-        if sys is not None and msgs:  # [INST] families fold the system prompt into the first user turn
-            fold = f"<<SYS>>\n{sys}\n<</SYS>>\n\n" if f == "llama2" else f"{sys}\n\n"
-            msgs[0] = dict(msgs[0], content=fold + msgs[0]["content"])
-        s = "" if f == "llama2" else self.bos
-        for m in msgs:
-            if m["role"] == "user":
-                c = m["content"].strip() if f == "llama2" else m["content"]
-                s += (self.bos if f == "llama2" else "") + f"[INST] {c} [/INST]"
-            else:
-                s += f" {m['content'].strip()} {self.eos}" if f == "llama2" else m["content"] + self.eos
-        return s
+        if f == "llama2":  # the system prompt goes into the first user turn; each user turn opens with bos
+            if sys is not None and msgs:
+                msgs[0] = dict(msgs[0], content=f"<<SYS>>\n{sys}\n<</SYS>>\n\n" + msgs[0]["content"])
+            return "".join(f"{self.bos}[INST] {m['content'].strip()} [/INST]" if m["role"] == "user"
+                           else f" {m['content'].strip()} {self.eos}" for m in msgs)
+        start, end, space, trim, last = self.inst  # mistral
+        i = -1 if last else 0  # the system prompt joins that turn when it is the user's (else it is dropped)
+        if sys is not None and msgs and msgs[i]["role"] == "user":
+            msgs[i] = dict(msgs[i], content=f"{sys}\n\n" + msgs[i]["content"])
+        return self.bos + "".join(f"{start}{m['content']}{end}" if m["role"] == "user" else
+                                  " " * space + (m["content"].strip() if trim else m["content"]) + self.eos for m in msgs)
 
     def encode_chat(self, messages, add_generation_prompt=True):
         return self.encode(self.render(messages, add_generation_prompt), special=False)

@@ -31,6 +31,25 @@ MISTRAL = ("{{ bos_token }}{% for message in messages %}{% if message['role'] ==
            "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
            "{{ message['content'] + eos_token}}{% endif %}{% endfor %}")
 
+# later Mistral versions, written here in the same form as the published ones: where the system prompt goes,
+# spaces around [INST], a leading space and trimming of the reply
+_MSYS = ("{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content'] %}"
+         "{%- set loop_messages = messages[1:] %}{%- else %}{%- set loop_messages = messages %}{%- endif %}")
+MISTRAL2 = (_MSYS + "{{- bos_token }}{%- for message in loop_messages %}{%- if message['role'] == 'user' %}"
+            "{%- if loop.first and system_message is defined %}"
+            "{{- ' [INST] ' + system_message + '\\n\\n' + message['content'] + ' [/INST]' }}"
+            "{%- else %}{{- ' [INST] ' + message['content'] + ' [/INST]' }}{%- endif %}"
+            "{%- elif message['role'] == 'assistant' %}{{- ' ' + message['content'] + eos_token}}{%- endif %}{%- endfor %}")
+MISTRAL3 = (_MSYS + '{{- bos_token }}{%- for message in loop_messages %}{%- if message["role"] == "user" %}'
+            '{%- if loop.last and system_message is defined %}'
+            '{{- "[INST] " + system_message + "\\n\\n" + message["content"] + "[/INST]" }}'
+            '{%- else %}{{- "[INST] " + message["content"] + "[/INST]" }}{%- endif %}'
+            '{%- elif message["role"] == "assistant" %}{{- " " + message["content"]|trim + eos_token}}{%- endif %}{%- endfor %}')
+TEKKEN = MISTRAL3.replace('"[INST] "', '"[INST]"').replace('" " + message["content"]|trim', 'message["content"]')
+LLAMA32 = LLAMA31.replace('{%- set date_string = \"26 Jul 2024\" %}', '{%- if strftime_now is defined %}'
+                          '{%- set date_string = strftime_now(\"%d %b %Y\") %}{%- else %}'
+                          '{%- set date_string = \"26 Jul 2024\" %}{%- endif %}')
+
 CASES = {  # name: template, bos, eos, expected family, whether a system turn is allowed
     "smollm2": (CHATML, "<|im_start|>", "<|im_end|>", "chatml", True),
     "qwen2": (QWEN2, "<|endoftext|>", "<|im_end|>", "chatml", True),
@@ -38,6 +57,10 @@ CASES = {  # name: template, bos, eos, expected family, whether a system turn is
     "llama3.1": (LLAMA31, "<|begin_of_text|>", "<|eot_id|>", "llama3", True),
     "llama2": (LLAMA2, "<s>", "</s>", "llama2", True),
     "mistral": (MISTRAL, "<s>", "</s>", "mistral", False),
+    "mistral-v0.2": (MISTRAL2, "<s>", "</s>", "mistral", True),
+    "mistral-v0.3": (MISTRAL3, "<s>", "</s>", "mistral", True),
+    "mistral-tekken": (TEKKEN, "<s>", "</s>", "mistral", True),
+    "llama3.2": (LLAMA32, "<|begin_of_text|>", "<|eot_id|>", "llama3", True),
 }
 CHATS = [
     [{"role": "user", "content": "How do I bake bread at home?"}],
@@ -46,6 +69,8 @@ CHATS = [
      {"role": "user", "content": "Explain photosynthesis."}],
     [{"role": "user", "content": "1 + 2 = ?"}, {"role": "assistant", "content": "3"},
      {"role": "user", "content": "and 4 + 5?"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."},
+     {"role": "assistant", "content": " Blue. "}],
 ]
 
 
@@ -58,6 +83,7 @@ def test_chat_ids_match_transformers(tmp_path, name):
     assert tok.format == family
     hf = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"), bos_token=bos, eos_token=eos)
     hf.chat_template = template
+    assert LLAMA32 != LLAMA31 and "strftime_now" in LLAMA32 and TEKKEN != MISTRAL3
     for chat in CHATS:
         if chat[0]["role"] == "system" and not system_ok:
             continue
