@@ -103,11 +103,12 @@ class Attention(nn.Module):
             (K, V), S = kv, mask.shape[-1]
             K[:, :, S - T:S], V[:, :, S - T:S] = k, v
             k, v = K[:, :, :S], V[:, :, :S]
-        if mask is not None and self.nkv != self.nh:  # sdpa's GQA has no fast masked kernel: share K/V by hand
-            k, v = k.repeat_interleave(self.nh // self.nkv, 1), v.repeat_interleave(self.nh // self.nkv, 1)
+        g = self.nh // self.nkv
+        if mask is not None and g > 1:  # sdpa's GQA has no fast masked kernel: the g query heads that share
+            q, mask = q.reshape(B, self.nkv, g * T, self.hd), mask.repeat(1, 1, g, 1)  # K/V become extra rows
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=self.nkv != self.nh)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+                                           enable_gqa=q.shape[1] != k.shape[1])
+        return self.o_proj(y.view(B, self.nh, T, self.hd).transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):

@@ -1,5 +1,6 @@
 """Robustness-scan wall time: swat-min's scan (hidden states below the perturbed layer cached) against the
-naive way (a full forward for every perturbation), same model and prompts; the two tables must be equal.
+naive way (the model's full forward, embeddings to logits, for every perturbation), and against re-running
+every layer on cached embeddings without logits (layers_s); same model and prompts; the tables must be equal.
 
     python bench/bench_scan.py          # SmolLM2-135M shape, 30 layers x q/k/v/o, 256 prompts
     python bench/bench_scan.py --tiny   # CPU smoke test
@@ -28,17 +29,22 @@ def main():
         X = rb.features_from(net, batches, 0)
     X[:, : n // 2] += 0.05 * X.std()  # a separable "harmful" direction, so the probes have something to lose
     probes = probe.fit_layers(X, y)
-    times, tables = {}, {}
-    for naive in (False, True):
+    def full_forward(net, batches, start):  # the naive way: the model's whole forward, from the token ids
+        hs = [net(ids[b:b + 64], hidden=True)[1] for b in range(0, n, 64)]
+        return torch.cat([torch.stack([h[:, -1] for h in x]).float().cpu() for x in hs], 1)
+    times, tables, cached = {}, {}, rb.features_from
+    for way in ("swat", "layers", "naive"):  # layers: every layer re-run on the cached embeddings
+        rb.features_from = full_forward if way == "naive" else cached
         sync(a.device)
         t = time.perf_counter()
-        tables[naive] = rb.scan(net, probes, batches, y, naive=naive)
+        tables[way] = rb.scan(net, probes, batches, y, naive=way != "swat")
         sync(a.device)
-        times[naive] = time.perf_counter() - t
+        times[way] = time.perf_counter() - t
+    rb.features_from = cached
     emit(bench="scan", case=f"{shape} {net.cfg.n_layers} layers x q,k,v,o, {n} prompts", device=a.device,
-         swat_s=round(times[False], 2), naive_s=round(times[True], 2), ratio=round(times[True] / times[False], 3),
-         identical=tables[False] == tables[True])
-
+         swat_s=round(times["swat"], 2), naive_s=round(times["naive"], 2), ratio=round(times["naive"] / times["swat"], 3),
+         layers_s=round(times["layers"], 2), ratio_layers=round(times["layers"] / times["swat"], 3),
+         identical=tables["swat"] == tables["layers"] == tables["naive"])
 
 if __name__ == "__main__":
     main()

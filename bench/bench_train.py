@@ -4,6 +4,7 @@ bf16 autocast with fp32 weights on CUDA, fp32 on CPU. One JSON line per case.
 
     python bench/bench_train.py            # the GPU cases
     python bench/bench_train.py --tiny     # a CPU smoke test in seconds
+    --compile also measures swat-min with every block compiled (train --compile), against the same reference
 """
 import gc
 import torch
@@ -52,9 +53,6 @@ def main():
         net = ours(ref, a.device).train()
         del ref, ropt
         gc.collect()
-        if a.compile:
-            for layer in net.model.layers:
-                layer.compile()
         opt = train.AdamW(net.parameters(), lr=1e-5)
 
         def our_step():
@@ -64,14 +62,19 @@ def main():
             torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
             opt.step()
             opt.zero_grad()
-        our_s, our_mem = measure(our_step, a.device, a.steps)
+        tok, fpt = B * T, flops_per_token(shape, T)
+        for compiled in (False, True) if a.compile else (False,):  # the same reference for both
+            if compiled:
+                for layer in net.model.layers:
+                    layer.compile()
+            our_s, our_mem = measure(our_step, a.device, a.steps)
+            emit(bench="train", case=f"{shape} {B}x{T}", device=a.device, compile=compiled,
+                 swat_tok_s=round(tok / our_s), ref_tok_s=round(tok / ref_s), ratio=round(ref_s / our_s, 3),
+                 swat_mfu=round(tok / our_s * fpt / PEAK, 3) if cuda else None,
+                 ref_mfu=round(tok / ref_s * fpt / PEAK, 3) if cuda else None,
+                 swat_peak_gb=our_mem, ref_peak_gb=ref_mem)
         del net, opt
         gc.collect()
-        tok = B * T
-        emit(bench="train", case=f"{shape} {B}x{T}", device=a.device, compile=a.compile,
-             swat_tok_s=round(tok / our_s), ref_tok_s=round(tok / ref_s), ratio=round(ref_s / our_s, 3),
-             swat_mfu=round(tok / our_s * flops_per_token(shape, T) / PEAK, 3) if cuda else None,
-             swat_peak_gb=our_mem, ref_peak_gb=ref_mem)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ def reference(shape, device, dtype=torch.float32, seed=0):
     torch.manual_seed(seed)
     cfg = tf.LlamaConfig(max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, attn_implementation="sdpa",
                          **SHAPES[shape])
-    return tf.LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval()
+    with torch.device(device):  # initialised where it runs: a 1B model's random init on the CPU takes long
+        return tf.LlamaForCausalLM(cfg).to(dtype=dtype).eval()
 
 
 def ours(ref, device, dtype=torch.float32):
