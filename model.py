@@ -107,7 +107,7 @@ class Attention(nn.Module):
             q, mask = q.reshape(B, self.nkv, g * T, self.hd), mask.repeat(1, 1, g, 1)  # K/V become extra rows
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=q.shape[1] != k.shape[1])
-        return self.o_proj(y.view(B, self.nh, T, self.hd).transpose(1, 2).reshape(B, T, -1))
+        return self.o_proj(y.reshape(B, self.nh, T, self.hd).transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
