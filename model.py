@@ -98,13 +98,12 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
         q, k = rotate(q, *rope), rotate(k, *rope)
-        if kv is not None:  # generation: write into the preallocated cache, attend to all of it so far
-            (K, V), S = kv, mask.shape[-1]
-            K[:, :, S - T:S], V[:, :, S - T:S] = k, v
-            k, v = K[:, :, :S], V[:, :, :S]
-        g = self.nh // self.nkv
-        if mask is not None and g > 1:  # sdpa's GQA has no fast masked kernel: the g query heads that share
-            q, mask = q.reshape(B, self.nkv, g * T, self.hd), mask.repeat(1, 1, g, 1)  # K/V become extra rows
+        if kv is not None:  # generation: write into the preallocated cache, attend to all of it (masked)
+            K, V, cols = kv
+            K.index_copy_(2, cols, k), V.index_copy_(2, cols, v)
+            k, v = K, V
+        if mask is not None and self.nh > self.nkv:  # sdpa's GQA has no fast masked kernel: the query heads
+            q = q.reshape(B, self.nkv, -1, self.hd)    # that share K/V become extra rows (context's mask has them)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=q.shape[1] != k.shape[1])
         return self.o_proj(y.reshape(B, self.nh, T, self.hd).transpose(1, 2).reshape(B, T, -1))
@@ -145,36 +144,42 @@ class LLaMA(nn.Module):
         self.lm_head = None if cfg.tie else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.inv_freq = rope_inv_freq(cfg)  # a plain attribute: stays fp32 whatever .to() does
 
-    def context(self, T, mask=None, device=None):
-        """Rotary (cos, sin) and attention mask for the last T of S tokens. mask: [B, S], True at real tokens
-        (left padding; the first S - T are in the cache). Positions count real tokens only, so padding
-        shifts nothing."""
+    def context(self, T, mask=None, device=None, cols=None):
+        """Rotary (cos, sin) and attention mask for T tokens at columns cols (default: the last T) of S.
+        mask: [B, S], True at real tokens (left padding; the other columns are in the cache). Positions count
+        real tokens only, so padding shifts nothing. The mask has a row per query head that shares K/V."""
         S = T if mask is None else mask.shape[1]
         if self.cfg.window and S > self.cfg.window:
             raise SwatError(f"sequence of {S} tokens exceeds the sliding window {self.cfg.window}")
         if mask is None:  # plain causal attention (training, one unpadded prompt): sdpa's fast path
             pos, attn = torch.arange(T, device=device)[None], None
         else:
-            pos, diag = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:], torch.arange(T, device=device)
-            attn = torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T) & mask.bool()[:, None, None, :]
-            attn[:, :, diag, S - T + diag] = True  # a pad position sees itself, so no row is all -inf
-        freqs = pos[..., None].float() * self.inv_freq.to(device)
+            cols = torch.arange(S - T, S, device=device) if cols is None else cols
+            pos = (mask.long().cumsum(-1) - 1).clamp(min=0).index_select(1, cols)
+            keys, c = torch.arange(S, device=device), cols[:, None]
+            attn = (keys <= c) & (mask[:, None] | (keys == c))  # causal; a pad position sees itself, so no
+            attn = attn[:, None].repeat(1, 1, self.cfg.n_heads // self.cfg.n_kv_heads, 1)  # row is all -inf
+        self.inv_freq = self.inv_freq.to(pos.device)  # moved once, not at every call (nor in a CUDA graph)
+        freqs = pos[..., None].float() * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B|1, 1, T, head_dim]
         dt = self.model.embed_tokens.weight.dtype
         return (emb.cos().to(dt), emb.sin().to(dt)), attn
 
-    def forward(self, idx, mask=None, cache=None, hidden=False, last=False):
+    def forward(self, idx, mask=None, cache=None, hidden=False, last=False, start=None):
         """idx [B, T] -> logits [B, T, vocab] (last=True: only the last position's). cache: generate's
-        per-layer (K, V) buffers, used with a mask. hidden=True also returns the hidden states as
+        per-layer (K, V) buffers, used with a mask; the T tokens go to columns start.. of it (an int or a
+        tensor; default the last T of the mask). hidden=True also returns the hidden states as
         transformers' output_hidden_states does: [embeddings, block 1, ..., block L-1, final-normed block L]."""
-        rope, attn = self.context(idx.shape[1], mask, idx.device)
+        T = idx.shape[1]
+        cols = None if start is None else torch.arange(T, device=idx.device) + start
+        rope, attn = self.context(T, mask, idx.device, cols)
         h = self.model.embed_tokens(idx)
         hs = [h]
         for i, layer in enumerate(self.model.layers):
             if getattr(self, "grad_ckpt", False) and self.training:  # recompute activations in backward
                 h = torch.utils.checkpoint.checkpoint(layer, h, rope, attn, use_reentrant=False)
             else:
-                h = layer(h, rope, attn, cache and cache[i])
+                h = layer(h, rope, attn, cache and (*cache[i], cols))
             hs.append(h)
         h = hs[-1] = self.model.norm(h)
         if last:
@@ -396,18 +401,34 @@ def _pick(logits, temperature, top_p, gen):
     return i.gather(-1, torch.multinomial(p, 1, generator=gen)).squeeze(-1)
 
 
-# not cuDNN's attention: it plans every new shape anew, and each decoding step is one (1.5 ms of CPU a call on
-# an H200, more than the step's GPU work)
+def _graphed(fn):
+    """fn() recorded once as a CUDA graph, then replayed: one launch instead of hundreds per call. Its
+    inputs and output are tensors it updates in place, the same at every call."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()  # a warm-up off the main stream, as capture requires
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return lambda: (graph.replay(), out)[1]
+
+
+# not cuDNN's attention: it plans every new shape anew (1.5 ms of CPU a call on an H200)
 @sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 @torch.no_grad()
 def generate(net, prompts, max_new_tokens=64, temperature=0.0, top_p=1.0, stop_ids=None,
-             batch_size=64, seed=0, progress=False):
+             batch_size=64, seed=0, progress=False, cuda_graph=None):
     """Prompts (lists of ids) -> lists of new ids, each cut before its first stop token. Greedy unless
-    temperature > 0. Prompts are sorted by length and run in left-padded batches with a KV cache."""
+    temperature > 0. Prompts are sorted by length and run in left-padded batches with a KV cache. Every
+    decoding step has the same shapes (the whole cache, masked), so on a GPU it is replayed from a CUDA
+    graph (cuda_graph=False: not): a small model's step is mostly the CPU launching kernels."""
     prompts = [p.tolist() if torch.is_tensor(p) else list(p) for p in prompts]
     if max_new_tokens <= 0:
         return [[] for _ in prompts]
     dev = net.model.embed_tokens.weight.device
+    graph = dev.type == "cuda" if cuda_graph is None else cuda_graph
     stops = set(stop_ids if stop_ids is not None else net.cfg.eos)
     stop = torch.tensor(sorted(stops), device=dev, dtype=torch.long)
     gen = torch.Generator(device=dev).manual_seed(seed)
@@ -416,19 +437,28 @@ def generate(net, prompts, max_new_tokens=64, temperature=0.0, top_p=1.0, stop_i
     for b in tqdm(range(0, len(order), batch_size), disable=not progress, desc="generate"):
         rows = [prompts[i] for i in order[b:b + batch_size]]
         idx, mask = pad_left(rows, dev)
-        (B, L), dt = idx.shape, net.model.embed_tokens.weight.dtype
-        mask = torch.cat([mask, mask.new_ones(B, max_new_tokens)], 1)
-        empty = lambda: torch.empty(B, net.cfg.n_kv_heads, L + max_new_tokens, net.cfg.head_dim, device=dev, dtype=dt)
-        cache = [(empty(), empty()) for _ in net.model.layers]  # K and V of every layer, allocated once
-        logits = net(idx, mask[:, :L], cache, last=True)[:, -1]
+        (B, L), dt, N = idx.shape, net.model.embed_tokens.weight.dtype, max_new_tokens
+        mask = torch.cat([mask, mask.new_zeros(B, N)], 1)  # new tokens' columns open as they are written
+        zeros = lambda: torch.zeros(B, net.cfg.n_kv_heads, L + N, net.cfg.head_dim, device=dev, dtype=dt)
+        cache = [(zeros(), zeros()) for _ in net.model.layers]  # K and V of every layer, allocated once; zeros,
+        logits = net(idx, mask, cache, last=True, start=0)[:, -1]  # as masked-out NaN would still poison sums
+        tok, col = idx[:, -1:].clone(), torch.tensor([L], device=dev)  # the step's inputs, changed in place
+
+        def step():  # the token in tok, at column col of every row
+            mask.index_fill_(1, col, True)
+            return net(tok, mask, cache, last=True, start=col)[:, -1]
+        if graph and N > 1:
+            step = _graphed(step)
         done, new = torch.zeros(B, dtype=torch.bool, device=dev), []
-        for t in range(max_new_tokens):
+        for t in range(N):
             nxt = _pick(logits, temperature, top_p, gen)
             new.append(nxt)
             done |= torch.isin(nxt, stop)
-            if t + 1 == max_new_tokens or done.all():
+            if t + 1 == N or done.all():
                 break
-            logits = net(nxt[:, None], mask[:, :L + t + 1], cache, last=True)[:, -1]
+            tok.copy_(nxt[:, None])
+            logits = step()
+            col += 1
         for r, row in enumerate(torch.stack(new, 1).tolist()):
             cut = next((j for j, x in enumerate(row) if x in stops), len(row))
             outs[order[b + r]] = row[:cut]

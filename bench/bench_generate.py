@@ -1,6 +1,7 @@
 """Generation throughput for the ASR evaluation: batched greedy decoding of prompts of different lengths,
 swat-min's model.generate against transformers' generate (left padding, KV cache), same weights.
-Every row must generate exactly the same number of tokens (no early stop), so tokens/s compare.
+Every row must generate exactly the same number of tokens (no early stop), so tokens/s compare. On a GPU,
+swat-min is measured with and without its CUDA-graph decoding step.
 
     python bench/bench_generate.py          # SmolLM2-135M shape, 256 prompts x 64 new tokens
     python bench/bench_generate.py --tiny   # CPU smoke test
@@ -30,15 +31,18 @@ def main():
         out["ref"] = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
                                   do_sample=False, pad_token_id=0)[:, L:].tolist()
 
-    def run_ours():  # one batch, as transformers gets (swat-min would also sort by length)
-        out["ours"] = model.generate(net, prompts, new, stop_ids=[], batch_size=n)
     with torch.no_grad():
-        run_ref(), run_ours()  # warm-up
-        ref_s, our_s = timed(run_ref, a.device, 2), timed(run_ours, a.device, 2)
-    same = sum(x == y for x, y in zip(out["ours"], out["ref"])) / n
-    emit(bench="generate", case=f"{shape} {n} prompts x {new} new, {str(dtype)[6:]}", device=a.device,
-         swat_tok_s=round(n * new / our_s), ref_tok_s=round(n * new / ref_s), ratio=round(ref_s / our_s, 3),
-         rows_identical=same)
+        run_ref()  # warm-up
+        ref_s = timed(run_ref, a.device, 2)
+    for graph in (False, True) if a.device.startswith("cuda") else (False,):
+        def run_ours():  # one batch, as transformers gets (swat-min would also sort by length)
+            out["ours"] = model.generate(net, prompts, new, stop_ids=[], batch_size=n, cuda_graph=graph)
+        run_ours()
+        our_s = timed(run_ours, a.device, 2)
+        same = sum(x == y for x, y in zip(out["ours"], out["ref"])) / n
+        emit(bench="generate", case=f"{shape} {n} prompts x {new} new, {str(dtype)[6:]}", device=a.device,
+             cuda_graph=graph, swat_tok_s=round(n * new / our_s), ref_tok_s=round(n * new / ref_s),
+             ratio=round(ref_s / our_s, 3), rows_identical=same)
 
 
 if __name__ == "__main__":
