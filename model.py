@@ -171,6 +171,8 @@ class LLaMA(nn.Module):
         tensor; default the last T of the mask). hidden=True also returns the hidden states as
         transformers' output_hidden_states does: [embeddings, block 1, ..., block L-1, final-normed block L]."""
         T = idx.shape[1]
+        if cache and start is None:
+            start = mask.shape[1] - T
         cols = None if start is None else torch.arange(T, device=idx.device) + start
         rope, attn = self.context(T, mask, idx.device, cols)
         h = self.model.embed_tokens(idx)
