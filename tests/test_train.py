@@ -46,6 +46,9 @@ def test_adamw_plain_list_and_lr_change_match_torch(tiny):
             opt.step()
             opt.zero_grad()
     assert max(((a - b).norm() / b.norm()).item() for a, b in zip(nets[0].parameters(), nets[1].parameters())) <= 1e-6
+    nets[0](x).float().logsumexp(-1).mean().backward()
+    opts[0].zero_grad(set_to_none=False)  # torch's other way: gradients kept, as zeros
+    assert all(p.grad is not None and not p.grad.any() for p in nets[0].parameters())
     with pytest.raises(model.SwatError, match="no parameters"):
         train.AdamW([], lr=1e-3)
 
