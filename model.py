@@ -157,8 +157,8 @@ class LLaMA(nn.Module):
             cols = torch.arange(S - T, S, device=device) if cols is None else cols
             pos = (mask.long().cumsum(-1) - 1).clamp(min=0).index_select(1, cols)
             keys, c = torch.arange(S, device=device), cols[:, None]
-            attn = (keys <= c) & (mask[:, None] | (keys == c))  # causal; a pad position sees itself, so no
-            attn = attn[:, None].repeat(1, 1, self.cfg.n_heads // self.cfg.n_kv_heads, 1)  # row is all -inf
+            attn = (keys <= c) & (mask.bool()[:, None] | (keys == c))  # causal; a pad position sees itself, so
+            attn = attn[:, None].repeat(1, 1, self.cfg.n_heads // self.cfg.n_kv_heads, 1)  # no row is all -inf
         self.inv_freq = self.inv_freq.to(pos.device)  # moved once, not at every call (nor in a CUDA graph)
         freqs = pos[..., None].float() * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B|1, 1, T, head_dim]
