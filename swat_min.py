@@ -176,7 +176,7 @@ def cmd_train(a):
     train.train(net, tok, chats, a.out, a.strategy, mods, steps=a.steps, lr=a.lr, batch_size=a.batch,
                 accum=a.accum, warmup_steps=warm, ratio=a.ratio, weight_decay=a.weight_decay,
                 max_len=a.max_len, seed=a.seed, save_every=a.save_every, resume=a.resume, grad_ckpt=a.grad_ckpt,
-                compile=a.compile, skip_long=a.skip_long)
+                compile=a.compile, skip_long=a.skip_long, scope=a.scope)
     print(f"wrote {a.out} (log: {os.path.join(a.out, 'log.jsonl')})")
 
 
@@ -226,13 +226,14 @@ def cmd_run(a):
     settings = {k: v for k, v in vars(a).items() if k != "fn"}
     rows = [dict(evaluate(net, tok, a, "original", base, task, os.path.join(a.out, "original.jsonl")), seed=None)]
     plan = [("ift", "ift", set()), ("swat", "swat", rob), ("mllr", "mllr", rob), ("control", a.control, fragile)]
+    plan = [p for p in plan if p[0] in a.strategies]
     for seed in a.seeds:
         for name, strategy, mods in plan:
             net, tok = load(a)
             d, t0 = os.path.join(a.out, f"{name}-seed{seed}"), time.time()
             warm = round(a.warmup_frac * a.steps)
             train.train(net, tok, tune, d, strategy, mods, steps=a.steps, lr=a.lr, batch_size=a.batch,
-                        warmup_steps=warm, ratio=a.ratio, max_len=a.max_len, seed=seed, skip_long=True)
+                        warmup_steps=warm, ratio=a.ratio, max_len=a.max_len, seed=seed, skip_long=True, scope=a.scope)
             row = evaluate(net, tok, a, name, base, task, os.path.join(d, "generations.jsonl"))
             rows.append(dict(row, seed=seed, train_time_s=round(time.time() - t0, 1), scheme=strategy,
                              n_mods=len(mods), warmup_steps=warm if strategy == "swat" else 0))
@@ -404,6 +405,8 @@ OPTIONS = {
     "warmup-frac": dict(type=float, default=0.2, help="swat phase 1 length, as a fraction of --steps"),
     "warmup-steps": dict(type=int, help="swat phase 1 steps (overrides --warmup-frac)"),
     "ratio": dict(type=float, default=0.1, help="mllr: lr multiplier of the modules outside Mods_Rob"),
+    "scope": dict(choices=["all", "modules"], default="all", help="mllr: what runs at --lr x --ratio: every "
+                  "parameter outside Mods_Rob, or only the other modules of its kinds (MLPs, embeddings, norms keep --lr)"),
     "lr": dict(type=float, default=2e-5, help="peak learning rate"),
     "batch": dict(type=int, default=8, help="examples per step (and per task-loss batch)"),
     "accum": dict(type=int, default=1, help="gradient accumulation steps"),
@@ -417,6 +420,8 @@ OPTIONS = {
     "skip-long": dict(action="store_true", help="leave out examples whose prompt exceeds --max-len"),
     "seed": dict(type=int, default=0, help="random seed"),
     "seeds": dict(type=int, nargs="+", default=[0], help="tuning seeds: one model per strategy and seed"),
+    "strategies": dict(nargs="+", choices=["ift", "swat", "mllr", "control"], default=["ift", "swat", "mllr", "control"],
+                       help="the tuned models to make, per seed"),
     "control": dict(choices=["swat", "mllr"], default="swat", help="scheme of the control row"),
     "toy-steps": dict(type=int, default=400, help="training steps of the toy model"),
     "eval-harmful": dict(help="harmful prompts for ASR, e.g. AdvBench CSV (default: built-in test split)"),
@@ -435,7 +440,7 @@ OPTIONS = {
     "answer-tokens": dict(type=int, default=128, help="length of the model's own harmless answers"),
     "out": dict(help="where to write: a scan JSON, a checkpoint or a results directory (never the input model)"),
 }
-PROBE, SCAN, TRAIN = "harmful harmless", "n modules scale repeats k frac", "steps warmup-frac ratio lr batch max-len limit"
+PROBE, SCAN, TRAIN = "harmful harmless", "n modules scale repeats k frac", "steps warmup-frac ratio scope lr batch max-len limit"
 EVAL = "eval-harmful n-eval max-new-tokens gen-batch n-task n-acc task-tokens"
 COMMANDS = {  # name: (function, what it does, its options besides the model's, its own defaults)
     "probe": (cmd_probe, "fit a probe per layer on harmful vs harmless features; print held-out accuracy",
@@ -452,9 +457,9 @@ COMMANDS = {  # name: (function, what it does, its options besides the model's, 
     "align": (cmd_align, "make an aligned start: short SFT of refusals + the model's own harmless answers",
               f"{EVAL} {TRAIN} out! answer-tokens seed", {"steps": 150, "lr": 5e-5}),
     "run": (cmd_run, "the pipeline: probe, scan, tune with ift/swat/mllr/control, evaluate, report",
-            f"{PROBE} {SCAN} {TRAIN} {EVAL} data! out! seeds control", {}),
+            f"{PROBE} {SCAN} {TRAIN} {EVAL} data! out! seeds strategies control", {}),
     "demo": (cmd_demo, "the pipeline offline: on a toy model trained here unless --model is given",
-             f"{PROBE} {SCAN} {TRAIN} {EVAL} data out! seeds control toy-steps",
+             f"{PROBE} {SCAN} {TRAIN} {EVAL} data out! seeds strategies control toy-steps",
              {"steps": 150, "lr": 3e-4, "batch": 16, "n_eval": 52, "max_new_tokens": 24}),
 }
 

@@ -2,7 +2,8 @@
 
   ift   all parameters at the base learning rate (plain IFT, the baseline).
   swat  phase 1 (warm-up): only the Mods_Rob modules train; phase 2: all parameters, exactly as ift.
-  mllr  Mods_Rob at the base learning rate, every other parameter at base * ratio.
+  mllr  Mods_Rob at the base learning rate, every other parameter (scope "modules": every other module of
+        Mods_Rob's kinds) at base * ratio.
 
 At the SWAT phase boundary the Mods_Rob groups keep their Adam moments (their optimisation just goes
 on), the newly released groups start from zero moments and their own bias correction (as if just
@@ -173,16 +174,19 @@ def parse_mods(spec, n_layers, key="mods_rob"):
     return out
 
 
-def param_groups(net, strategy, mods, lr, ratio, weight_decay):
-    """Four groups: selected modules / the rest, each split into decayed matrices and undecayed
-    norms and biases. mllr gives the rest lr * ratio; swat starts with the rest frozen."""
+def param_groups(net, strategy, mods, lr, ratio, weight_decay, scope="all"):
+    """Groups by (selected, slowed, matrix): selected modules / the rest, matrices decayed, norms and biases
+    not. mllr gives the rest lr * ratio: every other parameter (scope "all") or only the other modules of
+    Mods_Rob's kinds, e.g. the other q/k/v/o (scope "modules": MLPs, embeddings, norms keep lr). swat starts
+    with the rest frozen."""
     chosen = {f"model.layers.{l}.{MODULES[m]}." for l, m in mods}
+    kinds = {f".{MODULES[m]}." for _, m in mods}
     groups = {}
     for name, p in net.named_parameters():
         sel = strategy == "ift" or any(name.startswith(c) for c in chosen)
-        g = groups.setdefault((sel, p.ndim >= 2), {"params": [], "names": [], "selected": sel,
-                              "lr": lr if sel or strategy != "mllr" else lr * ratio,
-                              "weight_decay": weight_decay if p.ndim >= 2 else 0.0,
+        slow = strategy == "mllr" and not sel and (scope == "all" or any(k in name for k in kinds))
+        g = groups.setdefault((sel, slow, p.ndim >= 2), {"params": [], "names": [], "selected": sel,
+                              "lr": lr * ratio if slow else lr, "weight_decay": weight_decay if p.ndim >= 2 else 0.0,
                               "trainable": sel or strategy != "swat"})
         g["params"].append(p)
         g["names"].append(name)
@@ -197,10 +201,12 @@ def schedule(step, total, warmup_frac=0.1):
 
 def train(net, tok, chats, out, strategy="ift", mods=(), steps=100, lr=2e-5, batch_size=8, accum=1,
           warmup_steps=0, ratio=0.1, weight_decay=0.0, clip=1.0, max_len=512, seed=0, save_every=0,
-          resume=False, grad_ckpt=False, compile=False, skip_long=False):
+          resume=False, grad_ckpt=False, compile=False, skip_long=False, scope="all"):
     """Tune net on chats; write an HF checkpoint (plus optimizer state) to out. Returns the log rows."""
     if strategy not in ("ift", "swat", "mllr"):
         raise SwatError(f"unknown strategy {strategy!r}; choose ift, swat or mllr")
+    if scope not in ("all", "modules"):
+        raise SwatError(f"unknown mllr scope {scope!r}; choose all or modules")
     if strategy != "ift" and not mods:
         raise SwatError(f"strategy {strategy} needs a module set (--mods)")
     if tok.path and os.path.abspath(out) == os.path.abspath(tok.path):
@@ -211,7 +217,7 @@ def train(net, tok, chats, out, strategy="ift", mods=(), steps=100, lr=2e-5, bat
     if compile:  # per block, so parameter names (and checkpoints) stay those of the checkpoint
         for layer in net.model.layers:
             layer.compile()
-    opt = AdamW(param_groups(net, strategy, mods, lr, ratio, weight_decay), lr)
+    opt = AdamW(param_groups(net, strategy, mods, lr, ratio, weight_decay, scope), lr)
     phase1 = warmup_steps if strategy == "swat" else 0
     total, step, rows = phase1 + steps, 0, []
     state = os.path.join(out, "trainer.safetensors")

@@ -8,7 +8,7 @@ OUT/results.md holds the table (with the cut of the ASR rise and the task loss a
 
   python experiments/dev_sweep.py --model aligned --data ../shared/data/gsm8k/train.jsonl \\
       --mods gsm8k/scan.json --dev-harmful ../shared/data/advbench/harmful_behaviors_dev.csv --out sweep \\
-      ift mllr:ratio=0.5 swat:warmup_steps=40
+      ift mllr:ratio=0.5 mllr:ratio=0.1,scope=modules swat:warmup_steps=40
 """
 import argparse, json, os, sys, time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -17,15 +17,16 @@ from model import SwatError
 
 
 def parse(setting):
-    """'mllr:ratio=0.5,warmup_steps=8' -> ('mllr', {'ratio': 0.5, 'warmup_steps': 8})"""
+    """'mllr:ratio=0.5,scope=modules' -> ('mllr', {'ratio': 0.5, 'scope': 'modules'})"""
     strategy, _, opts = setting.partition(":")
+    num = lambda v: float(v) if "." in v else int(v) if v.isdigit() else v
     try:
-        kw = {k: float(v) if "." in v else int(v) for k, v in (o.split("=") for o in opts.split(",") if o)}
+        kw = {k: num(v) for k, v in (o.split("=") for o in opts.split(",") if o)}
     except ValueError:
         kw = None
-    if strategy not in ("ift", "swat", "mllr") or kw is None or not set(kw) <= {"ratio", "warmup_steps", "weight_decay", "accum"}:
-        raise SwatError(f"setting {setting!r}: expected ift, swat or mllr[:key=number,...] with keys ratio, "
-                        "warmup_steps, weight_decay, accum")
+    if strategy not in ("ift", "swat", "mllr") or kw is None or not set(kw) <= {"ratio", "warmup_steps", "weight_decay", "accum", "scope"}:
+        raise SwatError(f"setting {setting!r}: expected ift, swat or mllr[:key=value,...] with keys ratio, "
+                        "warmup_steps, weight_decay, accum, scope")
     return strategy, kw
 
 

@@ -29,6 +29,20 @@ def test_demo_end_to_end(tmp_path):
     assert len(gen) == 24 and {"prompt", "response", "refused", "harmful"} <= set(gen[0])
 
 
+def test_run_makes_the_chosen_strategies(tmp_path, tiny):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"What is {i} plus 1?", "output": f"{i + 1}"}) + "\n"
+                            for i in range(12)))
+    out = tmp_path / "r"
+    run("run", "--model", tiny, "--data", data, "--out", out, "--steps", 2, "--batch", 4, "--n", 4, "--n-eval", 3,
+        "--max-new-tokens", 2, "--n-task", 4, "--n-acc", 0, "--strategies", "ift", "control", "--control", "mllr",
+        "--scope", "modules", "--device", "cpu")
+    rows = json.load(open(out / "results.json"))["rows"]
+    assert [r["strategy"] for r in rows] == ["original", "ift", "control"]
+    assert rows[2]["scheme"] == "mllr" and rows[2]["settings"]["scope"] == "modules"
+    assert not os.path.exists(out / "swat-seed0") and os.path.exists(out / "control-seed0" / "model.safetensors")
+
+
 def test_report_sets_each_strategy_against_ift(tmp_path):
     row = lambda s, seed, asr, loss: {"strategy": s, "seed": seed, "asr": asr, "over_refusal": 0.0, "drift": 1.0,
                                        "task_loss": loss, "task_acc": None}

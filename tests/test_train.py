@@ -63,13 +63,20 @@ def test_swat_warmup_freezes_the_rest(tiny, tmp_path):
         assert torch.equal(p, before[n]) != sel, n
 
 
-def test_mllr_rates(tiny):
+@pytest.mark.parametrize("scope", ["all", "modules"])
+def test_mllr_rates(tiny, scope):
+    """Mods_Rob at lr; the rest at lr * ratio: every other parameter, or (scope "modules") only the other
+    modules of Mods_Rob's kinds, here v and o of every layer."""
     net, _ = model.load(tiny)
-    gs = train.param_groups(net, "mllr", {(0, "v")}, 1e-3, 0.1, 0.01)
+    mods = {(0, "v"), (1, "o")}
+    gs = train.param_groups(net, "mllr", mods, 1e-3, 0.1, 0.01, scope)
+    assert sorted(n for g in gs for n in g["names"]) == sorted(n for n, _ in net.named_parameters())
     for g in gs:
-        assert g["lr"] == (1e-3 if g["selected"] else 1e-4)
-        assert all(n.startswith("model.layers.0.self_attn.v_proj") == g["selected"] for n in g["names"])
         assert (g["weight_decay"] == 0.0) == all(p.ndim == 1 for p in g["params"])
+        for n in g["names"]:
+            sel = n.startswith(("model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.o_proj"))
+            slow = not sel and (scope == "all" or ".self_attn.v_proj" in n or ".self_attn.o_proj" in n)
+            assert g["selected"] == sel and g["lr"] == (1e-4 if slow else 1e-3), n
 
 
 def test_resume_equals_uninterrupted(tiny, tmp_path, monkeypatch):
