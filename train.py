@@ -179,6 +179,8 @@ def param_groups(net, strategy, mods, lr, ratio, weight_decay, scope="all"):
     not. mllr gives the rest lr * ratio: every other parameter (scope "all") or only the other modules of
     Mods_Rob's kinds, e.g. the other q/k/v/o (scope "modules": MLPs, embeddings, norms keep lr). swat starts
     with the rest frozen."""
+    if scope not in ("all", "modules"):
+        raise SwatError(f"unknown mllr scope {scope!r}; choose all or modules")
     chosen = {f"model.layers.{l}.{MODULES[m]}." for l, m in mods}
     kinds = {f".{MODULES[m]}." for _, m in mods}
     groups = {}
@@ -205,8 +207,6 @@ def train(net, tok, chats, out, strategy="ift", mods=(), steps=100, lr=2e-5, bat
     """Tune net on chats; write an HF checkpoint (plus optimizer state) to out. Returns the log rows."""
     if strategy not in ("ift", "swat", "mllr"):
         raise SwatError(f"unknown strategy {strategy!r}; choose ift, swat or mllr")
-    if scope not in ("all", "modules"):
-        raise SwatError(f"unknown mllr scope {scope!r}; choose all or modules")
     if strategy != "ift" and not mods:
         raise SwatError(f"strategy {strategy} needs a module set (--mods)")
     if tok.path and os.path.abspath(out) == os.path.abspath(tok.path):
