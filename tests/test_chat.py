@@ -1,7 +1,7 @@
 """Chat formats written by hand must give the token ids of transformers' apply_chat_template."""
 import pytest
 from conftest import make_tokenizer, CHATML
-import model
+import model, train
 
 QWEN2 = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
          "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
@@ -97,3 +97,25 @@ def test_format_override_and_unknown(tmp_path):
     assert model.Tok(str(tmp_path), chat_format="llama2").format == "llama2"
     with pytest.raises(model.SwatError, match="unknown chat format 'vicuna'"):
         model.Tok(str(tmp_path), chat_format="vicuna")
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_training_labels_cover_only_the_reply(tmp_path, name):
+    """train.encode's ids are transformers' for the whole chat, and its loss counts the reply alone, even
+    where the template rearranges a chat that ends with a reply (Mistral v0.3 then drops the system prompt)."""
+    from transformers import PreTrainedTokenizerFast
+    template, bos, eos, _, system_ok = CASES[name]
+    make_tokenizer(str(tmp_path), template, bos=bos, eos=eos)
+    tok = model.Tok(str(tmp_path))
+    hf = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"), bos_token=bos, eos_token=eos)
+    hf.chat_template = template
+    reply = {"role": "assistant", "content": "Blue is the colour of the sea."}
+    for chat in CHATS:
+        if chat[0]["role"] == "system" and not system_ok:
+            continue
+        chat = (chat[:-1] if chat[-1]["role"] == "assistant" else chat) + [reply]
+        ids, labels = train.encode(tok, chat, 512)
+        assert ids == list(hf.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"])
+        n = labels.count(-100)
+        assert labels == [-100] * n + ids[n:]
+        assert tok.decode(ids[n:]).strip() == reply["content"], (name, chat, tok.decode(ids[n:]))
