@@ -263,15 +263,17 @@ def report(out, rows, settings):
             "over_refusal": ("over-refusal", "{:.1%}"), "drift": ("drift", "{:.3f}"), "probe_acc": ("probe acc", "{:.3f}"),
             "task_loss": ("task loss", "{:.3f}"), "task_loss_vs_ift": ("Δ loss vs ift", "{:+.1%}"),
             "task_acc": ("task acc", "{:.1%}"), "train_time_s": ("time (s)", "{:.1f}")}
+    def mean(s, seeds):
+        rs = [r for r in rows[1:] if r["strategy"] == s and r["seed"] in seeds]
+        vals = {c: [r.get(c) for r in rs] for c in cols if not c.endswith("_vs_ift")}
+        return dict(strategy=s, seed=f"mean of {len(rs)}", **{c: None if None in v else sum(v) / len(v) for c, v in vals.items()})
     means = {}
     if len({r["seed"] for r in rows[1:]}) > 1:
         for s in dict.fromkeys(r["strategy"] for r in rows[1:]):
-            vals = {c: [r.get(c) for r in rows if r["strategy"] == s] for c in cols if not c.endswith("_vs_ift")}
-            means[s] = dict(strategy=s, seed=f"mean of {len(vals['asr'])}",
-                            **{c: None if None in v else sum(v) / len(v) for c, v in vals.items()})
-        if "ift" in means:
-            for m in means.values():
-                versus_ift(m, means["ift"], rows[0])
+            seeds = {r["seed"] for r in rows[1:] if r["strategy"] == s}
+            means[s] = mean(s, seeds)
+            if seeds <= set(ift):  # against IFT's mean over the same seeds (a run may be cut short)
+                versus_ift(means[s], mean("ift", seeds), rows[0])
     cell = lambda r, c: "-" if r.get(c) is None else cols[c][1].format(r[c])
     md = ["| strategy | seed | " + " | ".join(h for h, _ in cols.values()) + " |", "|---" * (len(cols) + 2) + "|"]
     md += [f"| {r['strategy']} | {'-' if r['seed'] is None else r['seed']} | " + " | ".join(cell(r, c) for c in cols) + " |"

@@ -47,16 +47,17 @@ def test_report_sets_each_strategy_against_ift(tmp_path):
     row = lambda s, seed, asr, loss: {"strategy": s, "seed": seed, "asr": asr, "over_refusal": 0.0, "drift": 1.0,
                                        "task_loss": loss, "task_acc": None}
     rows = [row("original", None, 0.1, 2.0), row("ift", 0, 0.5, 1.0), row("swat", 0, 0.3, 1.1),
-            row("ift", 1, 0.7, 1.0), row("swat", 1, 0.7, 0.9)]
+            row("ift", 1, 0.7, 1.0), row("swat", 1, 0.7, 0.9), row("ift", 2, 0.9, 1.0)]
     swat_min.report(str(tmp_path), rows, {"lr": 1e-4})
     res = json.load(open(tmp_path / "results.json"))["rows"]
     assert res[2]["asr_cut_vs_ift"] == pytest.approx(0.5) and res[2]["task_loss_vs_ift"] == pytest.approx(0.1)
     assert res[4]["asr_cut_vs_ift"] == pytest.approx(0.0) and res[4]["task_loss_vs_ift"] == pytest.approx(-0.1)
     assert res[0]["settings"] == {"lr": 1e-4} and "asr_cut_vs_ift" not in res[0]
     md = open(tmp_path / "results.md").read().splitlines()
-    # means over the two seeds: ift ASR 60 %, swat 50 % -> a cut of (60 - 50) / (60 - 10) = 20 %
+    # swat's mean is set against ift's over the same two seeds (seed 2 has no swat row): ift ASR 60 %, swat
+    # 50 % -> a cut of (60 - 50) / (60 - 10) = 20 %
     assert md[-1].startswith("| swat | mean of 2 | 50.0% | +20% |") and "| +0.0% | - |" in md[-1]
-    assert md[-2].startswith("| ift | mean of 2 | 60.0% | +0% |")
+    assert md[-2].startswith("| ift | mean of 3 | 70.0% | +0% |")
 
 
 def test_help_shows_each_commands_defaults(capsys):
