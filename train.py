@@ -102,12 +102,10 @@ def read_examples(path):
 def encode(tok, chat, max_len, where="example"):
     """-> (ids, labels): labels are -100 on the prompt, so the loss counts only the response tokens."""
     full = tok.encode_chat(chat, add_generation_prompt=False)
-    common = lambda p: next((i for i, (a, b) in enumerate(zip(p, full)) if a != b), len(p))
-    prompt = tok.encode_chat(chat[:-1], add_generation_prompt=True)
-    n = common(prompt)
-    if n < len(prompt):  # the template rearranges a chat that ends with a reply (Mistral v0.3 drops its system
-        # prompt): the reply starts where the same chat with an empty reply stops agreeing
-        n = common(tok.encode_chat(chat[:-1] + [dict(chat[-1], content="")], add_generation_prompt=False))
+    # the reply starts where the same chat with an empty reply stops agreeing (not where the generation prompt
+    # ends: some templates rearrange a chat that ends with a reply, e.g. Mistral v0.3 drops the system prompt)
+    empty = tok.encode_chat(chat[:-1] + [dict(chat[-1], content="")], add_generation_prompt=False)
+    n = next((i for i, (a, b) in enumerate(zip(empty, full)) if a != b), len(empty))
     if n >= max_len:
         raise SwatError(f"{where}: prompt of {n} tokens does not fit max length {max_len}")
     full = full[:max_len]
