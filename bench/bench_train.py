@@ -13,7 +13,7 @@ import train
 
 CASES = [("smollm2-135m", 16, 512), ("smollm2-135m", 32, 1024), ("llama-3.2-1b", 8, 1024)]
 TINY = [("tiny", 4, 64), ("tiny", 8, 128)]
-PEAK = 790e12  # H100 SXM dense bf16 FLOP/s
+PEAK = 989.4e12  # dense bf16 FLOP/s of an H100 SXM or H200 (NVIDIA's spec; twice that is with sparsity)
 
 
 def flops_per_token(shape, T):

@@ -19,7 +19,13 @@ from model import SwatError
 def parse(setting):
     """'mllr:ratio=0.5,scope=modules' -> ('mllr', {'ratio': 0.5, 'scope': 'modules'})"""
     strategy, _, opts = setting.partition(":")
-    num = lambda v: float(v) if "." in v else int(v) if v.isdigit() else v
+    def num(v):  # "40" -> 40, "0.1" / "1e-5" / "-1" -> numbers, "modules" stays a string
+        for cast in (int, float):
+            try:
+                return cast(v)
+            except ValueError:
+                pass
+        return v
     try:
         kw = {k: num(v) for k, v in (o.split("=") for o in opts.split(",") if o)}
     except ValueError:

@@ -181,3 +181,10 @@ def test_dev_sweep_smoke(tmp_path, tiny):
     bad = subprocess.run([str(x) for x in [sys.executable, script, "--model", tiny, "--data", data, "--mods", "q,k", "--out", tmp_path / "s",
                           "--dev-harmful", harmful, "mllr:ratio"]], capture_output=True, text=True, timeout=600)
     assert bad.returncode == 1 and "setting 'mllr:ratio': expected" in bad.stderr
+
+
+def test_dev_sweep_reads_numbers_in_every_spelling():
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
+    import dev_sweep
+    assert dev_sweep.parse("swat:warmup_steps=40,weight_decay=1e-5") == ("swat", {"warmup_steps": 40, "weight_decay": 1e-5})
+    assert dev_sweep.parse("mllr:ratio=.5,scope=modules,accum=-1") == ("mllr", {"ratio": 0.5, "scope": "modules", "accum": -1})
