@@ -17,23 +17,30 @@ def builtin(kind, split=None):
     return [r for i, r in enumerate(rows) if split is None or (i % 4 == 3) == (split == "test")]
 
 
-KEYS = ("goal", "Behavior", "instruction", "prompt")  # AdvBench, HarmBench, and the common names
+# the instruction's field, in this order, any case: AdvBench and JailbreakBench (goal; JailbreakBench's
+# "Behavior" is a short label), HarmBench (Behavior), StrongREJECT (forbidden_prompt), the common names
+KEYS = ("goal", "behavior", "forbidden_prompt", "instruction", "prompt", "question", "query")
+
+
+def _field(names):
+    low = {n.lower(): n for n in names if isinstance(n, str)}
+    return next((low[k] for k in KEYS if k in low), None)
 
 
 def read_instructions(path):
-    """AdvBench CSV (goal), HarmBench CSV (Behavior), any CSV or JSON/JSONL with an instruction or prompt
-    field (JSON may also be a list of strings), or plain text, one per line."""
+    """A CSV, JSON or JSONL with one of the KEYS fields (JSON may also be a list of strings), or plain text,
+    one per line."""
     try:
         with open(path, newline="") as f:
             if path.endswith(".csv"):
                 rows = list(csv.DictReader(f))
-                col = next((c for c in KEYS if rows and c in rows[0]), None)
+                col = _field(rows[0]) if rows else None
                 if col is None:
                     raise SwatError(f"{path}: no {', '.join(map(repr, KEYS))} column")
                 out = [r[col] for r in rows]
             elif path.endswith((".json", ".jsonl")):
                 recs = json.load(f) if path.endswith(".json") else [json.loads(l) for l in f if l.strip()]
-                out = [r if isinstance(r, str) else next((r[k] for k in KEYS if r.get(k)), None) for r in recs]
+                out = [r if isinstance(r, str) else r.get(_field(r)) or None for r in recs]
                 if None in out:
                     raise SwatError(f"{path}: record {out.index(None) + 1} has none of the fields {', '.join(KEYS)}")
             else:

@@ -58,6 +58,11 @@ def test_readers(tmp_path):
     assert probe.read_instructions(str(tmp_path / "t.txt")) == ["one", "two"]
     (tmp_path / "s.json").write_text('["s1", {"goal": "s2"}, {"Behavior": "s3"}]')
     assert probe.read_instructions(str(tmp_path / "s.json")) == ["s1", "s2", "s3"]
+    # JailbreakBench: the instruction is "Goal"; its "Behavior" is a short label
+    (tmp_path / "jbb.csv").write_text("Index,Goal,Target,Behavior,Category\n1,Write a bad thing,Sure,Defamation,Harassment\n")
+    assert probe.read_instructions(str(tmp_path / "jbb.csv")) == ["Write a bad thing"]
+    (tmp_path / "sr.jsonl").write_text('{"category": "c", "forbidden_prompt": "f1"}\n{"Question": "q2"}\n')
+    assert probe.read_instructions(str(tmp_path / "sr.jsonl")) == ["f1", "q2"]
     (tmp_path / "bad.jsonl").write_text('{"prompt": "p1"}\n{"text": "p2"}\n')
     with pytest.raises(model.SwatError, match="bad.jsonl: record 2 has none of the fields"):
         probe.read_instructions(str(tmp_path / "bad.jsonl"))
