@@ -398,7 +398,7 @@ OPTIONS = {
     "repeats": dict(type=int, default=1, help="noise draws per module"),
     "k": dict(type=int, help="size of Mods_Rob (default: --frac of the scanned modules)"),
     "frac": dict(type=float, default=0.5, help="size of Mods_Rob as a fraction of the scanned modules"),
-    "data": dict(help="benign tuning data: Alpaca JSON/JSONL, GSM8K JSONL or chat JSONL (messages); "
+    "data": dict(help="benign tuning data: Alpaca, GSM8K, Dolly, prompt/completion or chat (messages) JSON/JSONL; "
                       "--n-task examples of it are held out for the task metrics"),
     "strategy": dict(choices=["ift", "swat", "mllr"], default="ift", help="ift: all parameters; swat: warm-up "
                      "of --mods, then all; mllr: --mods at --lr, the rest at --lr x --ratio"),

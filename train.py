@@ -68,9 +68,12 @@ class AdamW:
 
 # ---- data ----
 
+ASK, REPLY = ("instruction", "question", "prompt"), ("output", "answer", "response", "completion")
+
+
 def read_examples(path):
-    """Alpaca JSON/JSONL (instruction, input, output), GSM8K (question, answer) or chat JSONL (messages)
-    -> list of chats, each ending with the assistant's answer."""
+    """Alpaca JSON/JSONL (instruction, input, output), GSM8K (question, answer), Dolly (instruction,
+    context, response), prompt/completion, or chat JSONL (messages) -> chats ending with the answer."""
     try:
         with open(path) as f:
             recs = json.load(f) if path.endswith(".json") else [json.loads(l) for l in f if l.strip()]
@@ -87,12 +90,13 @@ def read_examples(path):
                 raise SwatError(f"{path}: record {i}: 'messages' must end with an assistant turn")
             out.append(r["messages"])
             continue
-        q, a = (r.get("instruction"), r.get("output")) if "instruction" in r else (r.get("question"), r.get("answer"))
+        q, a = (next((r[k] for k in keys if k in r), None) for keys in (ASK, REPLY))
         if not isinstance(q, str) or not q.strip():
-            raise SwatError(f"{path}: record {i} has no 'instruction' (or 'question')")
+            raise SwatError(f"{path}: record {i} has no {' or '.join(map(repr, ASK))}")
         if not isinstance(a, str):
-            raise SwatError(f"{path}: record {i} has no 'output' (or 'answer')")
-        q = f"{q}\n\n{r['input']}" if r.get("input") else q
+            raise SwatError(f"{path}: record {i} has no {' or '.join(map(repr, REPLY))}")
+        extra = r.get("input") or r.get("context")  # Alpaca's input, Dolly's context
+        q = f"{q}\n\n{extra}" if extra else q
         out.append([{"role": "user", "content": q}, {"role": "assistant", "content": a}])
     if not out:
         raise SwatError(f"{path}: no examples")

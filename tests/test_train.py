@@ -151,6 +151,10 @@ def test_readers(tmp_path):
     chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     p.write_text(json.dumps({"messages": chat}) + "\n")
     assert train.read_examples(str(p)) == [chat]
+    p = tmp_path / "d.jsonl"  # Dolly; prompt/completion
+    p.write_text(json.dumps({"instruction": "Sum", "context": "2, 3", "response": "5", "category": "qa"}) + "\n"
+                 + json.dumps({"prompt": "Hi", "completion": "Hello"}) + "\n")
+    assert [[m["content"] for m in c] for c in train.read_examples(str(p))] == [["Sum\n\n2, 3", "5"], ["Hi", "Hello"]]
     for f in ("gsm8k/train.jsonl", "alpaca_eval/alpaca_eval.jsonl"):  # the shared benign sets, when present
         path = os.path.join(SHARED, "data", f)
         if os.path.exists(path):
@@ -165,7 +169,7 @@ def test_bad_inputs(tiny, tmp_path):
     with pytest.raises(model.SwatError, match="e.jsonl: no examples"):
         train.read_examples(str(p))
     p.write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n" + json.dumps({"instruction": "c"}) + "\n")
-    with pytest.raises(model.SwatError, match="e.jsonl: record 2 has no 'output'"):
+    with pytest.raises(model.SwatError, match="e.jsonl: record 2 has no 'output' or 'answer'"):
         train.read_examples(str(p))
     net, tok = model.load(tiny)
     with pytest.raises(model.SwatError, match="example 1: prompt of .* tokens does not fit max length 8"):
