@@ -27,6 +27,11 @@ def _field(names):
     return next((low[k] for k in KEYS if k in low), None)
 
 
+def _text(r):  # a record -> its instruction; HarmBench puts a contextual behaviour's context first, so do we
+    v, ctx = r.get(_field(r)) or None, r.get("ContextString")
+    return f"{ctx.strip()}\n\n---\n\n{v}" if v and isinstance(ctx, str) and ctx.strip() else v
+
+
 def read_instructions(path):
     """A CSV, JSON or JSONL with one of the KEYS fields (JSON may also be a list of strings), or plain text,
     one per line."""
@@ -37,10 +42,10 @@ def read_instructions(path):
                 col = _field(rows[0]) if rows else None
                 if col is None:
                     raise SwatError(f"{path}: no {', '.join(map(repr, KEYS))} column")
-                out = [r[col] for r in rows]
+                out = [t for t in map(_text, rows) if t]
             elif path.endswith((".json", ".jsonl")):
                 recs = json.load(f) if path.endswith(".json") else [json.loads(l) for l in f if l.strip()]
-                out = [r if isinstance(r, str) else r.get(_field(r)) or None for r in recs]
+                out = [r if isinstance(r, str) else _text(r) for r in recs]
                 if None in out:
                     raise SwatError(f"{path}: record {out.index(None) + 1} has none of the fields {', '.join(KEYS)}")
             else:

@@ -49,11 +49,11 @@ def test_builtin_sets():
 
 def test_readers(tmp_path):
     (tmp_path / "adv.csv").write_text("goal,target\nDo a bad thing,Sure\nAnother,Sure\n")
-    (tmp_path / "hb.csv").write_text("Behavior,FunctionalCategory\nHarm X,standard\n")
+    (tmp_path / "hb.csv").write_text("Behavior,FunctionalCategory,ContextString\nHarm X,standard,\nSum it up,contextual,An article.\n")
     (tmp_path / "a.jsonl").write_text('{"prompt": "p1"}\n{"instruction": "p2"}\n')
     (tmp_path / "t.txt").write_text("one\n\ntwo\n")
     assert probe.read_instructions(str(tmp_path / "adv.csv")) == ["Do a bad thing", "Another"]
-    assert probe.read_instructions(str(tmp_path / "hb.csv")) == ["Harm X"]
+    assert probe.read_instructions(str(tmp_path / "hb.csv")) == ["Harm X", "An article.\n\n---\n\nSum it up"]
     assert probe.read_instructions(str(tmp_path / "a.jsonl")) == ["p1", "p2"]
     assert probe.read_instructions(str(tmp_path / "t.txt")) == ["one", "two"]
     (tmp_path / "s.json").write_text('["s1", {"goal": "s2"}, {"Behavior": "s3"}]')
