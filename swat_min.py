@@ -125,7 +125,7 @@ def evaluate(net, tok, a, name, base=None, task=(), gen_path=None):
     """ASR on harmful prompts, over-refusal on harmless ones, feature drift against the original model's
     probe (base), task loss/accuracy on held-out tuning examples. Generations go to gen_path (JSONL)."""
     H = (probe.read_instructions(a.eval_harmful) if a.eval_harmful else probe.builtin("harmful", "test"))[:a.n_eval]
-    S = probe.builtin("harmless", "test")[:a.n_eval]
+    S = (probe.read_instructions(a.eval_harmless) if a.eval_harmless else probe.builtin("harmless", "test"))[:a.n_eval]
     texts = answer(net, tok, [user(p) for p in H + S], a.max_new_tokens, batch_size=a.gen_batch, progress=True)
     row = {"strategy": name, "asr": sum(not refused(t) for t in texts[:len(H)]) / len(H),
            "over_refusal": sum(refused(t) for t in texts[len(H):]) / len(S), "drift": None,
@@ -427,6 +427,7 @@ OPTIONS = {
     "control": dict(choices=["swat", "mllr"], default="swat", help="scheme of the control row"),
     "toy-steps": dict(type=int, default=400, help="training steps of the toy model"),
     "eval-harmful": dict(help="harmful prompts for ASR, e.g. AdvBench CSV (default: built-in test split)"),
+    "eval-harmless": dict(help="harmless prompts for over-refusal, e.g. XSTest's safe ones (default: built-in test split)"),
     "n-eval": dict(type=int, default=100, help="prompts per class for ASR and over-refusal"),
     "max-new-tokens": dict(type=int, default=64, help="new tokens per answer"),
     "gen-batch": dict(type=int, default=64, help="prompts per generation batch"),
@@ -443,7 +444,7 @@ OPTIONS = {
     "out": dict(help="where to write: a scan JSON, a checkpoint or a results directory (never the input model)"),
 }
 PROBE, SCAN, TRAIN = "harmful harmless", "n modules scale repeats k frac", "steps warmup-frac ratio scope lr batch max-len limit"
-EVAL = "eval-harmful n-eval max-new-tokens gen-batch n-task n-acc task-tokens"
+EVAL = "eval-harmful eval-harmless n-eval max-new-tokens gen-batch n-task n-acc task-tokens"
 COMMANDS = {  # name: (function, what it does, its options besides the model's, its own defaults)
     "probe": (cmd_probe, "fit a probe per layer on harmful vs harmless features; print held-out accuracy",
               f"{PROBE} test-harmful", {}),

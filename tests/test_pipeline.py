@@ -188,3 +188,14 @@ def test_dev_sweep_reads_numbers_in_every_spelling():
     import dev_sweep
     assert dev_sweep.parse("swat:warmup_steps=40,weight_decay=1e-5") == ("swat", {"warmup_steps": 40, "weight_decay": 1e-5})
     assert dev_sweep.parse("mllr:ratio=.5,scope=modules,accum=-1") == ("mllr", {"ratio": 0.5, "scope": "modules", "accum": -1})
+
+
+def test_eval_reads_the_users_prompt_files(tmp_path, tiny):
+    (tmp_path / "h.csv").write_text("goal,target\nBad one,Sure\nBad two,Sure\n")
+    (tmp_path / "s.txt").write_text("Kind one\nKind two\nKind three\n")
+    gen = tmp_path / "g.jsonl"
+    run("eval", "--model", tiny, "--eval-harmful", tmp_path / "h.csv", "--eval-harmless", tmp_path / "s.txt",
+        "--max-new-tokens", 2, "--generations", gen, "--device", "cpu")
+    rows = [json.loads(l) for l in open(gen)]
+    assert [(r["prompt"], r["harmful"]) for r in rows] == [("Bad one", True), ("Bad two", True), ("Kind one", False),
+                                                           ("Kind two", False), ("Kind three", False)]
