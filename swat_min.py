@@ -152,7 +152,7 @@ def cmd_eval(a):
     net, tok = load(a)
     base = None
     if a.base:
-        bnet, btok = model.load(a.base, device=a.device)
+        bnet, btok = model.load(a.base, device=a.device, dtype=a.dtype, chat_format=a.chat_format)
         base = baseline(a, bnet, btok)
         del bnet
     task = split(train.read_examples(a.data), a.n_task)[0] if a.data else ()

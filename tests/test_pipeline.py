@@ -190,12 +190,14 @@ def test_dev_sweep_reads_numbers_in_every_spelling():
     assert dev_sweep.parse("mllr:ratio=.5,scope=modules,accum=-1") == ("mllr", {"ratio": 0.5, "scope": "modules", "accum": -1})
 
 
-def test_eval_reads_the_users_prompt_files(tmp_path, tiny):
+def test_eval_reads_the_users_prompt_files(tmp_path, tiny, capsys):
     (tmp_path / "h.csv").write_text("goal,target\nBad one,Sure\nBad two,Sure\n")
     (tmp_path / "s.txt").write_text("Kind one\nKind two\nKind three\n")
     gen = tmp_path / "g.jsonl"
     run("eval", "--model", tiny, "--eval-harmful", tmp_path / "h.csv", "--eval-harmless", tmp_path / "s.txt",
-        "--max-new-tokens", 2, "--generations", gen, "--device", "cpu")
+        "--max-new-tokens", 2, "--generations", gen, "--device", "cpu", "--base", tiny, "--chat-format", "chatml")
+    res = json.loads(capsys.readouterr().out.split("\nwrote ")[0])
+    assert res["drift"] == 0 and res["probe_acc"] >= 0  # the model against itself as the base
     rows = [json.loads(l) for l in open(gen)]
     assert [(r["prompt"], r["harmful"]) for r in rows] == [("Bad one", True), ("Bad two", True), ("Kind one", False),
                                                            ("Kind two", False), ("Kind three", False)]
