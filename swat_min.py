@@ -340,6 +340,9 @@ def fetch(repo):
     resuming partial files and checking sizes. HF_ENDPOINT overrides the server (tests use a local one)."""
     base = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
     d = os.path.join(os.environ.get("SWAT_MODEL_CACHE", os.path.expanduser("~/.cache/swat-min")), "hub", repo.replace("/", "--"))
+    done = os.path.join(d, ".complete")  # a finished download is used as it is, offline too
+    if os.path.exists(done):
+        return d
     os.makedirs(d, exist_ok=True)
 
     def get(name, required=True):
@@ -366,13 +369,14 @@ def fetch(repo):
             raise SwatError(f"{dst}: incomplete ({os.path.getsize(part)} of {size} bytes); run again to resume")
         os.replace(part, dst)
         return True
-    for name, required in (("config.json", 1), ("tokenizer.json", 1), ("tokenizer_config.json", 0), ("generation_config.json", 0)):
-        get(name, required)
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        get(name, required=name in ("config.json", "tokenizer.json"))
     if get("model.safetensors.index.json", required=False):
         for shard in sorted(set(model._read_json(os.path.join(d, "model.safetensors.index.json"))["weight_map"].values())):
             get(shard)
     else:
         get("model.safetensors")
+    open(done, "w").close()
     return d
 
 

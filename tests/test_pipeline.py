@@ -138,6 +138,10 @@ def test_hub_download_resumes(tmp_path, monkeypatch):
     ref = tiny_hf(str(src), "llama")
     ref.save_pretrained(str(src), max_shard_size="100KB")  # sharded, with an index
     os.remove(src / "model.safetensors") if os.path.exists(src / "model.safetensors") else None
+    tc = json.load(open(src / "tokenizer_config.json"))  # the template in its own file, as newer repos ship it
+    (src / "chat_template.jinja").write_text(tc.pop("chat_template").replace("<|im_start|>", "<|start_header_id|>"))
+    (src / "tokenizer_config.json").write_text(json.dumps(tc))
+    os.remove(src / "generation_config.json")  # an optional file the repo lacks
     Hub.root, Hub.cut, Hub.seen = str(src), {"model-00002-of-00003.safetensors"}, []
     shards = json.load(open(src / "model.safetensors.index.json"))["weight_map"].values()
     Hub.cut = {sorted(set(shards))[1]}
@@ -152,9 +156,12 @@ def test_hub_download_resumes(tmp_path, monkeypatch):
         d = swat_min.fetch("org/tiny")  # resumes the partial shard with a Range request
     finally:
         srv.shutdown()
+    n = len(Hub.seen)
+    assert swat_min.fetch("org/tiny") == d and len(Hub.seen) == n  # a finished download needs no server
     assert any(r and r.startswith("bytes=") for _, r, _ in Hub.seen)
     assert all(a == "Bearer secret" for *_, a in Hub.seen)
-    net, _ = model.load(d)
+    net, tok = model.load(d)
+    assert tok.format == "llama3"  # read off the downloaded chat_template.jinja
     x = torch.tensor([[3, 4, 5]])
     with torch.no_grad():
         assert (net(x) - ref(x).logits).abs().max() <= 1e-5
