@@ -63,8 +63,9 @@ def features(net, tok, instructions, batch_size=32, cache_dir=None):
     with the chat format and generation prompt, then left-padded, so position -1 is the last prompt token."""
     prompts = [tok.encode_chat([{"role": "user", "content": s}]) for s in instructions]
     key = None
-    if cache_dir:  # keyed by the weights (a checksum of a few numbers) and the prompts
-        w = torch.cat([p.detach().flatten()[:64].float().cpu() for p in net.parameters()])
+    if cache_dir:  # keyed by the weights (each tensor's first numbers and its sum) and the prompts
+        w = torch.cat([torch.cat([p.detach().flatten()[:64].double(), p.detach().double().sum()[None]]).cpu()
+                       for p in net.parameters()])
         key = hashlib.sha256(w.numpy().tobytes() + json.dumps(prompts).encode()).hexdigest()[:24]
         path = os.path.join(cache_dir, f"features-{key}.safetensors")
         if os.path.exists(path):

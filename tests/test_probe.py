@@ -68,6 +68,17 @@ def test_readers(tmp_path):
         probe.read_instructions(str(tmp_path / "bad.jsonl"))
 
 
+def test_feature_cache_follows_the_weights(tmp_path, tiny):
+    net, tok = model.load(tiny)
+    xs, c = ["one thing", "another thing"], str(tmp_path / "c")
+    first = probe.features(net, tok, xs, cache_dir=c)
+    assert torch.equal(probe.features(net, tok, xs, cache_dir=c), first) and len(os.listdir(c)) == 1
+    with torch.no_grad():  # a change far from the start of a tensor makes a new entry, not a stale hit
+        net.model.layers[1].mlp.down_proj.weight.view(-1)[-1] += 1.0
+    assert torch.equal(probe.features(net, tok, xs, cache_dir=c), probe.features(net, tok, xs))
+    assert len(os.listdir(c)) == 2
+
+
 def test_bad_input(tmp_path, tiny):
     with pytest.raises(model.SwatError, match="only one class"):
         probe.LogisticProbe().fit(torch.randn(10, 3), torch.ones(10))
