@@ -52,8 +52,8 @@ def main(argv=None):
     H = probe.read_instructions(a.dev_harmful)[a.dev_start:]
     if not H:
         raise SwatError(f"{a.dev_harmful}: no prompts from row {a.dev_start} on")
-    a.eval_harmful = os.path.join(a.out, "dev_harmful.txt")  # evaluate() reads its prompts from a file
-    swat_min._write(a.eval_harmful, "".join(h.replace("\n", " ") + "\n" for h in H))
+    a.eval_harmful = os.path.join(a.out, "dev_harmful.jsonl")  # evaluate() reads its prompts from a file
+    swat_min._write(a.eval_harmful, "".join(json.dumps(h) + "\n" for h in H))
     a.harmful = a.harmless = a.eval_harmless = None
     a.n_acc = 0  # task loss only
     _, tune = swat_min.split(train.read_examples(a.data), a.n_task)  # the first part is `run`'s held-out set

@@ -1,7 +1,7 @@
 """swat_min.py end to end: the offline demo (shortened), CLI errors, hub download, atomic saving."""
 import errno, http.server, json, os, shutil, subprocess, sys, threading
 import pytest, torch
-import model, swat_min
+import model, probe, swat_min
 
 
 def run(*argv):
@@ -182,7 +182,7 @@ def test_dev_sweep_smoke(tmp_path, tiny):
     rows = [json.loads(l) for l in open(tmp_path / "s" / "sweep.jsonl")]
     assert [x["strategy"] for x in rows] == ["original", "ift", "mllr:ratio=0.5", "swat"]
     assert rows[0]["drift"] == 0 and all(0 <= x["asr"] <= 1 and x["task_loss"] > 0 for x in rows)
-    assert open(tmp_path / "s" / "dev_harmful.txt").read().splitlines() == [f"harmful request {i}" for i in range(2, 6)]
+    assert probe.read_instructions(str(tmp_path / "s" / "dev_harmful.jsonl")) == [f"harmful request {i}" for i in range(2, 6)]
     md = open(tmp_path / "s" / "results.md").read().splitlines()
     assert len(md) == 6 and "cut of the ASR rise vs ift" in md[0] and md[4].startswith("| mllr:ratio=0.5 | 0 |")
     bad = subprocess.run([str(x) for x in [sys.executable, script, "--model", tiny, "--data", data, "--mods", "q,k", "--out", tmp_path / "s",
