@@ -64,7 +64,7 @@ def features(net, tok, instructions, batch_size=32, cache_dir=None):
     prompts = [tok.encode_chat([{"role": "user", "content": s}]) for s in instructions]
     key = None
     if cache_dir:  # keyed by the weights (each tensor's first numbers and its sum) and the prompts
-        w = torch.cat([torch.cat([p.detach().flatten()[:64].double(), p.detach().double().sum()[None]]).cpu()
+        w = torch.cat([torch.cat([p.detach().flatten()[:64].double(), p.detach().sum(dtype=torch.float64)[None]]).cpu()
                        for p in net.parameters()])
         key = hashlib.sha256(w.numpy().tobytes() + json.dumps(prompts).encode()).hexdigest()[:24]
         path = os.path.join(cache_dir, f"features-{key}.safetensors")
