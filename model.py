@@ -5,7 +5,7 @@ so loading and saving are identity mappings, and the robustness scan and the tra
 and O of every layer as separate modules. Also here: the tokenizer with hand-written chat formats, and
 batched generation with a preallocated KV cache.
 """
-import json, math, os, re, shutil, time
+import json, math, os, re, shutil, sys, time
 from types import SimpleNamespace
 import torch
 import torch.nn as nn
@@ -322,6 +322,8 @@ class Tok:
         jinja = os.path.join(path, "chat_template.jinja")
         if not t and os.path.exists(jinja):
             t = open(jinja).read()
+        if not t and not chat_format:  # a base model: no template to read the format off
+            print(f"{path}: no chat template; formatting chats as ChatML (choose with chat_format=)", file=sys.stderr)
         self.format = chat_format or ("llama3" if "<|start_header_id|>" in t else "llama2" if "<<SYS>>" in t
                                       else "mistral" if "[INST]" in t else "chatml")
         if self.format not in self.FORMATS:

@@ -119,3 +119,9 @@ def test_training_labels_cover_only_the_reply(tmp_path, name):
         n = labels.count(-100)
         assert labels == [-100] * n + ids[n:]
         assert tok.decode(ids[n:]).strip() == reply["content"], (name, chat, tok.decode(ids[n:]))
+
+
+def test_no_template_is_said(tmp_path, capsys):
+    make_tokenizer(str(tmp_path))  # a base model's tokenizer: no chat template
+    assert model.Tok(str(tmp_path)).format == "chatml" and "no chat template" in capsys.readouterr().err
+    assert model.Tok(str(tmp_path), chat_format="llama3").format == "llama3" and not capsys.readouterr().err
