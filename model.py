@@ -429,6 +429,8 @@ def generate(net, prompts, max_new_tokens=64, temperature=0.0, top_p=1.0, stop_i
     decoding step has the same shapes (the whole cache, masked), so on a GPU it is replayed from a CUDA
     graph (cuda_graph=False: not): a small model's step is mostly the CPU launching kernels."""
     prompts = [p.tolist() if torch.is_tensor(p) else list(p) for p in prompts]
+    if not all(prompts):
+        raise SwatError(f"generate: prompt {[len(p) for p in prompts].index(0) + 1} has no tokens")
     if max_new_tokens <= 0:
         return [[] for _ in prompts]
     dev = net.model.embed_tokens.weight.device

@@ -145,6 +145,8 @@ def test_generation_stops_per_row(tiny):
     cut = model.generate(net, p, 8, stop_ids=[stop])
     assert cut[0] == free[0][:free[0].index(stop)]
     assert cut[1] == (free[1][:free[1].index(stop)] if stop in free[1] else free[1])
+    with pytest.raises(model.SwatError, match="generate: prompt 2 has no tokens"):
+        model.generate(net, [[5], []], 4)
 
 
 def test_generation_config_eos_and_plain_inputs(tmp_path):
