@@ -19,33 +19,32 @@ from robustness import MODULES
 
 
 class AdamW:
-    """AdamW (decoupled weight decay) over parameter groups; each group may carry its own lr, weight_decay
-    and a 'trainable' flag. The trainer scales every group's lr by .scale (the schedule)."""
+    """AdamW (decoupled weight decay) over parameter groups; each group may carry its own lr, betas, eps,
+    weight_decay and a 'trainable' flag. The trainer scales every group's lr by .scale (the schedule)."""
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=None):
         params = list(params)
         if not params:
             raise SwatError("AdamW: no parameters to optimise")
         groups = params if isinstance(params[0], dict) else [{"params": params}]
-        self.param_groups = [{"lr": lr, "weight_decay": weight_decay, "trainable": True, "step": 0,
-                              **g, "params": list(g["params"])} for g in groups]
-        self.betas, self.eps, self.scale = betas, eps, 1.0
+        self.param_groups = [{"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay, "trainable": True,
+                              "step": 0, **g, "params": list(g["params"])} for g in groups]
+        self.scale = 1.0
         self.fused = fused if fused is not None else all(p.is_cuda for g in self.param_groups for p in g["params"])
         self.state = {p: (torch.zeros_like(p), torch.zeros_like(p)) for g in self.param_groups for p in g["params"]}
 
     @torch.no_grad()
     def step(self):
-        b1, b2 = self.betas
         for g in self.param_groups:
             ps = [p for p in g["params"] if p.grad is not None]
             if not g["trainable"] or not ps:
                 continue
             g["step"] += 1
-            lr, grads = g["lr"] * self.scale, [p.grad for p in ps]
+            (b1, b2), eps, lr, grads = g["betas"], g["eps"], g["lr"] * self.scale, [p.grad for p in ps]
             ms, vs = [self.state[p][0] for p in ps], [self.state[p][1] for p in ps]
             if self.fused:  # on a GPU: the update below as torch's fused kernel, one pass over the state
                 t = torch.tensor(float(g["step"]), device=ps[0].device)  # instead of 7 (up to 7 % of a step)
                 torch._fused_adamw_(ps, grads, ms, vs, [], [t] * len(ps), lr=lr, beta1=b1, beta2=b2,
-                                    weight_decay=g["weight_decay"], eps=self.eps, amsgrad=False, maximize=False)
+                                    weight_decay=g["weight_decay"], eps=eps, amsgrad=False, maximize=False)
                 continue
             torch._foreach_lerp_(ms, grads, 1 - b1)                     # m <- b1 m + (1 - b1) g
             torch._foreach_mul_(vs, b2)
@@ -54,7 +53,7 @@ class AdamW:
                 torch._foreach_mul_(ps, 1 - lr * g["weight_decay"])     # decoupled: shrink the weights
             denom = torch._foreach_sqrt(vs)
             torch._foreach_div_(denom, math.sqrt(1 - b2 ** g["step"]))
-            torch._foreach_add_(denom, self.eps)
+            torch._foreach_add_(denom, eps)
             torch._foreach_addcdiv_(ps, ms, denom, value=-lr / (1 - b1 ** g["step"]))
 
     def zero_grad(self, set_to_none=True):
