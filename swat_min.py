@@ -42,10 +42,14 @@ def answer(net, tok, chats, max_new_tokens, **kw):
     return [tok.decode(o) for o in outs]
 
 
-def load(a):
-    if not os.path.exists(a.model) and re.fullmatch(r"[\w.-]+/[\w.-]+", a.model):
-        a.model = fetch(a.model)
-    return model.load(a.model, device=a.device, dtype=a.dtype, chat_format=a.chat_format)
+def resolve(m):  # a local model directory, or a hub id org/name (downloaded, or found in the cache)
+    return fetch(m) if not os.path.exists(m) and re.fullmatch(r"[\w.-]+/[\w.-]+", m) else m
+
+
+def load(a, path=None):  # the model of --model, or the one at path, with the command's device, dtype, format
+    if path is None:
+        a.model = path = resolve(a.model)
+    return model.load(path, device=a.device, dtype=a.dtype, chat_format=a.chat_format)
 
 
 def baseline(a, net, tok, test_harmful=None):
@@ -152,7 +156,7 @@ def cmd_eval(a):
     net, tok = load(a)
     base = None
     if a.base:
-        bnet, btok = model.load(a.base, device=a.device, dtype=a.dtype, chat_format=a.chat_format)
+        bnet, btok = load(a, resolve(a.base))
         base = baseline(a, bnet, btok)
         del bnet
     task = split(train.read_examples(a.data), a.n_task)[0] if a.data else ()

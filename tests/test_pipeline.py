@@ -158,6 +158,7 @@ def test_hub_download_resumes(tmp_path, monkeypatch):
         srv.shutdown()
     n = len(Hub.seen)
     assert swat_min.fetch("org/tiny") == d and len(Hub.seen) == n  # a finished download needs no server
+    assert swat_min.resolve("org/tiny") == d and swat_min.resolve(str(src)) == str(src)
     assert any(r and r.startswith("bytes=") for _, r, _ in Hub.seen)
     assert all(a == "Bearer secret" for *_, a in Hub.seen)
     net, tok = model.load(d)
