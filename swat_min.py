@@ -46,10 +46,8 @@ def resolve(m):  # a local model directory, or a hub id org/name (downloaded, or
     return fetch(m) if not os.path.exists(m) and re.fullmatch(r"[\w.-]+/[\w.-]+", m) else m
 
 
-def load(a, path=None):  # the model of --model, or the one at path, with the command's device, dtype, format
-    if path is None:
-        a.model = path = resolve(a.model)
-    return model.load(path, device=a.device, dtype=a.dtype, chat_format=a.chat_format)
+def load(a, name=None):  # the model `name` (default: --model) with the command's device, dtype and chat format
+    return model.load(resolve(name or a.model), device=a.device, dtype=a.dtype, chat_format=a.chat_format)
 
 
 def baseline(a, net, tok, test_harmful=None):
@@ -156,7 +154,7 @@ def cmd_eval(a):
     net, tok = load(a)
     base = None
     if a.base:
-        bnet, btok = load(a, resolve(a.base))
+        bnet, btok = load(a, a.base)
         base = baseline(a, bnet, btok)
         del bnet
     task = split(train.read_examples(a.data), a.n_task)[0] if a.data else ()
