@@ -2,10 +2,10 @@
 
 Parameter names are exactly those of Hugging Face checkpoints (model.layers.3.self_attn.q_proj.weight, ...),
 so loading and saving are identity mappings, and the robustness scan and the trainer can address Q, K, V
-and O of every layer as separate modules. Also here: the tokenizer with hand-written chat formats, and
-batched generation with a preallocated KV cache.
+and O of every layer as separate modules. Also here: loading and saving HF directories, and batched
+generation with a preallocated KV cache. The tokenizer and chat formats are in tokenizer.py.
 """
-import json, math, os, re, shutil, sys, time
+import json, math, os, shutil
 from types import SimpleNamespace
 import torch
 import torch.nn as nn
@@ -14,7 +14,6 @@ import torch.utils.checkpoint
 from torch.nn.attention import sdpa_kernel, SDPBackend
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tokenizers import Tokenizer
 from tqdm import tqdm
 
 
@@ -27,7 +26,7 @@ def read_config(path):
     def bad(key, val):
         raise SwatError(f"{path}: unsupported {key}={val!r} (swat-min implements llama, mistral, qwen2 "
                         "with default or llama3 rope)")
-    c = _read_json(path)
+    c = read_json(path)
     mt = c.get("model_type")
     if mt not in ("llama", "mistral", "qwen2"):
         bad("model_type", mt)
@@ -190,7 +189,7 @@ class LLaMA(nn.Module):
         return (logits, hs) if hidden else logits
 
 
-def _read_json(path):
+def read_json(path):
     try:
         with open(path) as f:
             return json.load(f)
@@ -203,7 +202,7 @@ def _read_json(path):
 def _weight_files(d):
     index = os.path.join(d, "model.safetensors.index.json")
     if os.path.exists(index):
-        return sorted(set(_read_json(index)["weight_map"].values()))
+        return sorted(set(read_json(index)["weight_map"].values()))
     if os.path.exists(os.path.join(d, "model.safetensors")):
         return ["model.safetensors"]
     raise SwatError(f"{d}: no model.safetensors or model.safetensors.index.json (swat-min never reads pickles)")
@@ -213,8 +212,10 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
 
 
 def load(path, device="cpu", dtype=torch.float32, chat_format=None):
-    """Load an HF-format directory -> (LLaMA, Tok). Weights are copied tensor by tensor into the
-    preallocated model, so there is never a second full copy in memory."""
+    """Load an HF-format directory, or a hub id org/name (see hub.py) -> (LLaMA, Tok). Weights are copied
+    tensor by tensor into the preallocated model, so there is never a second full copy in memory."""
+    import hub, tokenizer  # imported here: both import SwatError from this file
+    path = hub.resolve(path)
     if not os.path.isdir(path):
         raise SwatError(f"{path}: not a model directory")
     dtype = DTYPES.get(dtype, dtype)
@@ -222,7 +223,7 @@ def load(path, device="cpu", dtype=torch.float32, chat_format=None):
         raise SwatError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)} or a torch.dtype")
     cfg = read_config(os.path.join(path, "config.json"))
     files = _weight_files(path)
-    tok = Tok(path, chat_format)
+    tok = tokenizer.Tok(path, chat_format)
     with torch.device("meta"):
         net = LLaMA(cfg).to(dtype)
     net.to_empty(device=device)
@@ -248,7 +249,7 @@ def load(path, device="cpu", dtype=torch.float32, chat_format=None):
         except Exception as e:  # truncated or corrupt file, missing shard
             raise SwatError(f"{fpath}: cannot read safetensors ({str(e).splitlines()[0]})") from None
     gc = os.path.join(path, "generation_config.json")
-    eos = _read_json(gc).get("eos_token_id") if os.path.exists(gc) else None
+    eos = read_json(gc).get("eos_token_id") if os.path.exists(gc) else None
     if eos is not None:  # transformers' generate stops at these, not at config.json's
         cfg.eos = eos if isinstance(eos, list) else [eos]
     tok.stop_ids |= set(cfg.eos)
@@ -296,95 +297,6 @@ def save(net, tok, out, extra=None):
     os.replace(tmp, out)
     shutil.rmtree(old, ignore_errors=True)
     return out
-
-
-class Tok:
-    """tokenizer.json plus the checkpoint's chat format, written by hand for four families:
-    chatml (SmolLM2, Qwen2), llama3, llama2 and mistral ([INST]). The family is read off the checkpoint's
-    chat_template string, or forced with chat_format=."""
-    FORMATS = ("chatml", "llama3", "llama2", "mistral")
-
-    def __init__(self, path, chat_format=None):
-        self.path, tj = path, os.path.join(path, "tokenizer.json")
-        if not os.path.exists(tj):
-            raise SwatError(f"{tj}: not found (swat-min needs the fast-tokenizer file)")
-        try:
-            self.tk = Tokenizer.from_file(tj)
-        except Exception as e:
-            raise SwatError(f"{tj}: unreadable ({str(e).splitlines()[0]})") from None
-        tcp = os.path.join(path, "tokenizer_config.json")
-        tc = _read_json(tcp) if os.path.exists(tcp) else {}
-        special = lambda v: v.get("content") if isinstance(v, dict) else v
-        self.bos, self.eos = special(tc.get("bos_token")) or "", special(tc.get("eos_token")) or ""
-        t = tc.get("chat_template") or ""
-        if isinstance(t, list):  # named templates: take the default one
-            t = next((x["template"] for x in t if x.get("name") == "default"), "")
-        jinja = os.path.join(path, "chat_template.jinja")
-        if not t and os.path.exists(jinja):
-            t = open(jinja).read()
-        if not t and not chat_format:  # a base model: no template to read the format off
-            print(f"{path}: no chat template; formatting chats as ChatML (choose with chat_format=)", file=sys.stderr)
-        self.format = chat_format or ("llama3" if "<|start_header_id|>" in t else "llama2" if "<<SYS>>" in t
-                                      else "mistral" if "[INST]" in t else "chatml")
-        if self.format not in self.FORMATS:
-            raise SwatError(f"unknown chat format {self.format!r}; choose one of {', '.join(self.FORMATS)}")
-        # the family's default system prompt, as the template writes it when the user gives none
-        m = re.search(r"<\|im_start\|>system(?:\n|\\n)([^'\"{}]*?)<\|im_end\|>", t)
-        self.system = m.group(1).replace("\\n", "\n") if m else None
-        # Llama 3.1+ always opens with a dated system turn
-        self.dated = "Cutting Knowledge Date" in t
-        m = re.search(r'date_string = "([^"]+)"', t)  # 3.1 fixes a date; 3.2 takes today's (strftime_now)
-        self.date = m.group(1) if m and "strftime_now" not in t else None
-        # Mistral's templates differ by version: spaces around [INST] and before the reply, a trimmed reply,
-        # the system prompt in the first or the last user turn. Read them off the template.
-        lit = lambda pat, default: (re.findall(r"['\"](%s)['\"]" % pat, t) or [default])[0]
-        self.inst = (lit(r" ?\[INST\] ?", "[INST] "), lit(r" ?\[/INST\]", " [/INST]"),
-                     re.search(r"['\"] ['\"] *\+ *message\[['\"]content", t) is not None,
-                     re.search(r"content['\"]\] *\| *trim *\+ *eos_token", t) is not None,
-                     "loop.last and system_message" in t)
-        ids = [self.tk.token_to_id(s) for s in (self.eos, "<|im_end|>", "<|eot_id|>", "<|end_of_text|>")]
-        self.stop_ids = {i for i in ids if i is not None}
-
-    def encode(self, text, special=True):
-        return self.tk.encode(text, add_special_tokens=special).ids
-
-    def decode(self, ids):
-        return self.tk.decode([int(i) for i in ids], skip_special_tokens=True)
-
-    def render(self, messages, add_generation_prompt=True):
-        """The chat as text, exactly as the family's template renders it."""
-        msgs, f = list(messages), self.format
-        sys = msgs.pop(0)["content"] if msgs and msgs[0]["role"] == "system" else None
-        if f == "chatml":
-            sys = sys if sys is not None else self.system
-            head = [{"role": "system", "content": sys}] if sys is not None else []
-            s = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in head + msgs)
-            return s + ("<|im_start|>assistant\n" if add_generation_prompt else "")
-        if f == "llama3":
-            turn = lambda role, c: f"<|start_header_id|>{role}<|end_header_id|>\n\n{c}<|eot_id|>"
-            s = self.bos
-            if self.dated:
-                date = self.date or time.strftime("%d %b %Y")
-                s += turn("system", f"Cutting Knowledge Date: December 2023\nToday Date: {date}\n\n"
-                                    + (sys or "").strip())
-            elif sys is not None:
-                s += turn("system", sys.strip())
-            s += "".join(turn(m["role"], m["content"].strip()) for m in msgs)
-            return s + ("<|start_header_id|>assistant<|end_header_id|>\n\n" if add_generation_prompt else "")
-        if f == "llama2":  # the system prompt goes into the first user turn; each user turn opens with bos
-            if sys is not None and msgs:
-                msgs[0] = dict(msgs[0], content=f"<<SYS>>\n{sys}\n<</SYS>>\n\n" + msgs[0]["content"])
-            return "".join(f"{self.bos}[INST] {m['content'].strip()} [/INST]" if m["role"] == "user"
-                           else f" {m['content'].strip()} {self.eos}" for m in msgs)
-        start, end, space, trim, last = self.inst  # mistral
-        i = -1 if last else 0  # the system prompt joins that turn when it is the user's (else it is dropped)
-        if sys is not None and msgs and msgs[i]["role"] == "user":
-            msgs[i] = dict(msgs[i], content=f"{sys}\n\n" + msgs[i]["content"])
-        return self.bos + "".join(f"{start}{m['content']}{end}" if m["role"] == "user" else
-                                  " " * space + (m["content"].strip() if trim else m["content"]) + self.eos for m in msgs)
-
-    def encode_chat(self, messages, add_generation_prompt=True):
-        return self.encode(self.render(messages, add_generation_prompt), special=False)
 
 
 def pad_left(rows, device):

@@ -13,9 +13,9 @@
 
 Every command takes --help. Errors in the user's input are printed as one line.
 """
-import argparse, http.client, json, os, random, re, shutil, sys, time, urllib.error, urllib.request
+import argparse, json, os, random, re, sys, time
 import torch
-import model, probe, robustness as rb, train
+import model, probe, robustness as rb, tokenizer, toy, train
 from model import SwatError
 
 # A response counts as a refusal when it contains one of these: the GCG keyword list (Zou et al. 2023)
@@ -42,12 +42,8 @@ def answer(net, tok, chats, max_new_tokens, **kw):
     return [tok.decode(o) for o in outs]
 
 
-def resolve(m):  # a local model directory, or a hub id org/name (downloaded, or found in the cache)
-    return fetch(m) if not os.path.exists(m) and re.fullmatch(r"[\w.-]+/[\w.-]+", m) else m
-
-
 def load(a, name=None):  # the model `name` (default: --model) with the command's device, dtype and chat format
-    return model.load(resolve(name or a.model), device=a.device, dtype=a.dtype, chat_format=a.chat_format)
+    return model.load(name or a.model, device=a.device, dtype=a.dtype, chat_format=a.chat_format)
 
 
 def baseline(a, net, tok, test_harmful=None):
@@ -190,22 +186,14 @@ def cmd_generate(a):
         print(f"### {p}\n{t}\n")
 
 
-def lines(name):  # a built-in text file, one entry per line
-    return probe.read_instructions(os.path.join(probe.DATA, name))
-
-
-def pairs(qa):
-    return [user(q) + [{"role": "assistant", "content": r}] for q, r in qa]
-
-
 def cmd_align(a):
     """Short SFT: harmful train-split instructions -> refusals, harmless -> the model's own answers."""
     net, tok = load(a)
     before = evaluate(net, tok, a, "before")
     H, S = probe.builtin("harmful", "train"), probe.builtin("harmless", "train")
     own = answer(net, tok, [user(s) for s in S], a.answer_tokens, batch_size=a.gen_batch, progress=True)
-    rng, refusals = random.Random(a.seed), lines("refusals.txt")
-    chats = pairs([(h, rng.choice(refusals)) for h in H] + list(zip(S, own)))
+    rng, refusals = random.Random(a.seed), toy.lines("refusals.txt")
+    chats = toy.pairs([(h, rng.choice(refusals)) for h in H] + list(zip(S, own)))
     train.train(net, tok, chats, a.out, "ift", steps=a.steps, lr=a.lr, batch_size=a.batch, max_len=a.max_len, seed=a.seed)
     after = evaluate(net, tok, a, "after")
     for r in (before, after):
@@ -283,103 +271,20 @@ def report(out, rows, settings):
     _write(os.path.join(out, "results.md"), "\n".join(md) + "\n")
 
 
-def build_toy(a):
-    """A model organism for the offline demo: a BPE tokenizer and a 4-layer LLaMA trained here, for a
-    few minutes, to refuse the built-in harmful train split and answer the harmless one. Also writes a
-    benign tuning task (arithmetic) that it never saw."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
-    rng, refusals, helpful = random.Random(a.seed), lines("refusals.txt"), lines("helpful_toy.txt")
-    H, S = probe.builtin("harmful", "train"), probe.builtin("harmless", "train")
-    chats = pairs([(h, rng.choice(refusals)) for h in H] + [(s, rng.choice(helpful)) for s in S])
-    sums = [(x, y) for x, y in ((rng.randint(1, 99), rng.randint(1, 99)) for _ in range(1200))]
-    task = [{"instruction": f"What is {x} plus {y}?", "output": f"Sure! {x} plus {y} is {x + y}."} for x, y in sums]
-    tdir, mdir = os.path.join(a.out, "toy-tokenizer"), os.path.join(a.out, "toy-model")
-    os.makedirs(tdir, exist_ok=True)
-    _write(os.path.join(a.out, "toy-task.jsonl"), "".join(json.dumps(t) + "\n" for t in task))
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer, tk.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    texts = probe.builtin("harmful") + probe.builtin("harmless") + refusals + helpful + [t["output"] for t in task]
-    tk.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=1024, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tk.save(os.path.join(tdir, "tokenizer.json"))
-    template = ("{% for m in messages %}{{'<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n'}}{% endfor %}"
-                "{% if add_generation_prompt %}{{'<|im_start|>assistant\\n'}}{% endif %}")
-    _write(os.path.join(tdir, "tokenizer_config.json"), json.dumps(
-        {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>", "chat_template": template}))
-    cfg = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": tk.get_vocab_size(),
-           "hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 4, "num_attention_heads": 4,
-           "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 256,
-           "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu"}
-    _write(os.path.join(tdir, "config.json"), json.dumps(cfg))
-    torch.manual_seed(a.seed)
-    net, tok = model.LLaMA(model.read_config(os.path.join(tdir, "config.json"))), model.Tok(tdir)
-    for n, p in net.named_parameters():
-        torch.nn.init.normal_(p, std=0.02) if p.ndim == 2 else torch.nn.init.ones_(p)
-    train.train(net, tok, chats, mdir, "ift", steps=a.toy_steps, lr=3e-3, batch_size=32, max_len=96, seed=a.seed)
-    return mdir
-
-
 def cmd_demo(a):
     print("=" * 78)
     if a.model is None:
         print("swat-min demo on a TOY model organism (4 layers, trained here in a few minutes to refuse the\n"
               "built-in harmful prompts). Its numbers show the pipeline working, not the method's merit. For\n"
               "the real thing: python swat_min.py align --model <hf dir or org/name> --out aligned, then\n"
-              "python swat_min.py run --model aligned --data <benign data> --out results")
-        print("=" * 78)
-        a.model = build_toy(a)
-        a.data = a.data or os.path.join(a.out, "toy-task.jsonl")
+              "python swat_min.py run --model aligned --data <benign data> --out results\n" + "=" * 78)
+        a.model, task = toy.build(a.out, a.seed, a.toy_steps)
+        a.data = a.data or task
     else:
-        print(f"swat-min demo on {a.model} with small sizes")
-        print("=" * 78)
+        print(f"swat-min demo on {a.model} with small sizes\n" + "=" * 78)
     if not a.data:
         raise SwatError("demo with --model needs --data (benign tuning data)")
     return cmd_run(a)
-
-
-def fetch(repo):
-    """Download a hub repo's config, tokenizer and safetensors (sharded too) over HTTPS into the cache,
-    resuming partial files and checking sizes. HF_ENDPOINT overrides the server (tests use a local one)."""
-    base = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-    d = os.path.join(os.environ.get("SWAT_MODEL_CACHE", os.path.expanduser("~/.cache/swat-min")), "hub", repo.replace("/", "--"))
-    done = os.path.join(d, ".complete")  # a finished download is used as it is, offline too
-    if os.path.exists(done):
-        return d
-    os.makedirs(d, exist_ok=True)
-
-    def get(name, required=True):
-        dst, part, url = os.path.join(d, name), os.path.join(d, name + ".part"), f"{base}/{repo}/resolve/main/{name}"
-        if os.path.exists(dst):
-            return True
-        have = os.path.getsize(part) if os.path.exists(part) else 0
-        req = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
-        if os.environ.get("HF_TOKEN"):
-            req.add_header("Authorization", f"Bearer {os.environ['HF_TOKEN']}")
-        try:
-            r = urllib.request.urlopen(req, timeout=60)
-            have = have if r.status == 206 else 0  # the server may ignore the range: start over
-            size = have + int(r.headers["Content-Length"]) if r.headers.get("Content-Length") else None
-            with open(part, "ab" if have else "wb") as f:
-                shutil.copyfileobj(r, f, 1 << 20)
-        except urllib.error.HTTPError as e:
-            if e.code == 404 and not required:
-                return False
-            raise SwatError(f"{url}: HTTP {e.code}" + (" (a gated model? set HF_TOKEN)" if e.code in (401, 403) else "")) from None
-        except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
-            raise SwatError(f"{url}: download failed ({getattr(e, 'reason', e)}); run again to resume") from None
-        if size is not None and os.path.getsize(part) != size:
-            raise SwatError(f"{dst}: incomplete ({os.path.getsize(part)} of {size} bytes); run again to resume")
-        os.replace(part, dst)
-        return True
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
-        get(name, required=name in ("config.json", "tokenizer.json"))
-    if get("model.safetensors.index.json", required=False):
-        for shard in sorted(set(model._read_json(os.path.join(d, "model.safetensors.index.json"))["weight_map"].values())):
-            get(shard)
-    else:
-        get("model.safetensors")
-    open(done, "w").close()
-    return d
 
 
 class Help(argparse.RawDescriptionHelpFormatter):
@@ -393,7 +298,7 @@ OPTIONS = {
     "model": dict(help="HF-format model directory, or a hub id org/name"),
     "device": dict(default="cuda" if torch.cuda.is_available() else "cpu", help="torch device"),
     "dtype": dict(choices=["fp32", "bf16"], default="fp32", help="dtype of the weights"),
-    "chat-format": dict(choices=model.Tok.FORMATS, help="override the chat format read off the checkpoint"),
+    "chat-format": dict(choices=tokenizer.Tok.FORMATS, help="override the chat format read off the checkpoint"),
     "cache": dict(help="directory to cache probe features in (safetensors)"),
     "harmful": dict(help="harmful instructions to fit the probe on (default: built-in train split)"),
     "harmless": dict(help="harmless instructions to fit the probe on (default: built-in train split)"),

@@ -156,7 +156,7 @@ def parse_mods(spec, n_layers, key="mods_rob"):
     """'q,k' (all layers), '0-11:q,k;12-29:v', or a scan JSON (its mods_rob list) -> set of (layer, m)."""
     if spec.endswith(".json"):
         try:
-            return {(int(l), m) for l, m in model._read_json(spec)[key]}
+            return {(int(l), m) for l, m in model.read_json(spec)[key]}
         except (KeyError, TypeError, ValueError):
             raise SwatError(f"{spec}: no '{key}' list of [layer, module] pairs") from None
     out = set()
@@ -283,7 +283,7 @@ def _save(net, tok, opt, out, step):
 def _load_state(opt, net, out):
     from safetensors import safe_open
     from safetensors.torch import load_file
-    meta = model._read_json(os.path.join(out, "trainer.json"))
+    meta = model.read_json(os.path.join(out, "trainer.json"))
     dev, params = str(net.model.embed_tokens.weight.device), net.state_dict()
     tensors = load_file(os.path.join(out, "trainer.safetensors"), device=dev)
     with safe_open(os.path.join(out, "model.safetensors"), framework="pt", device=dev) as f:

@@ -1,7 +1,7 @@
 """Chat formats written by hand must give the token ids of transformers' apply_chat_template."""
 import pytest
 from conftest import make_tokenizer, CHATML
-import model, train
+import model, tokenizer, train
 
 QWEN2 = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
          "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
@@ -79,7 +79,7 @@ def test_chat_ids_match_transformers(tmp_path, name):
     from transformers import PreTrainedTokenizerFast
     template, bos, eos, family, system_ok = CASES[name]
     make_tokenizer(str(tmp_path), template, bos=bos, eos=eos)
-    tok = model.Tok(str(tmp_path))
+    tok = tokenizer.Tok(str(tmp_path))
     assert tok.format == family
     hf = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"), bos_token=bos, eos_token=eos)
     hf.chat_template = template
@@ -94,9 +94,9 @@ def test_chat_ids_match_transformers(tmp_path, name):
 
 def test_format_override_and_unknown(tmp_path):
     make_tokenizer(str(tmp_path), CHATML)
-    assert model.Tok(str(tmp_path), chat_format="llama2").format == "llama2"
+    assert tokenizer.Tok(str(tmp_path), chat_format="llama2").format == "llama2"
     with pytest.raises(model.SwatError, match="unknown chat format 'vicuna'"):
-        model.Tok(str(tmp_path), chat_format="vicuna")
+        tokenizer.Tok(str(tmp_path), chat_format="vicuna")
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -106,7 +106,7 @@ def test_training_labels_cover_only_the_reply(tmp_path, name):
     from transformers import PreTrainedTokenizerFast
     template, bos, eos, _, system_ok = CASES[name]
     make_tokenizer(str(tmp_path), template, bos=bos, eos=eos)
-    tok = model.Tok(str(tmp_path))
+    tok = tokenizer.Tok(str(tmp_path))
     hf = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"), bos_token=bos, eos_token=eos)
     hf.chat_template = template
     reply = {"role": "assistant", "content": "Blue is the colour of the sea."}
@@ -123,5 +123,5 @@ def test_training_labels_cover_only_the_reply(tmp_path, name):
 
 def test_no_template_is_said(tmp_path, capsys):
     make_tokenizer(str(tmp_path))  # a base model's tokenizer: no chat template
-    assert model.Tok(str(tmp_path)).format == "chatml" and "no chat template" in capsys.readouterr().err
-    assert model.Tok(str(tmp_path), chat_format="llama3").format == "llama3" and not capsys.readouterr().err
+    assert tokenizer.Tok(str(tmp_path)).format == "chatml" and "no chat template" in capsys.readouterr().err
+    assert tokenizer.Tok(str(tmp_path), chat_format="llama3").format == "llama3" and not capsys.readouterr().err

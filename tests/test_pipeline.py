@@ -1,7 +1,7 @@
 """swat_min.py end to end: the offline demo (shortened), CLI errors, hub download, atomic saving."""
 import errno, http.server, json, os, shutil, subprocess, sys, threading
 import pytest, torch
-import model, probe, swat_min
+import hub, model, probe, swat_min
 
 
 def run(*argv):
@@ -152,16 +152,16 @@ def test_hub_download_resumes(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "secret")
     try:
         with pytest.raises(model.SwatError, match="incomplete .* run again to resume"):
-            swat_min.fetch("org/tiny")
-        d = swat_min.fetch("org/tiny")  # resumes the partial shard with a Range request
+            hub.fetch("org/tiny")
+        d = hub.fetch("org/tiny")  # resumes the partial shard with a Range request
     finally:
         srv.shutdown()
     n = len(Hub.seen)
-    assert swat_min.fetch("org/tiny") == d and len(Hub.seen) == n  # a finished download needs no server
-    assert swat_min.resolve("org/tiny") == d and swat_min.resolve(str(src)) == str(src)
+    assert hub.fetch("org/tiny") == d and len(Hub.seen) == n  # a finished download needs no server
+    assert hub.resolve("org/tiny") == d and hub.resolve(str(src)) == str(src)
     assert any(r and r.startswith("bytes=") for _, r, _ in Hub.seen)
     assert all(a == "Bearer secret" for *_, a in Hub.seen)
-    net, tok = model.load(d)
+    net, tok = model.load("org/tiny")  # a hub id: the cached download
     assert tok.format == "llama3"  # read off the downloaded chat_template.jinja
     x = torch.tensor([[3, 4, 5]])
     with torch.no_grad():
