@@ -1,17 +1,7 @@
-"""swat-min: secure instruction tuning (SWAT / ML-LR) from scratch.
-
-  python swat_min.py probe --model DIR            per-layer probe accuracy: is harmfulness linearly visible?
-  python swat_min.py scan  --model DIR --out F    perturb every Q/K/V/O module, heat map, Mods_Rob -> F
-  python swat_min.py train --model DIR --data F --strategy {ift,swat,mllr} --mods scan.json --out DIR
-  python swat_min.py eval  --model DIR            ASR, over-refusal, drift and task loss of a model
-  python swat_min.py generate --model DIR --prompt "..."
-  python swat_min.py align --model DIR --out DIR  make an aligned start: harmful -> refusals, harmless -> own answers
-  python swat_min.py run   --model DIR --data F --out DIR   all of it: probe, scan, tune with each strategy, evaluate
-  python swat_min.py demo  --out DIR              the whole pipeline offline, on a toy model trained here
-
---model also takes a Hugging Face hub id (org/name); HF_TOKEN is sent for gated models.
-
-Every command takes --help. Errors in the user's input are printed as one line.
+"""swat-min: secure instruction tuning (SWAT / ML-LR) from scratch. The command line, the pipeline and
+the evaluation. `python swat_min.py --help` lists the commands; `run` does everything (probe, scan, tune
+with each strategy, evaluate, report), `demo` does it offline on a toy model. Every command takes --help;
+--model takes a model directory or a hub id org/name. Errors in the user's input are printed as one line.
 """
 import argparse, json, os, random, re, sys, time
 import torch
