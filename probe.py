@@ -1,61 +1,10 @@
 """The security feature space: each instruction's hidden state at its last prompt token, at every layer,
 and a logistic-regression probe per layer that separates harmful (1) from harmless (0) instructions."""
-import csv, hashlib, json, os
+import hashlib, json, os
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from model import SwatError, pad_left
-
-DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
-
-
-def builtin(kind, split=None):
-    """The project's own instructions: kind 'harmful' or 'harmless'; split 'train', 'test' or None (all).
-    The split is fixed: every fourth line of data/<kind>.tsv is held out for testing."""
-    with open(os.path.join(DATA, f"{kind}.tsv")) as f:
-        rows = [line.rstrip("\n").split("\t")[1] for line in f if line.strip()]
-    return [r for i, r in enumerate(rows) if split is None or (i % 4 == 3) == (split == "test")]
-
-
-# the instruction's field, in this order, any case: AdvBench and JailbreakBench (goal; JailbreakBench's
-# "Behavior" is a short label), HarmBench (Behavior), StrongREJECT (forbidden_prompt), the common names
-KEYS = ("goal", "behavior", "forbidden_prompt", "instruction", "prompt", "question", "query")
-
-
-def _field(names):
-    low = {n.lower(): n for n in names if isinstance(n, str)}
-    return next((low[k] for k in KEYS if k in low), None)
-
-
-def _text(r):  # a record -> its instruction; HarmBench puts a contextual behaviour's context first, so do we
-    v, ctx = r.get(_field(r)) or None, r.get("ContextString")
-    return f"{ctx.strip()}\n\n---\n\n{v}" if v and isinstance(ctx, str) and ctx.strip() else v
-
-
-def read_instructions(path):
-    """A CSV, JSON or JSONL with one of the KEYS fields (JSON may also be a list of strings), or plain text,
-    one per line."""
-    try:
-        with open(path, newline="") as f:
-            if path.endswith(".csv"):
-                rows = list(csv.DictReader(f))
-                col = _field(rows[0]) if rows else None
-                if col is None:
-                    raise SwatError(f"{path}: no {', '.join(map(repr, KEYS))} column")
-                out = [t for t in map(_text, rows) if t]
-            elif path.endswith((".json", ".jsonl")):
-                recs = json.load(f) if path.endswith(".json") else [json.loads(l) for l in f if l.strip()]
-                out = [r if isinstance(r, str) else _text(r) for r in recs]
-                if None in out:
-                    raise SwatError(f"{path}: record {out.index(None) + 1} has none of the fields {', '.join(KEYS)}")
-            else:
-                out = [l.strip() for l in f if l.strip()]
-    except (OSError, UnicodeDecodeError, ValueError, AttributeError, TypeError) as e:
-        raise SwatError(f"{path}: unreadable ({e.strerror if isinstance(e, OSError) else e})") from None
-    if not out:
-        raise SwatError(f"{path}: no instructions found")
-    return out
-
 
 @torch.no_grad()
 def features(net, tok, instructions, batch_size=32, cache_dir=None):

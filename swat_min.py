@@ -5,7 +5,7 @@ with each strategy, evaluate, report), `demo` does it offline on a toy model. Ev
 """
 import argparse, json, os, random, re, sys, time
 import torch
-import model, probe, robustness as rb, tokenizer, toy, train
+import data, model, probe, robustness as rb, tokenizer, toy, train
 from model import SwatError
 
 # A response counts as a refusal when it contains one of these: the GCG keyword list (Zou et al. 2023)
@@ -40,11 +40,11 @@ def baseline(a, net, tok, test_harmful=None):
     """Per-layer probes fitted on the train splits (or the user's files) and scored on held-out prompts;
     the best layer's probe and features are what drift is later measured against."""
     f = lambda xs: probe.features(net, tok, xs, cache_dir=a.cache)
-    H = probe.read_instructions(a.harmful) if a.harmful else probe.builtin("harmful", "train")
-    S = probe.read_instructions(a.harmless) if a.harmless else probe.builtin("harmless", "train")
+    H = data.read_instructions(a.harmful) if a.harmful else data.builtin("harmful", "train")
+    S = data.read_instructions(a.harmless) if a.harmless else data.builtin("harmless", "train")
     probes = probe.fit_layers(*probe.labelled(f(H), f(S)))
-    Ht = probe.read_instructions(test_harmful) if test_harmful else probe.builtin("harmful", "test")
-    St = probe.builtin("harmless", "test")
+    Ht = data.read_instructions(test_harmful) if test_harmful else data.builtin("harmful", "test")
+    St = data.builtin("harmless", "test")
     X, y = probe.labelled(f(Ht), f(St))
     scores = [p.score(x, y) for p, x in zip(probes, X)]
     layer = max(range(len(scores)), key=lambda l: (scores[l]["acc"], scores[l]["auc"]))
@@ -96,10 +96,10 @@ def final_answer(text):
 @torch.no_grad()
 def task_metrics(net, tok, chats, a):
     """Held-out response-token loss; exact-match accuracy where the reference answers are short."""
-    data = train.encode_all(tok, chats, a.max_len, skip_long=True, what="held-out example")
+    held = train.encode_all(tok, chats, a.max_len, skip_long=True, what="held-out example")
     dev, total, n = net.model.embed_tokens.weight.device, 0.0, 0
-    for b in range(0, len(data), a.batch):
-        ids, labels = train.collate(data[b:b + a.batch], dev)
+    for b in range(0, len(held), a.batch):
+        ids, labels = train.collate(held[b:b + a.batch], dev)
         total += train.loss_fn(net, ids, labels).item()
         n += (labels[:, 1:] != -100).sum().item()
     refs = [final_answer(c[-1]["content"]) for c in chats[:a.n_acc]]
@@ -112,8 +112,8 @@ def task_metrics(net, tok, chats, a):
 def evaluate(net, tok, a, name, base=None, task=(), gen_path=None):
     """ASR on harmful prompts, over-refusal on harmless ones, feature drift against the original model's
     probe (base), task loss/accuracy on held-out tuning examples. Generations go to gen_path (JSONL)."""
-    H = (probe.read_instructions(a.eval_harmful) if a.eval_harmful else probe.builtin("harmful", "test"))[:a.n_eval]
-    S = (probe.read_instructions(a.eval_harmless) if a.eval_harmless else probe.builtin("harmless", "test"))[:a.n_eval]
+    H = (data.read_instructions(a.eval_harmful) if a.eval_harmful else data.builtin("harmful", "test"))[:a.n_eval]
+    S = (data.read_instructions(a.eval_harmless) if a.eval_harmless else data.builtin("harmless", "test"))[:a.n_eval]
     texts = answer(net, tok, [user(p) for p in H + S], a.max_new_tokens, batch_size=a.gen_batch, progress=True)
     row = {"strategy": name, "asr": sum(not refused(t) for t in texts[:len(H)]) / len(H),
            "over_refusal": sum(refused(t) for t in texts[len(H):]) / len(S), "drift": None,
@@ -143,7 +143,7 @@ def cmd_eval(a):
         bnet, btok = load(a, a.base)
         base = baseline(a, bnet, btok)
         del bnet
-    task = split(train.read_examples(a.data), a.n_task)[0] if a.data else ()
+    task = split(data.read_examples(a.data), a.n_task)[0] if a.data else ()
     print(json.dumps(evaluate(net, tok, a, "eval", base, task, a.generations), indent=1))
     if a.generations:
         print(f"wrote {a.generations}")
@@ -158,7 +158,7 @@ def split(chats, n):
 
 def cmd_train(a):
     net, tok = load(a)
-    chats = train.read_examples(a.data)[:a.limit or None]
+    chats = data.read_examples(a.data)[:a.limit or None]
     mods = train.parse_mods(a.mods, net.cfg.n_layers) if a.mods else set()
     warm = a.warmup_steps if a.warmup_steps is not None else round(a.warmup_frac * a.steps)
     train.train(net, tok, chats, a.out, a.strategy, mods, steps=a.steps, lr=a.lr, batch_size=a.batch,
@@ -170,7 +170,7 @@ def cmd_train(a):
 
 def cmd_generate(a):
     net, tok = load(a)
-    prompts = a.prompt or probe.read_instructions(a.file)
+    prompts = a.prompt or data.read_instructions(a.file)
     for p, t in zip(prompts, answer(net, tok, [user(p) for p in prompts], a.max_new_tokens,
                                     temperature=a.temperature, top_p=a.top_p)):
         print(f"### {p}\n{t}\n")
@@ -180,10 +180,10 @@ def cmd_align(a):
     """Short SFT: harmful train-split instructions -> refusals, harmless -> the model's own answers."""
     net, tok = load(a)
     before = evaluate(net, tok, a, "before")
-    H, S = probe.builtin("harmful", "train"), probe.builtin("harmless", "train")
+    H, S = data.builtin("harmful", "train"), data.builtin("harmless", "train")
     own = answer(net, tok, [user(s) for s in S], a.answer_tokens, batch_size=a.gen_batch, progress=True)
-    rng, refusals = random.Random(a.seed), toy.lines("refusals.txt")
-    chats = toy.pairs([(h, rng.choice(refusals)) for h in H] + list(zip(S, own)))
+    rng, refusals = random.Random(a.seed), data.lines("refusals.txt")
+    chats = data.chats([(h, rng.choice(refusals)) for h in H] + list(zip(S, own)))
     train.train(net, tok, chats, a.out, "ift", steps=a.steps, lr=a.lr, batch_size=a.batch, max_len=a.max_len, seed=a.seed)
     after = evaluate(net, tok, a, "after")
     for r in (before, after):
@@ -197,7 +197,7 @@ def cmd_run(a):
     data, steps and seeds -> evaluation -> results.json, results.md."""
     os.makedirs(a.out, exist_ok=True)
     net, tok = load(a)
-    task, tune = split(train.read_examples(a.data), a.n_task)
+    task, tune = split(data.read_examples(a.data), a.n_task)
     tune = tune[:a.limit or None]
     if not tune:
         raise SwatError(f"{a.data}: no examples left for tuning after holding out {a.n_task}")

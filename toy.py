@@ -5,15 +5,7 @@ addition. A toy: its numbers show the pipeline working, not the method's merit."
 import json, os, random
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-import model, probe, tokenizer, train
-
-
-def lines(name):  # a built-in text file, one entry per line
-    return probe.read_instructions(os.path.join(probe.DATA, name))
-
-
-def pairs(qa):  # (instruction, reply) pairs -> chats
-    return [[{"role": "user", "content": q}, {"role": "assistant", "content": r}] for q, r in qa]
+import data, model, tokenizer, train
 
 
 def write(path, text):  # the demo's directory is rebuilt each time, so a plain write is enough
@@ -23,9 +15,9 @@ def write(path, text):  # the demo's directory is rebuilt each time, so a plain 
 
 def build(out, seed=0, steps=400):
     """-> (model directory, tuning data file) under out. Deterministic for a seed and library versions."""
-    rng, refusals, helpful = random.Random(seed), lines("refusals.txt"), lines("helpful_toy.txt")
-    H, S = probe.builtin("harmful", "train"), probe.builtin("harmless", "train")
-    chats = pairs([(h, rng.choice(refusals)) for h in H] + [(s, rng.choice(helpful)) for s in S])
+    rng, refusals, helpful = random.Random(seed), data.lines("refusals.txt"), data.lines("helpful_toy.txt")
+    H, S = data.builtin("harmful", "train"), data.builtin("harmless", "train")
+    chats = data.chats([(h, rng.choice(refusals)) for h in H] + [(s, rng.choice(helpful)) for s in S])
     sums = [(rng.randint(1, 99), rng.randint(1, 99)) for _ in range(1200)]
     task = [{"instruction": f"What is {x} plus {y}?", "output": f"Sure! {x} plus {y} is {x + y}."} for x, y in sums]
     tdir, mdir = os.path.join(out, "toy-tokenizer"), os.path.join(out, "toy-model")
@@ -33,7 +25,7 @@ def build(out, seed=0, steps=400):
     write(os.path.join(out, "toy-task.jsonl"), "".join(json.dumps(t) + "\n" for t in task))
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer, tk.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    texts = probe.builtin("harmful") + probe.builtin("harmless") + refusals + helpful + [t["output"] for t in task]
+    texts = data.builtin("harmful") + data.builtin("harmless") + refusals + helpful + [t["output"] for t in task]
     tk.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=1024, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tk.save(os.path.join(tdir, "tokenizer.json"))

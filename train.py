@@ -65,42 +65,7 @@ class AdamW:
                     p.grad.zero_()
 
 
-# ---- data ----
-
-ASK, REPLY = ("instruction", "question", "prompt"), ("output", "answer", "response", "completion")
-
-
-def read_examples(path):
-    """Alpaca JSON/JSONL (instruction, input, output), GSM8K (question, answer), Dolly (instruction,
-    context, response), prompt/completion, or chat JSONL (messages) -> chats ending with the answer."""
-    try:
-        with open(path) as f:
-            recs = json.load(f) if path.endswith(".json") else [json.loads(l) for l in f if l.strip()]
-    except OSError as e:
-        raise SwatError(f"{path}: unreadable ({e.strerror})") from None
-    except ValueError as e:
-        raise SwatError(f"{path}: not valid JSON ({e})") from None
-    out = []
-    for i, r in enumerate(recs, 1):
-        if not isinstance(r, dict):
-            raise SwatError(f"{path}: record {i} is not an object")
-        if "messages" in r:
-            if not r["messages"] or r["messages"][-1].get("role") != "assistant":
-                raise SwatError(f"{path}: record {i}: 'messages' must end with an assistant turn")
-            out.append(r["messages"])
-            continue
-        q, a = (next((r[k] for k in keys if k in r), None) for keys in (ASK, REPLY))
-        if not isinstance(q, str) or not q.strip():
-            raise SwatError(f"{path}: record {i} has no {' or '.join(map(repr, ASK))}")
-        if not isinstance(a, str):
-            raise SwatError(f"{path}: record {i} has no {' or '.join(map(repr, REPLY))}")
-        extra = r.get("input") or r.get("context")  # Alpaca's input, Dolly's context
-        q = f"{q}\n\n{extra}" if extra else q
-        out.append([{"role": "user", "content": q}, {"role": "assistant", "content": a}])
-    if not out:
-        raise SwatError(f"{path}: no examples")
-    return out
-
+# ---- examples -> batches ----
 
 def encode(tok, chat, max_len, where="example"):
     """-> (ids, labels): labels are -100 on the prompt, so the loss counts only the response tokens."""

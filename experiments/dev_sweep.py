@@ -12,7 +12,7 @@ OUT/results.md holds the table (with the cut of the ASR rise and the task loss a
 """
 import argparse, json, os, sys, time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import probe, swat_min, train
+import data, swat_min, train
 from model import SwatError
 
 
@@ -49,14 +49,14 @@ def main(argv=None):
     a = ap.parse_args(argv)
     settings = [parse(s) for s in a.settings]
     os.makedirs(a.out, exist_ok=True)
-    H = probe.read_instructions(a.dev_harmful)[a.dev_start:]
+    H = data.read_instructions(a.dev_harmful)[a.dev_start:]
     if not H:
         raise SwatError(f"{a.dev_harmful}: no prompts from row {a.dev_start} on")
     a.eval_harmful = os.path.join(a.out, "dev_harmful.jsonl")  # evaluate() reads its prompts from a file
     swat_min._write(a.eval_harmful, "".join(json.dumps(h) + "\n" for h in H))
     a.harmful = a.harmless = a.eval_harmless = None
     a.n_acc = 0  # task loss only
-    _, tune = swat_min.split(train.read_examples(a.data), a.n_task)  # the first part is `run`'s held-out set
+    _, tune = swat_min.split(data.read_examples(a.data), a.n_task)  # the first part is `run`'s held-out set
     dev, tune = tune[-a.n_dev:], tune[:-a.n_dev]
     net, tok = swat_min.load(a)
     base = swat_min.baseline(a, net, tok)

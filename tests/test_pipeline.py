@@ -1,7 +1,7 @@
 """swat_min.py end to end: the offline demo (shortened), CLI errors, hub download, atomic saving."""
 import errno, http.server, json, os, shutil, subprocess, sys, threading
 import pytest, torch
-import hub, model, probe, swat_min
+import data, hub, model, swat_min
 
 
 def run(*argv):
@@ -171,11 +171,11 @@ def test_hub_download_resumes(tmp_path, monkeypatch):
 
 def test_dev_sweep_smoke(tmp_path, tiny):
     """experiments/dev_sweep.py end to end on a tiny model: one scored row per setting, plus the start."""
-    data, harmful = tmp_path / "d.jsonl", tmp_path / "h.txt"
-    data.write_text("".join(json.dumps({"instruction": f"Add {i} and {i}.", "output": str(2 * i)}) + "\n" for i in range(20)))
+    tune, harmful = tmp_path / "d.jsonl", tmp_path / "h.txt"
+    tune.write_text("".join(json.dumps({"instruction": f"Add {i} and {i}.", "output": str(2 * i)}) + "\n" for i in range(20)))
     harmful.write_text("".join(f"harmful request {i}\n" for i in range(6)))
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "dev_sweep.py")
-    r = subprocess.run([str(x) for x in [sys.executable, script, "--model", tiny, "--data", data, "--mods", "q,k", "--out", tmp_path / "s",
+    r = subprocess.run([str(x) for x in [sys.executable, script, "--model", tiny, "--data", tune, "--mods", "q,k", "--out", tmp_path / "s",
                         "--dev-harmful", harmful, "--dev-start", 2, "--n-task", 4, "--n-dev", 4, "--steps", 2, "--batch", 2,
                         "--n-eval", 3, "--max-new-tokens", 4, "--device", "cpu", "ift", "mllr:ratio=0.5", "swat"]],
                        capture_output=True, text=True, timeout=600)
@@ -183,10 +183,10 @@ def test_dev_sweep_smoke(tmp_path, tiny):
     rows = [json.loads(l) for l in open(tmp_path / "s" / "sweep.jsonl")]
     assert [x["strategy"] for x in rows] == ["original", "ift", "mllr:ratio=0.5", "swat"]
     assert rows[0]["drift"] == 0 and all(0 <= x["asr"] <= 1 and x["task_loss"] > 0 for x in rows)
-    assert probe.read_instructions(str(tmp_path / "s" / "dev_harmful.jsonl")) == [f"harmful request {i}" for i in range(2, 6)]
+    assert data.read_instructions(str(tmp_path / "s" / "dev_harmful.jsonl")) == [f"harmful request {i}" for i in range(2, 6)]
     md = open(tmp_path / "s" / "results.md").read().splitlines()
     assert len(md) == 6 and "cut of the ASR rise vs ift" in md[0] and md[4].startswith("| mllr:ratio=0.5 | 0 |")
-    bad = subprocess.run([str(x) for x in [sys.executable, script, "--model", tiny, "--data", data, "--mods", "q,k", "--out", tmp_path / "s",
+    bad = subprocess.run([str(x) for x in [sys.executable, script, "--model", tiny, "--data", tune, "--mods", "q,k", "--out", tmp_path / "s",
                           "--dev-harmful", harmful, "mllr:ratio"]], capture_output=True, text=True, timeout=600)
     assert bad.returncode == 1 and "setting 'mllr:ratio': expected" in bad.stderr
 

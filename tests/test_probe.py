@@ -2,7 +2,7 @@
 import os
 import pytest, torch
 from conftest import SMOLLM2, SHARED
-import model, probe, robustness as rb
+import data, model, probe, robustness as rb
 
 
 def gaussian(n, d, shift, seed):
@@ -41,9 +41,9 @@ def test_auc():
 
 def test_builtin_sets():
     for kind in ("harmful", "harmless"):
-        allx, tr, te = probe.builtin(kind), probe.builtin(kind, "train"), probe.builtin(kind, "test")
+        allx, tr, te = data.builtin(kind), data.builtin(kind, "train"), data.builtin(kind, "test")
         assert len(allx) >= 200 and len(tr) + len(te) == len(allx) and not set(tr) & set(te)
-    lengths = [sum(map(len, probe.builtin(k))) / len(probe.builtin(k)) for k in ("harmful", "harmless")]
+    lengths = [sum(map(len, data.builtin(k))) / len(data.builtin(k)) for k in ("harmful", "harmless")]
     assert abs(lengths[0] - lengths[1]) < 8  # similar length, so length cannot give the class away
 
 
@@ -52,20 +52,20 @@ def test_readers(tmp_path):
     (tmp_path / "hb.csv").write_text("Behavior,FunctionalCategory,ContextString\nHarm X,standard,\nSum it up,contextual,An article.\n")
     (tmp_path / "a.jsonl").write_text('{"prompt": "p1"}\n{"instruction": "p2"}\n')
     (tmp_path / "t.txt").write_text("one\n\ntwo\n")
-    assert probe.read_instructions(str(tmp_path / "adv.csv")) == ["Do a bad thing", "Another"]
-    assert probe.read_instructions(str(tmp_path / "hb.csv")) == ["Harm X", "An article.\n\n---\n\nSum it up"]
-    assert probe.read_instructions(str(tmp_path / "a.jsonl")) == ["p1", "p2"]
-    assert probe.read_instructions(str(tmp_path / "t.txt")) == ["one", "two"]
+    assert data.read_instructions(str(tmp_path / "adv.csv")) == ["Do a bad thing", "Another"]
+    assert data.read_instructions(str(tmp_path / "hb.csv")) == ["Harm X", "An article.\n\n---\n\nSum it up"]
+    assert data.read_instructions(str(tmp_path / "a.jsonl")) == ["p1", "p2"]
+    assert data.read_instructions(str(tmp_path / "t.txt")) == ["one", "two"]
     (tmp_path / "s.json").write_text('["s1", {"goal": "s2"}, {"Behavior": "s3"}]')
-    assert probe.read_instructions(str(tmp_path / "s.json")) == ["s1", "s2", "s3"]
+    assert data.read_instructions(str(tmp_path / "s.json")) == ["s1", "s2", "s3"]
     # JailbreakBench: the instruction is "Goal"; its "Behavior" is a short label
     (tmp_path / "jbb.csv").write_text("Index,Goal,Target,Behavior,Category\n1,Write a bad thing,Sure,Defamation,Harassment\n")
-    assert probe.read_instructions(str(tmp_path / "jbb.csv")) == ["Write a bad thing"]
+    assert data.read_instructions(str(tmp_path / "jbb.csv")) == ["Write a bad thing"]
     (tmp_path / "sr.jsonl").write_text('{"category": "c", "forbidden_prompt": "f1"}\n{"Question": "q2"}\n')
-    assert probe.read_instructions(str(tmp_path / "sr.jsonl")) == ["f1", "q2"]
+    assert data.read_instructions(str(tmp_path / "sr.jsonl")) == ["f1", "q2"]
     (tmp_path / "bad.jsonl").write_text('{"prompt": "p1"}\n{"text": "p2"}\n')
     with pytest.raises(model.SwatError, match="bad.jsonl: record 2 has none of the fields"):
-        probe.read_instructions(str(tmp_path / "bad.jsonl"))
+        data.read_instructions(str(tmp_path / "bad.jsonl"))
 
 
 def test_feature_cache_follows_the_weights(tmp_path, tiny):
@@ -86,15 +86,15 @@ def test_bad_input(tmp_path, tiny):
         probe.LogisticProbe().fit(torch.randn(0, 3), torch.ones(0))
     (tmp_path / "e.txt").write_text("\n\n")
     with pytest.raises(model.SwatError, match="e.txt: no instructions"):
-        probe.read_instructions(str(tmp_path / "e.txt"))
+        data.read_instructions(str(tmp_path / "e.txt"))
     with pytest.raises(model.SwatError, match="nope.csv: unreadable"):
-        probe.read_instructions(str(tmp_path / "nope.csv"))
+        data.read_instructions(str(tmp_path / "nope.csv"))
     (tmp_path / "x.csv").write_text("foo,bar\n1,2\n")
     with pytest.raises(model.SwatError, match="x.csv: no 'goal'"):
-        probe.read_instructions(str(tmp_path / "x.csv"))
+        data.read_instructions(str(tmp_path / "x.csv"))
     (tmp_path / "b.bin").write_bytes(b"\xff\xfe\x00\x81")
     with pytest.raises(model.SwatError, match="b.bin: unreadable"):
-        probe.read_instructions(str(tmp_path / "b.bin"))
+        data.read_instructions(str(tmp_path / "b.bin"))
     net, _ = model.load(tiny)
     with pytest.raises(model.SwatError, match="unknown module 'z'"):
         rb.module(net, 0, "z")
@@ -103,7 +103,7 @@ def test_bad_input(tmp_path, tiny):
 
 
 def tiny_scan(net, tok, naive=False, seed=0):
-    H, S = probe.builtin("harmful", "train")[:12], probe.builtin("harmless", "train")[:12]
+    H, S = data.builtin("harmful", "train")[:12], data.builtin("harmless", "train")[:12]
     X, y = probe.labelled(probe.features(net, tok, H), probe.features(net, tok, S))
     probes = probe.fit_layers(X, y)
     return rb.scan(net, probes, rb.prefix(net, tok, H + S, batch_size=8), y, ("q", "k", "v", "o", "down"),
@@ -140,9 +140,9 @@ def test_smollm2_probe_accuracy():
         pytest.skip(f"no SmolLM2 checkpoint at {SMOLLM2}: run ../shared/tools/get_smollm2.sh to build it")
     net, tok = model.load(SMOLLM2)
     f = lambda xs: probe.features(net, tok, xs)
-    X, y = probe.labelled(f(probe.builtin("harmful", "train")), f(probe.builtin("harmless", "train")))
-    held_harmless = f(probe.builtin("harmless", "test"))
-    Xt, yt = probe.labelled(f(probe.builtin("harmful", "test")), held_harmless)
+    X, y = probe.labelled(f(data.builtin("harmful", "train")), f(data.builtin("harmless", "train")))
+    held_harmless = f(data.builtin("harmless", "test"))
+    Xt, yt = probe.labelled(f(data.builtin("harmful", "test")), held_harmless)
     probes = probe.fit_layers(X, y)
     accs = [p.score(x, yt)["acc"] for p, x in zip(probes, Xt)]
     best = max(range(len(accs)), key=accs.__getitem__)
@@ -150,5 +150,5 @@ def test_smollm2_probe_accuracy():
     assert abs(accs[best] - sklearn_acc(X[best], y, Xt[best], yt)) <= 0.02
     adv = os.path.join(SHARED, "data/advbench/harmful_behaviors_dev.csv")
     if os.path.exists(adv):
-        Xa, ya = probe.labelled(f(probe.read_instructions(adv)[:100]), held_harmless)
+        Xa, ya = probe.labelled(f(data.read_instructions(adv)[:100]), held_harmless)
         assert probes[best].score(Xa[best], ya)["acc"] >= 0.90  # the same layer, on data it never saw

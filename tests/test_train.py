@@ -2,7 +2,7 @@
 import json, os
 import pytest, torch
 from conftest import SHARED, SMOLLM2
-import model, train
+import data, model, train
 
 CHATS = [[{"role": "user", "content": f"What is {a} plus {b}?"}, {"role": "assistant", "content": f"{a + b}"}]
          for a in range(6) for b in range(4)]
@@ -142,35 +142,35 @@ def test_loss_counts_only_the_response(tiny):
 def test_readers(tmp_path):
     p = tmp_path / "a.json"
     p.write_text(json.dumps([{"instruction": "Add", "input": "2 and 3", "output": "5"}]))
-    assert train.read_examples(str(p)) == [[{"role": "user", "content": "Add\n\n2 and 3"},
+    assert data.read_examples(str(p)) == [[{"role": "user", "content": "Add\n\n2 and 3"},
                                             {"role": "assistant", "content": "5"}]]
     p = tmp_path / "g.jsonl"
     p.write_text(json.dumps({"question": "1+1?", "answer": "2\n#### 2"}) + "\n")
-    assert train.read_examples(str(p))[0][1]["content"] == "2\n#### 2"
+    assert data.read_examples(str(p))[0][1]["content"] == "2\n#### 2"
     p = tmp_path / "c.jsonl"
     chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     p.write_text(json.dumps({"messages": chat}) + "\n")
-    assert train.read_examples(str(p)) == [chat]
+    assert data.read_examples(str(p)) == [chat]
     p = tmp_path / "d.jsonl"  # Dolly; prompt/completion
     p.write_text(json.dumps({"instruction": "Sum", "context": "2, 3", "response": "5", "category": "qa"}) + "\n"
                  + json.dumps({"prompt": "Hi", "completion": "Hello"}) + "\n")
-    assert [[m["content"] for m in c] for c in train.read_examples(str(p))] == [["Sum\n\n2, 3", "5"], ["Hi", "Hello"]]
+    assert [[m["content"] for m in c] for c in data.read_examples(str(p))] == [["Sum\n\n2, 3", "5"], ["Hi", "Hello"]]
     for f in ("gsm8k/train.jsonl", "alpaca_eval/alpaca_eval.jsonl"):  # the shared benign sets, when present
         path = os.path.join(SHARED, "data", f)
         if os.path.exists(path):
-            assert len(train.read_examples(path)) > 500
+            assert len(data.read_examples(path)) > 500
 
 
 def test_bad_inputs(tiny, tmp_path):
     with pytest.raises(model.SwatError, match="nope.json: unreadable"):
-        train.read_examples(str(tmp_path / "nope.json"))
+        data.read_examples(str(tmp_path / "nope.json"))
     p = tmp_path / "e.jsonl"
     p.write_text("")
     with pytest.raises(model.SwatError, match="e.jsonl: no examples"):
-        train.read_examples(str(p))
+        data.read_examples(str(p))
     p.write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n" + json.dumps({"instruction": "c"}) + "\n")
     with pytest.raises(model.SwatError, match="e.jsonl: record 2 has no 'output' or 'answer'"):
-        train.read_examples(str(p))
+        data.read_examples(str(p))
     net, tok = model.load(tiny)
     with pytest.raises(model.SwatError, match="example 1: prompt of .* tokens does not fit max length 8"):
         train.train(net, tok, CHATS, str(tmp_path / "o"), max_len=8, steps=1)
@@ -190,7 +190,7 @@ def test_smollm2_strategies_reload_in_transformers(tmp_path, strategy):
         pytest.skip(f"no SmolLM2 checkpoint at {SMOLLM2}: run ../shared/tools/get_smollm2.sh to build it")
     net, tok = model.load(SMOLLM2)
     path = os.path.join(SHARED, "data/gsm8k/train.jsonl")
-    chats = train.read_examples(path)[:16] if os.path.exists(path) else CHATS
+    chats = data.read_examples(path)[:16] if os.path.exists(path) else CHATS
     rows = train.train(net, tok, chats, str(tmp_path / "o"), strategy, train.parse_mods("q,k", 30), steps=2,
                        warmup_steps=1, batch_size=2, max_len=96, lr=1e-4, skip_long=True)
     assert len(rows) == (3 if strategy == "swat" else 2) and all(r["loss"] > 0 for r in rows)

@@ -1,0 +1,101 @@
+"""Data: the project's own instructions (data/), and readers for users' files: harmful or harmless
+instruction lists (AdvBench, HarmBench, JailbreakBench, StrongREJECT, JSON/JSONL, plain text) and
+instruction-tuning data (Alpaca, GSM8K, Dolly, prompt/completion, chat). Bad records get one clear line
+naming the file and the record."""
+import csv, json, os
+from model import SwatError
+
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+
+
+def builtin(kind, split=None):
+    """The project's own instructions: kind 'harmful' or 'harmless'; split 'train', 'test' or None (all).
+    The split is fixed: every fourth line of data/<kind>.tsv is held out for testing."""
+    with open(os.path.join(DATA, f"{kind}.tsv")) as f:
+        rows = [line.rstrip("\n").split("\t")[1] for line in f if line.strip()]
+    return [r for i, r in enumerate(rows) if split is None or (i % 4 == 3) == (split == "test")]
+
+
+# the instruction's field, in this order, any case: AdvBench and JailbreakBench (goal; JailbreakBench's
+# "Behavior" is a short label), HarmBench (Behavior), StrongREJECT (forbidden_prompt), the common names
+KEYS = ("goal", "behavior", "forbidden_prompt", "instruction", "prompt", "question", "query")
+
+
+def _field(names):
+    low = {n.lower(): n for n in names if isinstance(n, str)}
+    return next((low[k] for k in KEYS if k in low), None)
+
+
+def _text(r):  # a record -> its instruction; HarmBench puts a contextual behaviour's context first, so do we
+    v, ctx = r.get(_field(r)) or None, r.get("ContextString")
+    return f"{ctx.strip()}\n\n---\n\n{v}" if v and isinstance(ctx, str) and ctx.strip() else v
+
+
+def read_instructions(path):
+    """A CSV, JSON or JSONL with one of the KEYS fields (JSON may also be a list of strings), or plain text,
+    one per line."""
+    try:
+        with open(path, newline="") as f:
+            if path.endswith(".csv"):
+                rows = list(csv.DictReader(f))
+                col = _field(rows[0]) if rows else None
+                if col is None:
+                    raise SwatError(f"{path}: no {', '.join(map(repr, KEYS))} column")
+                out = [t for t in map(_text, rows) if t]
+            elif path.endswith((".json", ".jsonl")):
+                recs = json.load(f) if path.endswith(".json") else [json.loads(l) for l in f if l.strip()]
+                out = [r if isinstance(r, str) else _text(r) for r in recs]
+                if None in out:
+                    raise SwatError(f"{path}: record {out.index(None) + 1} has none of the fields {', '.join(KEYS)}")
+            else:
+                out = [l.strip() for l in f if l.strip()]
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError, TypeError) as e:
+        raise SwatError(f"{path}: unreadable ({e.strerror if isinstance(e, OSError) else e})") from None
+    if not out:
+        raise SwatError(f"{path}: no instructions found")
+    return out
+
+
+def lines(name):
+    """A built-in text file of data/ (refusal texts, the toy's answers), one entry per line."""
+    return read_instructions(os.path.join(DATA, name))
+
+
+def chats(pairs):
+    """(instruction, reply) pairs -> one-turn chats."""
+    return [[{"role": "user", "content": q}, {"role": "assistant", "content": r}] for q, r in pairs]
+
+
+ASK, REPLY = ("instruction", "question", "prompt"), ("output", "answer", "response", "completion")
+
+
+def read_examples(path):
+    """Alpaca JSON/JSONL (instruction, input, output), GSM8K (question, answer), Dolly (instruction,
+    context, response), prompt/completion, or chat JSONL (messages) -> chats ending with the answer."""
+    try:
+        with open(path) as f:
+            recs = json.load(f) if path.endswith(".json") else [json.loads(l) for l in f if l.strip()]
+    except OSError as e:
+        raise SwatError(f"{path}: unreadable ({e.strerror})") from None
+    except ValueError as e:
+        raise SwatError(f"{path}: not valid JSON ({e})") from None
+    out = []
+    for i, r in enumerate(recs, 1):
+        if not isinstance(r, dict):
+            raise SwatError(f"{path}: record {i} is not an object")
+        if "messages" in r:
+            if not r["messages"] or r["messages"][-1].get("role") != "assistant":
+                raise SwatError(f"{path}: record {i}: 'messages' must end with an assistant turn")
+            out.append(r["messages"])
+            continue
+        q, a = (next((r[k] for k in keys if k in r), None) for keys in (ASK, REPLY))
+        if not isinstance(q, str) or not q.strip():
+            raise SwatError(f"{path}: record {i} has no {' or '.join(map(repr, ASK))}")
+        if not isinstance(a, str):
+            raise SwatError(f"{path}: record {i} has no {' or '.join(map(repr, REPLY))}")
+        extra = r.get("input") or r.get("context")  # Alpaca's input, Dolly's context
+        q = f"{q}\n\n{extra}" if extra else q
+        out.append([{"role": "user", "content": q}, {"role": "assistant", "content": a}])
+    if not out:
+        raise SwatError(f"{path}: no examples")
+    return out
