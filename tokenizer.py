@@ -6,10 +6,10 @@ import os, re, sys, time
 from tokenizers import Tokenizer
 from model import SwatError, read_json
 
+
 class Tok:
-    """tokenizer.json plus the checkpoint's chat format, written by hand for four families:
-    chatml (SmolLM2, Qwen2), llama3, llama2 and mistral ([INST]). The family is read off the checkpoint's
-    chat_template string, or forced with chat_format=."""
+    """tokenizer.json plus the chat format of the checkpoint in `path`: the family is read off its
+    chat_template string (tokenizer_config.json or chat_template.jinja), or forced with chat_format=."""
     FORMATS = ("chatml", "llama3", "llama2", "mistral")
 
     def __init__(self, path, chat_format=None):
