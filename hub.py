@@ -23,6 +23,7 @@ def fetch(repo):
 
     def get(name, required=True):
         dst, part, url = os.path.join(d, name), os.path.join(d, name + ".part"), f"{base}/{repo}/resolve/main/{name}"
+        lead = f"{repo}: no such local directory; from the hub: " if name == "config.json" else ""  # a typo?
         if os.path.exists(dst):
             return True
         have = os.path.getsize(part) if os.path.exists(part) else 0
@@ -38,9 +39,10 @@ def fetch(repo):
         except urllib.error.HTTPError as e:
             if e.code == 404 and not required:
                 return False
-            raise SwatError(f"{url}: HTTP {e.code}" + (" (a gated model? set HF_TOKEN)" if e.code in (401, 403) else "")) from None
+            hint = " (a private or gated model? set HF_TOKEN)" if e.code in (401, 403) else ""
+            raise SwatError(f"{lead}{url}: HTTP {e.code}{hint}") from None
         except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
-            raise SwatError(f"{url}: download failed ({getattr(e, 'reason', e)}); run again to resume") from None
+            raise SwatError(f"{lead}{url}: download failed ({getattr(e, 'reason', e)}); run again to resume") from None
         if size is not None and os.path.getsize(part) != size:
             raise SwatError(f"{dst}: incomplete ({os.path.getsize(part)} of {size} bytes); run again to resume")
         os.replace(part, dst)

@@ -114,7 +114,7 @@ class Hub(http.server.BaseHTTPRequestHandler):
         name = self.path.split("/resolve/main/")[-1]
         path = os.path.join(self.root, name)
         Hub.seen.append((name, self.headers.get("Range"), self.headers.get("Authorization")))
-        if not os.path.exists(path):
+        if not self.path.startswith("/org/tiny/") or not os.path.exists(path):
             self.send_error(404)
             return
         data = open(path, "rb").read()
@@ -154,6 +154,8 @@ def test_hub_download_resumes(tmp_path, monkeypatch):
         with pytest.raises(model.SwatError, match="incomplete .* run again to resume"):
             hub.fetch("org/tiny")
         d = hub.fetch("org/tiny")  # resumes the partial shard with a Range request
+        with pytest.raises(model.SwatError, match="^no/such: no such local directory; from the hub: .*HTTP 404"):
+            model.load("no/such")  # a mistyped path that looks like a hub id
     finally:
         srv.shutdown()
     n = len(Hub.seen)
