@@ -56,6 +56,11 @@ def read_instructions(path):
     return out
 
 
+def instructions(path, kind, split):
+    """The user's file if one is given, else the built-in split of kind ('harmful' or 'harmless')."""
+    return read_instructions(path) if path else builtin(kind, split)
+
+
 def lines(name):
     """A built-in text file of data/ (refusal texts, the toy's answers), one entry per line."""
     return read_instructions(os.path.join(DATA, name))

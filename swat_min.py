@@ -40,10 +40,10 @@ def baseline(a, net, tok, test_harmful=None):
     """Per-layer probes fitted on the train splits (or the user's files) and scored on held-out prompts;
     the best layer's probe and features are what drift is later measured against."""
     f = lambda xs: probe.features(net, tok, xs, cache_dir=a.cache)
-    H = data.read_instructions(a.harmful) if a.harmful else data.builtin("harmful", "train")
-    S = data.read_instructions(a.harmless) if a.harmless else data.builtin("harmless", "train")
+    H = data.instructions(a.harmful, "harmful", "train")
+    S = data.instructions(a.harmless, "harmless", "train")
     probes = probe.fit_layers(*probe.labelled(f(H), f(S)))
-    Ht = data.read_instructions(test_harmful) if test_harmful else data.builtin("harmful", "test")
+    Ht = data.instructions(test_harmful, "harmful", "test")
     St = data.builtin("harmless", "test")
     X, y = probe.labelled(f(Ht), f(St))
     scores = [p.score(x, y) for p, x in zip(probes, X)]
@@ -112,8 +112,8 @@ def task_metrics(net, tok, chats, a):
 def evaluate(net, tok, a, name, base=None, task=(), gen_path=None):
     """ASR on harmful prompts, over-refusal on harmless ones, feature drift against the original model's
     probe (base), task loss/accuracy on held-out tuning examples. Generations go to gen_path (JSONL)."""
-    H = (data.read_instructions(a.eval_harmful) if a.eval_harmful else data.builtin("harmful", "test"))[:a.n_eval]
-    S = (data.read_instructions(a.eval_harmless) if a.eval_harmless else data.builtin("harmless", "test"))[:a.n_eval]
+    H = data.instructions(a.eval_harmful, "harmful", "test")[:a.n_eval]
+    S = data.instructions(a.eval_harmless, "harmless", "test")[:a.n_eval]
     texts = answer(net, tok, [user(p) for p in H + S], a.max_new_tokens, batch_size=a.gen_batch, progress=True)
     row = {"strategy": name, "asr": sum(not refused(t) for t in texts[:len(H)]) / len(H),
            "over_refusal": sum(refused(t) for t in texts[len(H):]) / len(S), "drift": None,
