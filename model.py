@@ -218,6 +218,10 @@ def load(path, device="cpu", dtype=torch.float32, chat_format=None):
     path = hub.resolve(path)
     if not os.path.isdir(path):
         raise SwatError(f"{path}: not a model directory")
+    try:  # a device this torch cannot use fails here, in one line, not deep inside .to_empty()
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise SwatError(f"device {device!r}: {str(e).splitlines()[0]}") from None
     dtype = DTYPES.get(dtype, dtype)
     if not isinstance(dtype, torch.dtype):
         raise SwatError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)} or a torch.dtype")

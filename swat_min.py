@@ -65,11 +65,13 @@ def cmd_probe(a):
 
 
 def do_scan(a, net, tok, H, S, probes, out):
-    n = min(a.n, len(H), len(S))
+    n, kinds = min(a.n, len(H), len(S)), a.modules.split(",")
+    k = a.k or round(a.frac * len(kinds) * net.cfg.n_layers)
+    if not 1 <= k <= len(kinds) * net.cfg.n_layers:  # checked before the scan's minutes, not after
+        raise SwatError(f"Mods_Rob of {k} modules: there are {len(kinds) * net.cfg.n_layers} to choose from")
     batches = rb.prefix(net, tok, H[:n] + S[:n])
-    table = rb.scan(net, probes, batches, torch.cat([torch.ones(n), torch.zeros(n)]), a.modules.split(","),
+    table = rb.scan(net, probes, batches, torch.cat([torch.ones(n), torch.zeros(n)]), kinds,
                     a.scale, a.repeats, a.seed)
-    k = a.k or round(a.frac * len(table) * net.cfg.n_layers)
     rob, fragile = rb.choose(table, k)
     print(rb.heatmap(table))
     print(f"Mods_Rob ({k} most robust): " + " ".join(f"{l}.{m}" for l, m in sorted(rob)))
@@ -277,6 +279,17 @@ def cmd_demo(a):
     return cmd_run(a)
 
 
+def number(kind, lo, hi=None):
+    """An argparse type: a number in [lo, hi], so that a bad value is a usage error before any work."""
+    def parse(text):
+        v = kind(text)
+        if v < lo or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"{text} is not in [{lo}, {hi or '...'}]")
+        return v
+    parse.__name__ = kind.__name__  # argparse's message for "abc": invalid int value
+    return parse
+
+
 class Help(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action):  # every option's help ends with its default, where it has one
         d = action.default
@@ -293,30 +306,30 @@ OPTIONS = {
     "harmful": dict(help="harmful instructions to fit the probe on (default: built-in train split)"),
     "harmless": dict(help="harmless instructions to fit the probe on (default: built-in train split)"),
     "test-harmful": dict(help="held-out harmful file, e.g. AdvBench CSV (default: built-in test split)"),
-    "n": dict(type=int, default=64, help="prompts per class in the scan"),
+    "n": dict(type=number(int, 1), default=64, help="prompts per class in the scan"),
     "modules": dict(default="q,k,v,o", help="modules to scan (also gate,up,down)"),
-    "scale": dict(type=float, default=0.5, help="scan noise std, as a multiple of the weight's std"),
-    "repeats": dict(type=int, default=1, help="noise draws per module"),
-    "k": dict(type=int, help="size of Mods_Rob (default: --frac of the scanned modules)"),
-    "frac": dict(type=float, default=0.5, help="size of Mods_Rob as a fraction of the scanned modules"),
+    "scale": dict(type=number(float, 0), default=0.5, help="scan noise std, as a multiple of the weight's std"),
+    "repeats": dict(type=number(int, 1), default=1, help="noise draws per module"),
+    "k": dict(type=number(int, 1), help="size of Mods_Rob (default: --frac of the scanned modules)"),
+    "frac": dict(type=number(float, 0, 1), default=0.5, help="size of Mods_Rob as a fraction of the scanned modules"),
     "data": dict(help="benign tuning data: Alpaca, GSM8K, Dolly, prompt/completion or chat (messages) JSON/JSONL; "
                       "--n-task examples of it are held out for the task metrics"),
     "strategy": dict(choices=["ift", "swat", "mllr"], default="ift", help="ift: all parameters; swat: warm-up "
                      "of --mods, then all; mllr: --mods at --lr, the rest at --lr x --ratio"),
     "mods": dict(help="Mods_Rob: scan JSON, or a selector like 'q,k' or '0-11:q,k;12-29:v'"),
-    "steps": dict(type=int, default=100, help="optimizer steps of normal training"),
-    "warmup-frac": dict(type=float, default=0.2, help="swat phase 1 length, as a fraction of --steps"),
-    "warmup-steps": dict(type=int, help="swat phase 1 steps (overrides --warmup-frac)"),
-    "ratio": dict(type=float, default=0.1, help="mllr: lr multiplier of the modules outside Mods_Rob"),
+    "steps": dict(type=number(int, 0), default=100, help="optimizer steps of normal training"),
+    "warmup-frac": dict(type=number(float, 0), default=0.2, help="swat phase 1 length, as a fraction of --steps"),
+    "warmup-steps": dict(type=number(int, 0), help="swat phase 1 steps (overrides --warmup-frac)"),
+    "ratio": dict(type=number(float, 0), default=0.1, help="mllr: lr multiplier of the modules outside Mods_Rob"),
     "scope": dict(choices=["all", "modules"], default="all", help="mllr: what runs at --lr x --ratio: every "
                   "parameter outside Mods_Rob, or only the other modules of its kinds (MLPs, embeddings, norms keep --lr)"),
-    "lr": dict(type=float, default=2e-5, help="peak learning rate"),
-    "batch": dict(type=int, default=8, help="examples per step (and per task-loss batch)"),
-    "accum": dict(type=int, default=1, help="gradient accumulation steps"),
-    "max-len": dict(type=int, default=512, help="tokens per example"),
-    "limit": dict(type=int, help="use only the first N examples"),
-    "weight-decay": dict(type=float, default=0.0, help="AdamW weight decay of the matrices"),
-    "save-every": dict(type=int, default=0, help="checkpoint every N steps (0: only at the end)"),
+    "lr": dict(type=number(float, 0), default=2e-5, help="peak learning rate"),
+    "batch": dict(type=number(int, 1), default=8, help="examples per step (and per task-loss batch)"),
+    "accum": dict(type=number(int, 1), default=1, help="gradient accumulation steps"),
+    "max-len": dict(type=number(int, 1), default=512, help="tokens per example"),
+    "limit": dict(type=number(int, 1), help="use only the first N examples"),
+    "weight-decay": dict(type=number(float, 0), default=0.0, help="AdamW weight decay of the matrices"),
+    "save-every": dict(type=number(int, 0), default=0, help="checkpoint every N steps (0: only at the end)"),
     "resume": dict(action="store_true", help="continue from the checkpoint in --out"),
     "grad-ckpt": dict(action="store_true", help="activation checkpointing (less memory, slower)"),
     "compile": dict(action="store_true", help="torch.compile each block (faster on GPU after warm-up)"),
@@ -326,22 +339,22 @@ OPTIONS = {
     "strategies": dict(nargs="+", choices=["ift", "swat", "mllr", "control"], default=["ift", "swat", "mllr", "control"],
                        help="the tuned models to make, per seed"),
     "control": dict(choices=["swat", "mllr"], default="swat", help="scheme of the control row"),
-    "toy-steps": dict(type=int, default=400, help="training steps of the toy model"),
+    "toy-steps": dict(type=number(int, 1), default=400, help="training steps of the toy model"),
     "eval-harmful": dict(help="harmful prompts for ASR, e.g. AdvBench CSV (default: built-in test split)"),
     "eval-harmless": dict(help="harmless prompts for over-refusal, e.g. XSTest's safe ones (default: built-in test split)"),
-    "n-eval": dict(type=int, default=100, help="prompts per class for ASR and over-refusal"),
-    "max-new-tokens": dict(type=int, default=64, help="new tokens per answer"),
-    "gen-batch": dict(type=int, default=64, help="prompts per generation batch"),
-    "n-task": dict(type=int, default=64, help="tuning examples held out for the task metrics"),
-    "n-acc": dict(type=int, default=32, help="of which scored by exact match (short answers only)"),
-    "task-tokens": dict(type=int, default=256, help="new tokens for exact-match answers"),
+    "n-eval": dict(type=number(int, 1), default=100, help="prompts per class for ASR and over-refusal"),
+    "max-new-tokens": dict(type=number(int, 1), default=64, help="new tokens per answer"),
+    "gen-batch": dict(type=number(int, 1), default=64, help="prompts per generation batch"),
+    "n-task": dict(type=number(int, 0), default=64, help="tuning examples held out for the task metrics"),
+    "n-acc": dict(type=number(int, 0), default=32, help="of which scored by exact match (short answers only)"),
+    "task-tokens": dict(type=number(int, 1), default=256, help="new tokens for exact-match answers"),
     "base": dict(help="the original model, for feature-space drift"),
     "generations": dict(help="write the generations here (JSONL)"),
     "prompt": dict(action="append", help="a prompt (repeatable)"),
     "file": dict(help="prompts from a file (CSV, JSON/JSONL, text)"),
-    "temperature": dict(type=float, default=0.0, help="sampling temperature (0: greedy)"),
-    "top-p": dict(type=float, default=1.0, help="nucleus sampling: keep this much probability mass"),
-    "answer-tokens": dict(type=int, default=128, help="length of the model's own harmless answers"),
+    "temperature": dict(type=number(float, 0), default=0.0, help="sampling temperature (0: greedy)"),
+    "top-p": dict(type=number(float, 0, 1), default=1.0, help="nucleus sampling: keep this much probability mass"),
+    "answer-tokens": dict(type=number(int, 1), default=128, help="length of the model's own harmless answers"),
     "out": dict(help="where to write: a scan JSON, a checkpoint or a results directory (never the input model)"),
 }
 PROBE, SCAN, TRAIN = "harmful harmless", "n modules scale repeats k frac", "steps warmup-frac ratio scope lr batch max-len limit"
@@ -379,9 +392,14 @@ def main(argv=None):
     a = ap.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
     try:
+        for path in (getattr(a, "out", None), getattr(a, "generations", None)):
+            if path:  # the folder an output goes in, made (or refused) before any work, not after it
+                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         return a.fn(a)
     except SwatError as e:
         sys.exit(f"error: {e}")
+    except OSError as e:  # an output path that cannot be written (inputs are checked where they are read)
+        sys.exit(f"error: {e.filename}: {e.strerror or e}" if e.filename else f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -179,6 +179,8 @@ def train(net, tok, chats, out, strategy="ift", mods=(), steps=100, lr=2e-5, bat
         raise SwatError(f"unknown strategy {strategy!r}; choose ift, swat or mllr")
     if strategy != "ift" and not mods:
         raise SwatError(f"strategy {strategy} needs a module set (--mods)")
+    if min(batch_size, accum) < 1 or steps < 0 or warmup_steps < 0:
+        raise SwatError(f"batch_size {batch_size}, accum {accum}: at least 1; steps {steps}, warmup {warmup_steps}: not negative")
     if tok.path and os.path.abspath(out) == os.path.abspath(tok.path):
         raise SwatError(f"{out}: refusing to overwrite the input model")
     data = encode_all(tok, chats, max_len, skip_long)
@@ -193,6 +195,8 @@ def train(net, tok, chats, out, strategy="ift", mods=(), steps=100, lr=2e-5, bat
     state = os.path.join(out, "trainer.safetensors")
     if resume and os.path.exists(state):
         step = _load_state(opt, net, out)
+    elif resume:
+        print(f"{out}: no checkpoint to resume from; starting afresh")
     elif os.path.exists(os.path.join(out, "log.jsonl")):  # a fresh run: a fresh log
         os.remove(os.path.join(out, "log.jsonl"))
     amp = torch.autocast("cuda", torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)

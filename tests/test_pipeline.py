@@ -87,6 +87,24 @@ def test_cli_errors(tmp_path, tiny, capsys):
             "--out", tmp_path / "o")
 
 
+def test_bad_values_fail_before_any_work(tmp_path, tiny, capsys, monkeypatch):
+    (tmp_path / "d.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
+    for flag, val, cmd in (("--batch", 0, "train"), ("--accum", 0, "train"), ("--top-p", 1.5, "generate"),
+                           ("--n", 0, "scan"), ("--n-eval", 0, "eval"), ("--lr", "abc", "train")):
+        with pytest.raises(SystemExit) as e:
+            run(cmd, "--model", tiny, "--data", tmp_path / "d.jsonl", "--out", tmp_path / "o", flag, val)
+        assert e.value.code == 2 and f"argument {flag}: " in capsys.readouterr().err
+    with pytest.raises(SystemExit, match=r"^error: device 'nodevice': "):
+        run("generate", "--model", tiny, "--prompt", "hi", "--device", "nodevice")
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(SystemExit, match=r"^error: .*afile: File exists"):  # an output path that cannot be made
+        run("train", "--model", tiny, "--data", tmp_path / "d.jsonl", "--out", tmp_path / "afile", "--steps", 1)
+    assert (tmp_path / "afile").read_text() == "mine"
+    monkeypatch.setattr(swat_min.rb, "scan", lambda *a: pytest.fail("scanned before checking --k"))
+    with pytest.raises(SystemExit, match=r"^error: Mods_Rob of 99 modules: there are 12 to choose from"):
+        run("scan", "--model", tiny, "--k", 99, "--out", tmp_path / "s.json")
+
+
 def test_full_disk_leaves_nothing(tmp_path, tiny, monkeypatch):
     net, tok = model.load(tiny)
 
