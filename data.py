@@ -35,7 +35,7 @@ def read_instructions(path):
     """A CSV, JSON or JSONL with one of the KEYS fields (JSON may also be a list of strings), or plain text,
     one per line."""
     try:
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark
             if path.endswith(".csv"):
                 rows = list(csv.DictReader(f))
                 col = _field(rows[0]) if rows else None
@@ -72,13 +72,14 @@ def chats(pairs):
 
 
 ASK, REPLY = ("instruction", "question", "prompt"), ("output", "answer", "response", "completion")
+ROLES = ("system", "user", "assistant")
 
 
 def read_examples(path):
     """Alpaca JSON/JSONL (instruction, input, output), GSM8K (question, answer), Dolly (instruction,
     context, response), prompt/completion, or chat JSONL (messages) -> chats ending with the answer."""
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8-sig") as f:
             recs = json.load(f) if path.endswith(".json") else [json.loads(l) for l in f if l.strip()]
     except OSError as e:
         raise SwatError(f"{path}: unreadable ({e.strerror})") from None
@@ -89,7 +90,11 @@ def read_examples(path):
         if not isinstance(r, dict):
             raise SwatError(f"{path}: record {i} is not an object")
         if "messages" in r:
-            if not r["messages"] or r["messages"][-1].get("role") != "assistant":
+            ms = r["messages"] if isinstance(r["messages"], list) else []
+            if not all(isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in ms):
+                raise SwatError(f"{path}: record {i}: 'messages' must be turns with a role "
+                                f"({', '.join(ROLES)}) and a text content")
+            if not ms or ms[-1]["role"] != "assistant":
                 raise SwatError(f"{path}: record {i}: 'messages' must end with an assistant turn")
             out.append(r["messages"])
             continue

@@ -63,6 +63,8 @@ def test_readers(tmp_path):
     assert data.read_instructions(str(tmp_path / "jbb.csv")) == ["Write a bad thing"]
     (tmp_path / "sr.jsonl").write_text('{"category": "c", "forbidden_prompt": "f1"}\n{"Question": "q2"}\n')
     assert data.read_instructions(str(tmp_path / "sr.jsonl")) == ["f1", "q2"]
+    (tmp_path / "bom.csv").write_bytes('\ufeffgoal,target\r\n"One, two",Sure\r\n'.encode())  # as spreadsheets save it
+    assert data.read_instructions(str(tmp_path / "bom.csv")) == ["One, two"]
     (tmp_path / "bad.jsonl").write_text('{"prompt": "p1"}\n{"text": "p2"}\n')
     with pytest.raises(model.SwatError, match="bad.jsonl: record 2 has none of the fields"):
         data.read_instructions(str(tmp_path / "bad.jsonl"))

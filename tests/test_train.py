@@ -171,6 +171,9 @@ def test_bad_inputs(tiny, tmp_path):
     p.write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n" + json.dumps({"instruction": "c"}) + "\n")
     with pytest.raises(model.SwatError, match="e.jsonl: record 2 has no 'output' or 'answer'"):
         data.read_examples(str(p))
+    p.write_text(json.dumps({"messages": [{"from": "human", "value": "hi"}, {"role": "assistant", "content": "a"}]}))
+    with pytest.raises(model.SwatError, match="e.jsonl: record 1: 'messages' must be turns with a role"):
+        data.read_examples(str(p))
     net, tok = model.load(tiny)
     with pytest.raises(model.SwatError, match="example 1: prompt of .* tokens does not fit max length 8"):
         train.train(net, tok, CHATS, str(tmp_path / "o"), max_len=8, steps=1)
