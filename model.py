@@ -32,6 +32,8 @@ def read_config(path):
         bad("model_type", mt)
     if c.get("hidden_act", "silu") != "silu":
         bad("hidden_act", c["hidden_act"])
+    if c.get("mlp_bias"):  # llama's option of biases on gate/up/down: not implemented
+        bad("mlp_bias", c["mlp_bias"])
     # rope settings come in three spellings: rope_scaling {type|rope_type}, or v5's rope_parameters
     rope = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
     rtype = rope.get("rope_type", rope.get("type", "default"))

@@ -201,6 +201,8 @@ def test_bad_inputs(tmp_path, tiny):
         model.load(broken(set_cfg(model_type="gpt2")))
     with pytest.raises(model.SwatError, match="rope_type='yarn'"):
         model.load(broken(set_cfg(rope_parameters={"rope_type": "yarn", "factor": 2.0})))
+    with pytest.raises(model.SwatError, match="mlp_bias=True"):
+        model.load(broken(set_cfg(mlp_bias=True)))
     with pytest.raises(model.SwatError, match="no model.safetensors"):
         model.load(broken(lambda d: os.remove(d / "model.safetensors")))
 
