@@ -269,7 +269,7 @@ def load(path, device="cpu", dtype=torch.float32, chat_format=None):
 
 def save(net, tok, out, extra=None):
     """Write an HF-format directory (config.json, model.safetensors, tokenizer files, and `extra`
-    {filename: tensors or JSON}) atomically: into a temporary sibling, renamed into place when complete."""
+    {filename: tensors, text or JSON}) atomically: into a temporary sibling, renamed into place when complete."""
     out = os.path.abspath(out)
     if tok.path and os.path.abspath(tok.path) == out:
         raise SwatError(f"{out}: refusing to overwrite the model it was loaded from")
@@ -292,9 +292,9 @@ def save(net, tok, out, extra=None):
         for name, obj in (extra or {}).items():
             if name.endswith(".safetensors"):
                 save_file(obj, os.path.join(tmp, name))
-            else:
+            else:  # text as it is, anything else as JSON
                 with open(os.path.join(tmp, name), "w") as f:
-                    json.dump(obj, f)
+                    f.write(obj if isinstance(obj, str) else json.dumps(obj))
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise SwatError(f"{out}: could not save ({e.strerror or e})") from None

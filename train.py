@@ -192,13 +192,17 @@ def train(net, tok, chats, out, strategy="ift", mods=(), steps=100, lr=2e-5, bat
     opt = AdamW(param_groups(net, strategy, mods, lr, ratio, weight_decay, scope), lr)
     phase1 = warmup_steps if strategy == "swat" else 0
     total, step, rows = phase1 + steps, 0, []
-    state = os.path.join(out, "trainer.safetensors")
+    state, log = os.path.join(out, "trainer.safetensors"), os.path.join(out, "log.jsonl")
     if resume and os.path.exists(state):
         step = _load_state(opt, net, out)
+        if os.path.exists(log):  # rows after the checkpoint are done again: drop them
+            rows = [r for r in map(json.loads, open(log)) if r["step"] <= step]
+            with open(log, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
     elif resume:
         print(f"{out}: no checkpoint to resume from; starting afresh")
-    elif os.path.exists(os.path.join(out, "log.jsonl")):  # a fresh run: a fresh log
-        os.remove(os.path.join(out, "log.jsonl"))
+    elif os.path.exists(log):  # a fresh run: a fresh log
+        os.remove(log)
     amp = torch.autocast("cuda", torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
     bar = tqdm(range(step, total), desc=strategy, initial=step, total=total)
     per_epoch = max(1, len(data) // batch_size)
@@ -231,7 +235,7 @@ def train(net, tok, chats, out, strategy="ift", mods=(), steps=100, lr=2e-5, bat
         rows.append(row)
         bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
         os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "log.jsonl"), "a") as f:
+        with open(log, "a") as f:
             f.write(json.dumps(row) + "\n")
         if save_every and (step + 1) % save_every == 0 and step + 1 < total:
             _save(net, tok, opt, out, step + 1)
@@ -246,7 +250,9 @@ def _save(net, tok, opt, out, step):
     names = {p: n for g in opt.param_groups for p, n in zip(g["params"], g["names"])}
     tensors = {f"{k}.{names[p]}": t for p, (m, v) in opt.state.items() for k, t in (("m", m), ("v", v))}
     meta = {"step": step, "group_steps": [g["step"] for g in opt.param_groups]}
-    model.save(net, tok, out, extra={"trainer.safetensors": tensors, "trainer.json": meta})
+    log = os.path.join(out, "log.jsonl")  # save() replaces the whole directory: the log goes with it
+    model.save(net, tok, out, extra={"trainer.safetensors": tensors, "trainer.json": meta,
+                                     "log.jsonl": open(log).read() if os.path.exists(log) else ""})
 
 
 def _load_state(opt, net, out):

@@ -86,9 +86,9 @@ def test_resume_equals_uninterrupted(tiny, tmp_path, monkeypatch):
     train.train(net, tok, CHATS, str(tmp_path / "a"), **kw)
     real_order, calls = train.order, []
 
-    def dying(*a):  # the run dies while fetching data for step 4 (after the checkpoint of step 3)
+    def dying(*a):  # the run dies while fetching data for step 5 (the checkpoint is step 3's, the log has 4)
         calls.append(1)
-        if len(calls) > 3:
+        if len(calls) > 4:
             raise KeyboardInterrupt
         return real_order(*a)
     monkeypatch.setattr(train, "order", dying)
@@ -102,6 +102,8 @@ def test_resume_equals_uninterrupted(tiny, tmp_path, monkeypatch):
     a, b = model.load(str(tmp_path / "a"))[0], model.load(str(tmp_path / "b"))[0]
     for (n, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(x, y), n
+    logs = [[(r["step"], r["loss"]) for r in map(json.loads, open(tmp_path / d / "log.jsonl"))] for d in "ab"]
+    assert [s for s, _ in logs[0]] == list(range(1, 7)) and logs[0] == logs[1]  # the log outlives every save
 
 
 def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(tiny, tmp_path, monkeypatch):
