@@ -55,11 +55,11 @@ def scan(net, probes, batches, y, modules=("q", "k", "v", "o"), scale=0.5, repea
     base = [p.score(x, y)["loss"] for p, x in zip(probes, features_from(net, batches, 0))]
     table = {m: [0.0] * L for m in modules}
     for layer in tqdm(range(L), desc="scan"):
-        for mi, m in enumerate(modules):
+        for m in modules:
             params = list(module(net, layer, m).parameters())
             saved = [p.detach().clone() for p in params]
-            for r in range(repeats):
-                g = torch.Generator().manual_seed(seed * 1_000_003 + layer * 1009 + mi * 101 + r)
+            for r in range(repeats):  # a module's noise is the same whichever others are scanned with it
+                g = torch.Generator().manual_seed(seed * 1_000_003 + layer * 1009 + list(MODULES).index(m) * 101 + r)
                 with torch.no_grad():
                     for p in params:
                         p.add_(torch.randn(p.shape, generator=g).to(p) * (scale * p.float().std().item()))

@@ -104,11 +104,11 @@ def test_bad_input(tmp_path, tiny):
         rb.module(net, 3, "q")
 
 
-def tiny_scan(net, tok, naive=False, seed=0):
+def tiny_scan(net, tok, naive=False, seed=0, modules=("q", "k", "v", "o", "down")):
     H, S = data.builtin("harmful", "train")[:12], data.builtin("harmless", "train")[:12]
     X, y = probe.labelled(probe.features(net, tok, H), probe.features(net, tok, S))
     probes = probe.fit_layers(X, y)
-    return rb.scan(net, probes, rb.prefix(net, tok, H + S, batch_size=8), y, ("q", "k", "v", "o", "down"),
+    return rb.scan(net, probes, rb.prefix(net, tok, H + S, batch_size=8), y, modules,
                    scale=0.5, seed=seed, naive=naive)
 
 
@@ -120,6 +120,7 @@ def test_scan_exact_restore_and_prefix_reuse(tiny):
     assert fast == tiny_scan(net, tok, naive=True)  # cached prefix: the same table as full recomputes
     assert fast == tiny_scan(net, tok)              # fixed seed: the same table twice
     assert fast != tiny_scan(net, tok, seed=1)
+    assert tiny_scan(net, tok, modules=("down", "k")) == {"down": fast["down"], "k": fast["k"]}  # noise per module
     assert len(set(fast["q"] + fast["v"])) > 4      # perturbations do move the probes
     rob, fragile = rb.choose(fast, 4)
     every = sorted(v for row in fast.values() for v in row)
