@@ -180,7 +180,8 @@ def train(net, tok, chats, out, strategy="ift", mods=(), steps=100, lr=2e-5, bat
     if strategy != "ift" and not mods:
         raise SwatError(f"strategy {strategy} needs a module set (--mods)")
     if min(batch_size, accum) < 1 or steps < 0 or warmup_steps < 0:
-        raise SwatError(f"batch_size {batch_size}, accum {accum}: at least 1; steps {steps}, warmup {warmup_steps}: not negative")
+        raise SwatError(f"batch_size ({batch_size}) and accum ({accum}) must be >= 1, steps ({steps}) and "
+                        f"warmup_steps ({warmup_steps}) >= 0")
     if tok.path and os.path.abspath(out) == os.path.abspath(tok.path):
         raise SwatError(f"{out}: refusing to overwrite the input model")
     data = encode_all(tok, chats, max_len, skip_long)
