@@ -184,6 +184,8 @@ def train(net, tok, chats, out, strategy="ift", mods=(), steps=100, lr=2e-5, bat
                         f"warmup_steps ({warmup_steps}) >= 0")
     if tok.path and os.path.abspath(out) == os.path.abspath(tok.path):
         raise SwatError(f"{out}: refusing to overwrite the input model")
+    if net.model.embed_tokens.weight.dtype != torch.float32:  # on CUDA, fp32 weights still compute in bf16 (autocast)
+        print("training low-precision weights: small updates are rounded away; load with dtype fp32")
     if strategy == "swat" and warmup_steps == 0:
         print("swat with 0 warm-up steps is plain ift (raise --warmup-frac or --warmup-steps)")
     data = encode_all(tok, chats, max_len, skip_long)
