@@ -47,8 +47,13 @@ def fetch(repo):
             raise SwatError(f"{dst}: incomplete ({os.path.getsize(part)} of {size} bytes); run again to resume")
         os.replace(part, dst)
         return True
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
-        get(name, required=name in ("config.json", "tokenizer.json"))
+    try:
+        for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+            get(name, required=name in ("config.json", "tokenizer.json"))
+    except SwatError:
+        if not os.listdir(d):  # nothing fetched (a mistyped id?): no empty folder left in the cache
+            os.rmdir(d)
+        raise
     if get("model.safetensors.index.json", required=False):
         for shard in sorted(set(read_json(os.path.join(d, "model.safetensors.index.json"))["weight_map"].values())):
             get(shard)

@@ -174,6 +174,7 @@ def test_hub_download_resumes(tmp_path, monkeypatch):
         d = hub.fetch("org/tiny")  # resumes the partial shard with a Range request
         with pytest.raises(model.SwatError, match="^no/such: no such local directory; from the hub: .*HTTP 404"):
             model.load("no/such")  # a mistyped path that looks like a hub id
+        assert not (tmp_path / "cache" / "hub" / "no--such").exists()  # and nothing left in the cache
     finally:
         srv.shutdown()
     n = len(Hub.seen)
