@@ -6,6 +6,9 @@ import http.client, os, re, shutil, urllib.error, urllib.request
 from model import SwatError, read_json
 
 
+FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
+
+
 def resolve(m):
     """A local path stays as it is; a hub id org/name becomes its cached directory (downloaded if need be)."""
     return fetch(m) if not os.path.exists(m) and re.fullmatch(r"[\w.-]+/[\w.-]+", m) else m
@@ -48,7 +51,7 @@ def fetch(repo):
         os.replace(part, dst)
         return True
     try:
-        for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        for name in FILES:
             get(name, required=name in ("config.json", "tokenizer.json"))
     except SwatError:
         if not os.listdir(d):  # nothing fetched (a mistyped id?): no empty folder left in the cache
