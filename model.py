@@ -267,12 +267,21 @@ def load(path, device="cpu", dtype=torch.float32, chat_format=None):
     return net.eval(), tok
 
 
+def writable(out, tok):
+    """out, if save() may replace it: not the input model, and new, empty, or a checkpoint (or training
+    log) of ours, never a folder of the user's other files."""
+    out, have = os.path.abspath(out), os.listdir(out) if os.path.isdir(out) else []
+    if tok.path and os.path.abspath(tok.path) == out:
+        raise SwatError(f"{out}: refusing to overwrite the input model")
+    if os.path.exists(out) and not (os.path.isdir(out) and (not have or {"config.json", "log.jsonl"} & set(have))):
+        raise SwatError(f"{out}: exists and holds no model; refusing to replace it (save into a new folder)")
+    return out
+
+
 def save(net, tok, out, extra=None):
     """Write an HF-format directory (config.json, model.safetensors, tokenizer files, and `extra`
     {filename: tensors, text or JSON}) atomically: into a temporary sibling, renamed into place when complete."""
-    out = os.path.abspath(out)
-    if tok.path and os.path.abspath(tok.path) == out:
-        raise SwatError(f"{out}: refusing to overwrite the model it was loaded from")
+    out = writable(out, tok)
     tmp, old = out + ".tmp", out + ".old"
     for d in (tmp, old):  # leftovers of an interrupted save
         shutil.rmtree(d, ignore_errors=True)

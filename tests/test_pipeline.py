@@ -98,8 +98,20 @@ def test_bad_values_fail_before_any_work(tmp_path, tiny, capsys, monkeypatch):
         run("generate", "--model", tiny, "--prompt", "hi", "--device", "nodevice")
     (tmp_path / "afile").write_text("mine")
     with pytest.raises(SystemExit, match=r"^error: .*afile: File exists"):  # an output path that cannot be made
+        run("eval", "--model", tiny, "--generations", tmp_path / "afile" / "g.jsonl")
+    with pytest.raises(SystemExit, match=r"^error: .*afile: exists and holds no model"):
         run("train", "--model", tiny, "--data", tmp_path / "d.jsonl", "--out", tmp_path / "afile", "--steps", 1)
     assert (tmp_path / "afile").read_text() == "mine"
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "notes.txt").write_text("mine")  # a folder of the user's: never replaced by a checkpoint
+    with pytest.raises(SystemExit, match=r"^error: .*work: exists and holds no model; refusing"):
+        run("train", "--model", tiny, "--data", tmp_path / "d.jsonl", "--out", tmp_path / "work", "--steps", 1)
+    net, tok = model.load(tiny)
+    with pytest.raises(model.SwatError, match="afile: exists and holds no model"):
+        model.save(net, tok, tmp_path / "afile")
+    assert (tmp_path / "work" / "notes.txt").read_text() == "mine" and (tmp_path / "afile").read_text() == "mine"
+    run("train", "--model", tiny, "--data", tmp_path / "d.jsonl", "--out", tmp_path / "o", "--steps", 1)
+    run("train", "--model", tiny, "--data", tmp_path / "d.jsonl", "--out", tmp_path / "o", "--steps", 1)  # ours: replaced
     monkeypatch.setattr(swat_min.rb, "scan", lambda *a: pytest.fail("scanned before checking --k"))
     with pytest.raises(SystemExit, match=r"^error: Mods_Rob of 99 modules: there are 12 to choose from"):
         run("scan", "--model", tiny, "--k", 99, "--out", tmp_path / "s.json")
