@@ -355,8 +355,7 @@ OPTIONS = {
     "temperature": dict(type=number(float, 0), default=0.0, help="sampling temperature (0: greedy)"),
     "top-p": dict(type=number(float, 0, 1), default=1.0, help="nucleus sampling: keep this much probability mass"),
     "answer-tokens": dict(type=number(int, 1), default=128, help="length of the model's own harmless answers"),
-    "out": dict(help="where to write: a scan JSON, a checkpoint or a results directory (never the input model "
-                     "nor a folder of other files)"),
+    "out": dict(help="where to write: a scan JSON, a checkpoint or a results folder (new, or one swat-min wrote)"),
 }
 PROBE, SCAN, TRAIN = "harmful harmless", "n modules scale repeats k frac", "steps warmup-frac ratio scope lr batch max-len limit"
 EVAL = "eval-harmful eval-harmless n-eval max-new-tokens gen-batch n-task n-acc task-tokens"
