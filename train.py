@@ -179,9 +179,6 @@ def train(net, tok, chats, out, strategy="ift", mods=(), steps=100, lr=2e-5, bat
         raise SwatError(f"unknown strategy {strategy!r}; choose ift, swat or mllr")
     if strategy != "ift" and not mods:
         raise SwatError(f"strategy {strategy} needs a module set (--mods)")
-    if min(batch_size, accum) < 1 or steps < 0 or warmup_steps < 0:
-        raise SwatError(f"batch_size ({batch_size}) and accum ({accum}) must be >= 1, steps ({steps}) and "
-                        f"warmup_steps ({warmup_steps}) >= 0")
     model.writable(out, tok)  # checked now, not after the training
     if net.model.embed_tokens.weight.dtype != torch.float32:  # on CUDA, fp32 weights still compute in bf16 (autocast)
         print("training low-precision weights: small updates are rounded away; load with dtype fp32")
