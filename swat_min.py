@@ -209,7 +209,7 @@ def cmd_run(a):
     rows = [dict(evaluate(net, tok, a, "original", base, task, os.path.join(a.out, "original.jsonl")), seed=None)]
     plan = [("ift", "ift", set()), ("swat", "swat", rob), ("mllr", "mllr", rob), ("control", a.control, fragile)]
     plan = [p for p in plan if p[0] in a.strategies]
-    for seed in a.seeds:
+    for seed in dict.fromkeys(a.seeds):  # each seed once, in the order given
         for name, strategy, mods in plan:
             net, tok = load(a)
             d, t0 = os.path.join(a.out, f"{name}-seed{seed}"), time.time()
