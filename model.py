@@ -273,7 +273,7 @@ def writable(out, tok):
     out, have = os.path.abspath(out), os.listdir(out) if os.path.isdir(out) else []
     if tok.path and os.path.abspath(tok.path) == out:
         raise SwatError(f"{out}: refusing to overwrite the input model")
-    if os.path.exists(out) and not (os.path.isdir(out) and (not have or {"config.json", "log.jsonl"} & set(have))):
+    if (os.path.exists(out) and not os.path.isdir(out)) or (have and not {"config.json", "log.jsonl"} & set(have)):
         raise SwatError(f"{out}: exists and holds no model; refusing to replace it (save into a new folder)")
     return out
 

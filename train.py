@@ -196,10 +196,8 @@ def train(net, tok, chats, out, strategy="ift", mods=(), steps=100, lr=2e-5, bat
     state, log = os.path.join(out, "trainer.safetensors"), os.path.join(out, "log.jsonl")
     if resume and os.path.exists(state):
         step = _load_state(opt, net, out)
-        if os.path.exists(log):  # rows after the checkpoint are done again: drop them
+        if os.path.exists(log):  # the log up to the checkpoint: the steps after it are done again
             rows = [r for r in map(json.loads, open(log)) if r["step"] <= step]
-            with open(log, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in rows)
     elif resume:
         print(f"{out}: no checkpoint to resume from; starting afresh")
     elif os.path.exists(log):  # a fresh run: a fresh log
@@ -239,21 +237,20 @@ def train(net, tok, chats, out, strategy="ift", mods=(), steps=100, lr=2e-5, bat
         with open(log, "a") as f:
             f.write(json.dumps(row) + "\n")
         if save_every and (step + 1) % save_every == 0 and step + 1 < total:
-            _save(net, tok, opt, out, step + 1)
+            _save(net, tok, opt, out, step + 1, rows)
     for p in net.parameters():
         p.requires_grad_(True)
-    _save(net, tok, opt, out, total)
+    _save(net, tok, opt, out, total, rows)
     net.eval().grad_ckpt = False
     return rows
 
 
-def _save(net, tok, opt, out, step):
+def _save(net, tok, opt, out, step, rows):
     names = {p: n for g in opt.param_groups for p, n in zip(g["params"], g["names"])}
     tensors = {f"{k}.{names[p]}": t for p, (m, v) in opt.state.items() for k, t in (("m", m), ("v", v))}
     meta = {"step": step, "group_steps": [g["step"] for g in opt.param_groups]}
-    log = os.path.join(out, "log.jsonl")  # save() replaces the whole directory: the log goes with it
-    model.save(net, tok, out, extra={"trainer.safetensors": tensors, "trainer.json": meta,
-                                     "log.jsonl": open(log).read() if os.path.exists(log) else ""})
+    log = "".join(json.dumps(r) + "\n" for r in rows)  # save() replaces the folder: the log goes with it
+    model.save(net, tok, out, extra={"trainer.safetensors": tensors, "trainer.json": meta, "log.jsonl": log})
 
 
 def _load_state(opt, net, out):
