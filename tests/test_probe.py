@@ -65,6 +65,12 @@ def test_readers(tmp_path):
     assert data.read_instructions(str(tmp_path / "sr.jsonl")) == ["f1", "q2"]
     (tmp_path / "bom.csv").write_bytes('\ufeffgoal,target\r\n"One, two",Sure\r\n'.encode())  # as spreadsheets save it
     assert data.read_instructions(str(tmp_path / "bom.csv")) == ["One, two"]
+    # Alpaca and Dolly: the input/context belongs to the instruction, as read_examples reads it
+    (tmp_path / "alp.jsonl").write_text('{"instruction": "Sum up", "input": "A text.", "output": "o"}\n'
+                                        '{"instruction": "Say hi", "input": "", "output": "hi"}\n'
+                                        '{"instruction": "Q", "context": "C", "response": "r"}\n')
+    assert data.read_instructions(str(tmp_path / "alp.jsonl")) == ["Sum up\n\nA text.", "Say hi", "Q\n\nC"]
+    assert data.read_instructions(str(tmp_path / "alp.jsonl")) == [c[0]["content"] for c in data.read_examples(str(tmp_path / "alp.jsonl"))]
     (tmp_path / "bad.jsonl").write_text('{"prompt": "p1"}\n{"text": "p2"}\n')
     with pytest.raises(model.SwatError, match="bad.jsonl: record 2 has none of the fields"):
         data.read_instructions(str(tmp_path / "bad.jsonl"))
