@@ -121,27 +121,27 @@ def parse_mods(spec, n_layers, key="mods_rob"):
     """'q,k' (all layers), '0-11:q,k;12-29:v', or a scan JSON (its mods_rob list) -> set of (layer, m)."""
     if spec.endswith(".json"):
         try:
-            return {(int(l), m) for l, m in model.read_json(spec)[key]}
+            pairs = [(int(l), m, spec) for l, m in model.read_json(spec)[key]]
         except (KeyError, TypeError, ValueError):
             raise SwatError(f"{spec}: no '{key}' list of [layer, module] pairs") from None
-    out = set()
-    for part in filter(None, spec.replace(" ", "").split(";")):
-        rng, names = part.split(":") if ":" in part else (f"0-{n_layers - 1}", part)
-        lo, _, hi = rng.partition("-")
-        try:
-            layers = range(int(lo), int(hi or lo) + 1)
-        except ValueError:
-            raise SwatError(f"module selector {part!r}: bad layer range {rng!r}") from None
-        for m in names.split(","):
-            if m not in MODULES:
-                raise SwatError(f"module selector {part!r}: unknown module {m!r}; choose from {', '.join(MODULES)}")
-            for l in layers:
-                if not 0 <= l < n_layers:
-                    raise SwatError(f"module selector {part!r}: layer {l} out of range 0-{n_layers - 1}")
-                out.add((l, m))
-    if not out:
+    else:
+        pairs = []
+        for part in filter(None, spec.replace(" ", "").split(";")):
+            rng, _, names = part.rpartition(":")
+            lo, _, hi = (rng or f"0-{n_layers - 1}").partition("-")
+            try:
+                layers = range(int(lo), int(hi or lo) + 1)
+            except ValueError:
+                raise SwatError(f"module selector {part!r}: bad layer range {rng!r}") from None
+            pairs += [(l, m, f"module selector {part!r}") for m in names.split(",") for l in layers]
+    for l, m, where in pairs:  # a scan of another model is caught here too
+        if m not in MODULES:
+            raise SwatError(f"{where}: unknown module {m!r}; choose from {', '.join(MODULES)}")
+        if not 0 <= l < n_layers:
+            raise SwatError(f"{where}: layer {l} out of range 0-{n_layers - 1}")
+    if not pairs:
         raise SwatError(f"module selector {spec!r} selects nothing")
-    return out
+    return {(l, m) for l, m, _ in pairs}
 
 
 def param_groups(net, strategy, mods, lr, ratio, weight_decay, scope="all"):

@@ -181,7 +181,11 @@ def test_bad_inputs(tiny, tmp_path):
         train.train(net, tok, CHATS, str(tmp_path / "o"), max_len=8, steps=1)
     with pytest.raises(model.SwatError, match="no example fits max length 8"):
         train.train(net, tok, CHATS, str(tmp_path / "o"), max_len=8, steps=1, skip_long=True)
-    for spec, msg in (("q,x", "unknown module 'x'"), ("0-99:q", "layer 3 out of range"), ("a-b:q", "bad layer range")):
+    (tmp_path / "big.json").write_text('{"mods_rob": [[1, "q"], [29, "k"]]}')  # a scan of a 30-layer model
+    (tmp_path / "odd.json").write_text('{"mods_rob": [[1, "qq"]]}')
+    for spec, msg in (("q,x", "unknown module 'x'"), ("0-99:q", "layer 3 out of range"), ("a-b:q", "bad layer range"),
+                      ("0-1:q:k", "bad layer range '0-1:q'"), (str(tmp_path / "big.json"), "big.json: layer 29 out of range 0-2"),
+                      (str(tmp_path / "odd.json"), "odd.json: unknown module 'qq'"), ("1-0:q", "selects nothing")):
         with pytest.raises(model.SwatError, match=msg):
             train.parse_mods(spec, net.cfg.n_layers)
     with pytest.raises(model.SwatError, match="refusing to overwrite the input model"):
