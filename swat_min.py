@@ -143,6 +143,9 @@ def cmd_eval(a):
     base = None
     if a.base:
         bnet, btok = load(a, a.base)
+        if (bnet.cfg.n_layers, bnet.cfg.dim) != (net.cfg.n_layers, net.cfg.dim):  # drift: a model against its own start
+            raise SwatError(f"{a.base}: {bnet.cfg.n_layers} layers of width {bnet.cfg.dim}, {a.model} has "
+                            f"{net.cfg.n_layers} of {net.cfg.dim}; --base must be the model it was tuned from")
         base = baseline(a, bnet, btok)
         del bnet
     task = split(data.read_examples(a.data), a.n_task)[0] if a.data else ()
@@ -171,6 +174,8 @@ def cmd_train(a):
 
 
 def cmd_generate(a):
+    if not (a.prompt or a.file):
+        raise SwatError("generate: give --prompt TEXT (repeatable) or --file FILE")
     net, tok = load(a)
     prompts = a.prompt or data.read_instructions(a.file)
     for p, t in zip(prompts, answer(net, tok, [user(p) for p in prompts], a.max_new_tokens,

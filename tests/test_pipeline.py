@@ -2,6 +2,7 @@
 import errno, http.server, json, os, shutil, subprocess, sys, threading
 import pytest, torch
 import data, hub, model, swat_min
+from conftest import tiny_hf
 
 
 def run(*argv):
@@ -81,6 +82,11 @@ def test_cli_errors(tmp_path, tiny, capsys):
     os.remove(d / "tokenizer.json")
     with pytest.raises(SystemExit, match=r"error: .*notok/tokenizer.json: not found"):
         run("generate", "--model", d, "--prompt", "hi")
+    with pytest.raises(SystemExit, match=r"error: generate: give --prompt TEXT \(repeatable\) or --file FILE"):
+        run("generate", "--model", tiny)
+    tiny_hf(tmp_path / "narrow", hidden_size=32, num_hidden_layers=2)
+    with pytest.raises(SystemExit, match=r"error: .*narrow: 2 layers of width 32, .* has 3 of 64; --base must be"):
+        run("eval", "--model", tiny, "--base", tmp_path / "narrow", "--n-eval", 1, "--max-new-tokens", 1)
     with pytest.raises(SystemExit, match=r"error: module selector 'q,zz': unknown module 'zz'"):
         (tmp_path / "d.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
         run("train", "--model", tiny, "--data", tmp_path / "d.jsonl", "--mods", "q,zz", "--strategy", "swat",
