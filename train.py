@@ -248,7 +248,8 @@ def train(net, tok, chats, out, strategy="ift", mods=(), steps=100, lr=2e-5, bat
 def _save(net, tok, opt, out, step, rows):
     names = {p: n for g in opt.param_groups for p, n in zip(g["params"], g["names"])}
     tensors = {f"{k}.{names[p]}": t for p, (m, v) in opt.state.items() for k, t in (("m", m), ("v", v))}
-    meta = {"step": step, "group_steps": [g["step"] for g in opt.param_groups]}
+    meta = {"step": step, "group_steps": [g["step"] for g in opt.param_groups],
+            "groups": [g["names"] for g in opt.param_groups]}  # what resume checks its settings against
     log = "".join(json.dumps(r) + "\n" for r in rows)  # save() replaces the folder: the log goes with it
     model.save(net, tok, out, extra={"trainer.safetensors": tensors, "trainer.json": meta, "log.jsonl": log})
 
@@ -257,11 +258,19 @@ def _load_state(opt, net, out):
     from safetensors import safe_open
     from safetensors.torch import load_file
     meta = model.read_json(os.path.join(out, "trainer.json"))
+    other = SwatError(f"{out}: its checkpoint was trained with another strategy, module set or model; resume "
+                      "with the same settings, or train into a new folder")
+    names = [g["names"] for g in opt.param_groups]
+    if meta.get("groups", names) != names:
+        raise other
     dev, params = str(net.model.embed_tokens.weight.device), net.state_dict()
     tensors = load_file(os.path.join(out, "trainer.safetensors"), device=dev)
     with safe_open(os.path.join(out, "model.safetensors"), framework="pt", device=dev) as f:
         for name in f.keys():  # our own save: the same names; one tensor at a time, no second copy
-            params[name].copy_(f.get_tensor(name))
+            t = f.get_tensor(name)
+            if name not in params or t.shape != params[name].shape:
+                raise other
+            params[name].copy_(t)
     for g, s in zip(opt.param_groups, meta["group_steps"]):
         g["step"] = s
         for p, n in zip(g["params"], g["names"]):

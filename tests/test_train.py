@@ -1,7 +1,7 @@
 """train.py: AdamW against torch.optim.AdamW, frozen modules, resume, masked loss, data readers, errors."""
 import json, os
 import pytest, torch
-from conftest import SHARED, SMOLLM2
+from conftest import SHARED, SMOLLM2, tiny_hf
 import data, model, train
 
 CHATS = [[{"role": "user", "content": f"What is {a} plus {b}?"}, {"role": "assistant", "content": f"{a + b}"}]
@@ -104,6 +104,12 @@ def test_resume_equals_uninterrupted(tiny, tmp_path, monkeypatch):
         assert torch.equal(x, y), n
     logs = [[(r["step"], r["loss"]) for r in map(json.loads, open(tmp_path / d / "log.jsonl"))] for d in "ab"]
     assert [s for s, _ in logs[0]] == list(range(1, 7)) and logs[0] == logs[1]  # the log outlives every save
+    tiny_hf(tmp_path / "wide", hidden_size=32)  # the same parameter names, other shapes
+    for d, other in ((tiny, dict(kw, strategy="ift", mods=())), (tiny, dict(kw, mods={(1, "q"), (2, "o")})),
+                     (tmp_path / "wide", kw)):
+        net, tok = model.load(d)
+        with pytest.raises(model.SwatError, match="b: its checkpoint was trained with another strategy, module set or"):
+            train.train(net, tok, CHATS, str(tmp_path / "b"), resume=True, **other)
 
 
 def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(tiny, tmp_path, monkeypatch):
