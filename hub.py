@@ -3,7 +3,7 @@ files, safetensors, sharded too) into a local cache, resuming partial files and 
 HF_TOKEN is sent for gated models; HF_ENDPOINT points elsewhere (the tests use a server on 127.0.0.1);
 SWAT_MODEL_CACHE moves the cache (default ~/.cache/swat-min)."""
 import http.client, os, re, shutil, urllib.error, urllib.request
-from model import SwatError, read_json
+from model import SwatError, weight_files
 
 
 FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
@@ -58,7 +58,7 @@ def fetch(repo):
             os.rmdir(d)
         raise
     if get("model.safetensors.index.json", required=False):
-        for shard in sorted(set(read_json(os.path.join(d, "model.safetensors.index.json"))["weight_map"].values())):
+        for shard in weight_files(d):
             get(shard)
     else:
         get("model.safetensors")

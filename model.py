@@ -40,6 +40,10 @@ def read_config(path):
     if rtype not in ("default", "llama3"):
         bad("rope_type", rtype)
     window = c.get("sliding_window") if (mt == "mistral" or c.get("use_sliding_window")) else None
+    for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "head_dim"):
+        if c.get(k) is not None and (type(c[k]) is not int or c[k] <= 0):
+            raise SwatError(f"{path}: {k} must be a positive integer, not {c[k]!r}")
     try:
         heads, dim, eos = c["num_attention_heads"], c["hidden_size"], c.get("eos_token_id")
         return SimpleNamespace(
@@ -192,19 +196,27 @@ class LLaMA(nn.Module):
 
 
 def read_json(path):
+    """The JSON object in path (every JSON file swat-min reads holds one)."""
     try:
         with open(path) as f:
-            return json.load(f)
+            obj = json.load(f)
     except FileNotFoundError:
         raise SwatError(f"{path}: not found") from None
     except (OSError, ValueError) as e:
         raise SwatError(f"{path}: unreadable ({e})") from None
+    if not isinstance(obj, dict):
+        raise SwatError(f"{path}: not a JSON object")
+    return obj
 
 
-def _weight_files(d):
+def weight_files(d):
+    """The safetensors files of the checkpoint in d: its index's shards, or model.safetensors."""
     index = os.path.join(d, "model.safetensors.index.json")
     if os.path.exists(index):
-        return sorted(set(read_json(index)["weight_map"].values()))
+        shards = read_json(index).get("weight_map")
+        if not shards or not isinstance(shards, dict):
+            raise SwatError(f"{index}: no weight_map of tensor names to files")
+        return sorted(set(shards.values()))
     if os.path.exists(os.path.join(d, "model.safetensors")):
         return ["model.safetensors"]
     raise SwatError(f"{d}: no model.safetensors or model.safetensors.index.json (swat-min never reads pickles)")
@@ -228,7 +240,7 @@ def load(path, device="cpu", dtype=torch.float32, chat_format=None):
     if not isinstance(dtype, torch.dtype):
         raise SwatError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)} or a torch.dtype")
     cfg = read_config(os.path.join(path, "config.json"))
-    files = _weight_files(path)
+    files = weight_files(path)
     tok = tokenizer.Tok(path, chat_format)
     with torch.device("meta"):
         net = LLaMA(cfg).to(dtype)

@@ -26,7 +26,9 @@ class Tok:
         self.bos, self.eos = special(tc.get("bos_token")) or "", special(tc.get("eos_token")) or ""
         t = tc.get("chat_template") or ""
         if isinstance(t, list):  # named templates: take the default one
-            t = next((x["template"] for x in t if x.get("name") == "default"), "")
+            t = next((x.get("template") for x in t if isinstance(x, dict) and x.get("name") == "default"), "")
+        if not isinstance(t, str):
+            raise SwatError(f"{tcp}: chat_template must be a template string or a list of named ones")
         jinja = os.path.join(path, "chat_template.jinja")
         if not t and os.path.exists(jinja):
             t = open(jinja).read()

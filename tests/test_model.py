@@ -217,3 +217,11 @@ def test_bad_inputs(tmp_path, tiny):
         model.load(broken(lambda d: os.remove(d / "tokenizer.json")))
     with pytest.raises(model.SwatError, match="config.json: unreadable"):
         model.load(broken(lambda d: (d / "config.json").write_text("{oops")))
+    with pytest.raises(model.SwatError, match="config.json: not a JSON object"):
+        model.load(broken(lambda d: (d / "config.json").write_text("[1, 2]")))
+    with pytest.raises(model.SwatError, match="config.json: num_hidden_layers must be a positive integer, not '3'"):
+        model.load(broken(set_cfg(num_hidden_layers="3")))
+    with pytest.raises(model.SwatError, match="model.safetensors.index.json: no weight_map"):
+        model.load(broken(lambda d: (d / "model.safetensors.index.json").write_text('{"metadata": {}}')))
+    with pytest.raises(model.SwatError, match="tokenizer_config.json: chat_template must be a template string"):
+        model.load(broken(lambda d: (d / "tokenizer_config.json").write_text('{"chat_template": 5}')))
