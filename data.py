@@ -26,8 +26,10 @@ def _field(names):
     return next((low[k] for k in KEYS if k in low), None)
 
 
-def _text(r):  # a record -> its instruction; HarmBench puts a contextual behaviour's context first, so do we;
-    key = _field(r)  # Alpaca's input and Dolly's context follow their instruction, as in read_examples
+def _text(r):
+    """A record -> its instruction. HarmBench puts a contextual behaviour's context first, so do we; Alpaca's
+    input and Dolly's context follow their instruction, as in read_examples."""
+    key = _field(r)
     v, ctx = r.get(key) or None, r.get("ContextString")
     extra = str(key).lower() == "instruction" and (r.get("input") or r.get("context"))
     v = f"{v}\n\n{extra}" if v and isinstance(extra, str) and extra.strip() else v
