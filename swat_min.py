@@ -397,9 +397,15 @@ def main(argv=None):
     a = ap.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
     try:
-        for path in (getattr(a, "out", None), getattr(a, "generations", None)):
-            if path:  # the folder an output goes in, made (or refused) before any work, not after it
-                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        ins = [getattr(a, k, None) for k in ("model", "base", "data", "harmful", "harmless", "test_harmful",
+                                             "eval_harmful", "eval_harmless", "file", "mods")]
+        for path in filter(None, (getattr(a, "out", None), getattr(a, "generations", None))):
+            real = os.path.realpath(path)
+            for i in filter(None, ins):  # an output is never an input, nor a file of the input model's
+                ri = os.path.realpath(i)
+                if real == ri or (real.startswith(ri + os.sep) and os.path.exists(real)):
+                    raise SwatError(f"{path}: would overwrite the input {i}; choose another path")
+            os.makedirs(os.path.dirname(real), exist_ok=True)  # its folder: made (or refused) before any work
         return a.fn(a)
     except SwatError as e:
         sys.exit(f"error: {e}")

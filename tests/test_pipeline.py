@@ -94,6 +94,7 @@ def test_cli_errors(tmp_path, tiny, capsys):
 
 
 def test_bad_values_fail_before_any_work(tmp_path, tiny, capsys, monkeypatch):
+    files = sorted(os.listdir(tiny))
     (tmp_path / "d.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
     for flag, val, cmd in (("--batch", 0, "train"), ("--accum", 0, "train"), ("--top-p", 1.5, "generate"),
                            ("--n", 0, "scan"), ("--n-eval", 0, "eval"), ("--lr", "abc", "train")):
@@ -102,6 +103,15 @@ def test_bad_values_fail_before_any_work(tmp_path, tiny, capsys, monkeypatch):
         assert e.value.code == 2 and f"argument {flag}: " in capsys.readouterr().err
     with pytest.raises(SystemExit, match=r"^error: device 'nodevice': "):
         run("generate", "--model", tiny, "--prompt", "hi", "--device", "nodevice")
+    (tmp_path / "h.txt").write_text("Bad one\nBad two\n")  # an output never replaces an input
+    for argv in (("eval", "--eval-harmful", tmp_path / "h.txt", "--generations", tmp_path / "h.txt"),
+                 ("scan", "--harmful", tmp_path / "h.txt", "--out", tmp_path / "h.txt"),
+                 ("scan", "--out", os.path.join(tiny, "config.json")), ("run", "--data", tmp_path / "d.jsonl", "--out", tiny)):
+        with pytest.raises(SystemExit, match=r"^error: .*: would overwrite the input .*; choose another path"):
+            run(*argv, "--model", tiny)
+    assert (tmp_path / "h.txt").read_text() == "Bad one\nBad two\n" and sorted(os.listdir(tiny)) == files
+    run("eval", "--model", tiny, "--n-eval", 1, "--max-new-tokens", 1, "--generations", os.path.join(tiny, "g.jsonl"))
+    assert sorted(os.listdir(tiny)) == sorted(files + ["g.jsonl"])  # a new file beside the model is fine
     (tmp_path / "afile").write_text("mine")
     with pytest.raises(SystemExit, match=r"^error: .*afile: File exists"):  # an output path that cannot be made
         run("eval", "--model", tiny, "--generations", tmp_path / "afile" / "g.jsonl")
