@@ -112,6 +112,12 @@ def test_bad_values_fail_before_any_work(tmp_path, tiny, capsys, monkeypatch):
     assert (tmp_path / "h.txt").read_text() == "Bad one\nBad two\n" and sorted(os.listdir(tiny)) == files
     run("eval", "--model", tiny, "--n-eval", 1, "--max-new-tokens", 1, "--generations", os.path.join(tiny, "g.jsonl"))
     assert sorted(os.listdir(tiny)) == sorted(files + ["g.jsonl"])  # a new file beside the model is fine
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "results.md").write_text("my notes")  # a folder of the user's: run writes no results there
+    for cmd in ("run", "demo"):
+        with pytest.raises(SystemExit, match=r"^error: .*mine: exists and holds no swat-min results; refusing"):
+            run(cmd, "--model", tiny, "--data", tmp_path / "d.jsonl", "--out", tmp_path / "mine")
+    assert os.listdir(tmp_path / "mine") == ["results.md"]
     (tmp_path / "afile").write_text("mine")
     with pytest.raises(SystemExit, match=r"^error: .*afile: File exists"):  # an output path that cannot be made
         run("eval", "--model", tiny, "--generations", tmp_path / "afile" / "g.jsonl")
