@@ -279,14 +279,14 @@ def load(path, device="cpu", dtype=torch.float32, chat_format=None):
     return net.eval(), tok
 
 
-def writable(out, tok):
-    """out, if save() may replace it: not the input model, and new, empty, or a checkpoint (or training
-    log) of ours, never a folder of the user's other files."""
+def writable(out, tok=None, ours=("config.json", "log.jsonl")):
+    """out, if swat-min may write there: not the input model (tok's), and new, empty, or a folder it wrote
+    before (holding one of `ours`: by default a checkpoint or training log), never the user's other files."""
     out, have = os.path.abspath(out), os.listdir(out) if os.path.isdir(out) else []
-    if tok.path and os.path.abspath(tok.path) == out:
+    if tok and tok.path and os.path.abspath(tok.path) == out:
         raise SwatError(f"{out}: refusing to overwrite the input model")
-    if (os.path.exists(out) and not os.path.isdir(out)) or (have and not {"config.json", "log.jsonl"} & set(have)):
-        raise SwatError(f"{out}: exists and holds no model; refusing to replace it (save into a new folder)")
+    if (os.path.exists(out) and not os.path.isdir(out)) or (have and not set(ours) & set(have)):
+        raise SwatError(f"{out}: exists and holds nothing swat-min wrote; refusing to write there (choose a new folder)")
     return out
 
 

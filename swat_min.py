@@ -199,10 +199,13 @@ def cmd_align(a):
     return before, after
 
 
+RESULTS = ("results.json", "scan.json", "toy-task.jsonl", "toy-model")  # what run and demo write first
+
+
 def cmd_run(a):
     """Original model -> probes -> scan -> Mods_Rob -> ift / swat / mllr / control from the same start,
     data, steps and seeds -> evaluation -> results.json, results.md."""
-    results_dir(a.out)
+    os.makedirs(model.writable(a.out, ours=RESULTS), exist_ok=True)  # not among the user's other files
     net, tok = load(a)
     task, tune = split(data.read_examples(a.data), a.n_task)
     tune = tune[:a.limit or None]
@@ -228,15 +231,6 @@ def cmd_run(a):
     print(open(os.path.join(a.out, "results.md")).read())
     print(f"wrote {a.out}/results.json, results.md, scan.json and one checkpoint per strategy and seed")
     return rows
-
-
-def results_dir(out):
-    """Make out, or take one that run or demo wrote before: a folder of the user's other files is refused,
-    as results.json, results.md and the rest would land among them (replacing any of the same name)."""
-    have = set(os.listdir(out)) if os.path.isdir(out) else set()
-    if have and not have & {"results.json", "scan.json", "toy-task.jsonl", "toy-model"}:
-        raise SwatError(f"{out}: exists and holds no swat-min results; refusing to write into it (choose a new folder)")
-    os.makedirs(out, exist_ok=True)
 
 
 def versus_ift(r, ift, original):
@@ -278,7 +272,7 @@ def report(out, rows, settings):
 
 
 def cmd_demo(a):
-    results_dir(a.out)  # checked before the toy is trained into it
+    model.writable(a.out, ours=RESULTS)  # checked before the toy is trained into it
     print("=" * 78)
     if a.model is None:
         print("swat-min demo on a TOY model organism (4 layers, trained here in a few minutes to refuse the\n"
