@@ -216,7 +216,10 @@ def weight_files(d):
         shards = read_json(index).get("weight_map")
         if not shards or not isinstance(shards, dict):
             raise SwatError(f"{index}: no weight_map of tensor names to files")
-        return sorted(set(shards.values()))
+        files = sorted(set(map(str, shards.values())))
+        if not all(os.path.basename(f) == f and f.endswith(".safetensors") for f in files):  # e.g. ../x: the hub
+            raise SwatError(f"{index}: a shard that is not a .safetensors file of this folder")  # would write there
+        return files
     if os.path.exists(os.path.join(d, "model.safetensors")):
         return ["model.safetensors"]
     raise SwatError(f"{d}: no model.safetensors or model.safetensors.index.json (swat-min never reads pickles)")

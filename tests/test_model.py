@@ -223,5 +223,7 @@ def test_bad_inputs(tmp_path, tiny):
         model.load(broken(set_cfg(num_hidden_layers="3")))
     with pytest.raises(model.SwatError, match="model.safetensors.index.json: no weight_map"):
         model.load(broken(lambda d: (d / "model.safetensors.index.json").write_text('{"metadata": {}}')))
+    with pytest.raises(model.SwatError, match="index.json: a shard that is not a .safetensors file of this folder"):
+        model.load(broken(lambda d: (d / "model.safetensors.index.json").write_text('{"weight_map": {"a": "../x.safetensors"}}')))
     with pytest.raises(model.SwatError, match="tokenizer_config.json: chat_template must be a template string"):
         model.load(broken(lambda d: (d / "tokenizer_config.json").write_text('{"chat_template": 5}')))

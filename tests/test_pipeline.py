@@ -209,6 +209,12 @@ def test_hub_download_resumes(tmp_path, monkeypatch):
         with pytest.raises(model.SwatError, match="^no/such: no such local directory; from the hub: .*HTTP 404"):
             model.load("no/such")  # a mistyped path that looks like a hub id
         assert not (tmp_path / "cache" / "hub" / "no--such").exists()  # and nothing left in the cache
+        (src / "model.safetensors.index.json").write_text('{"weight_map": {"a": "../../../escaped.safetensors"}}')
+        monkeypatch.setenv("SWAT_MODEL_CACHE", str(tmp_path / "cache2"))  # a repo whose index points outside
+        with pytest.raises(model.SwatError, match="index.json: a shard that is not a .safetensors file of this folder"):
+            hub.fetch("org/tiny")
+        assert not list(tmp_path.rglob("escaped*"))
+        monkeypatch.setenv("SWAT_MODEL_CACHE", str(tmp_path / "cache"))
     finally:
         srv.shutdown()
     n = len(Hub.seen)
