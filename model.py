@@ -45,7 +45,7 @@ def read_config(path):
         if c.get(k) is not None and (type(c[k]) is not int or c[k] <= 0):
             raise SwatError(f"{path}: {k} must be a positive integer, not {c[k]!r}")
     try:
-        heads, dim, eos = c["num_attention_heads"], c["hidden_size"], c.get("eos_token_id")
+        heads, dim = c["num_attention_heads"], c["hidden_size"]
         return SimpleNamespace(
             vocab_size=c["vocab_size"], dim=dim, hidden_dim=c["intermediate_size"], n_layers=c["num_hidden_layers"],
             n_heads=heads, n_kv_heads=c.get("num_key_value_heads") or heads, head_dim=c.get("head_dim") or dim // heads,
@@ -54,10 +54,19 @@ def read_config(path):
             qkv_bias=mt == "qwen2" or bool(c.get("attention_bias")), o_bias=mt == "llama" and bool(c.get("attention_bias")),
             tie=bool(c.get("tie_word_embeddings", False)),
             window=window,  # sliding window (mistral/qwen2): refused at run time once a sequence exceeds it
-            eos=[] if eos is None else eos if isinstance(eos, list) else [eos],
+            eos=eos_ids(path, c),
             raw=c)  # the config.json as read: save() writes it back
     except KeyError as e:
         raise SwatError(f"{path}: missing key {e}") from None
+
+
+def eos_ids(path, c):
+    """eos_token_id of the JSON object c (an int, a list of ints, or absent) -> a list of ints."""
+    eos = c.get("eos_token_id")
+    eos = [] if eos is None else eos if isinstance(eos, list) else [eos]
+    if not all(type(e) is int and e >= 0 for e in eos):
+        raise SwatError(f"{path}: eos_token_id must be a token id or a list of them, not {c['eos_token_id']!r}")
+    return eos
 
 
 def rope_inv_freq(cfg):
@@ -270,9 +279,8 @@ def load(path, device="cpu", dtype=torch.float32, chat_format=None):
         except Exception as e:  # truncated or corrupt file, missing shard
             raise SwatError(f"{fpath}: cannot read safetensors ({str(e).splitlines()[0]})") from None
     gc = os.path.join(path, "generation_config.json")
-    eos = read_json(gc).get("eos_token_id") if os.path.exists(gc) else None
-    if eos is not None:  # transformers' generate stops at these, not at config.json's
-        cfg.eos = eos if isinstance(eos, list) else [eos]
+    if os.path.exists(gc) and "eos_token_id" in read_json(gc):  # transformers' generate stops at these,
+        cfg.eos = eos_ids(gc, read_json(gc))                       # not at config.json's
     tok.stop_ids |= set(cfg.eos)
     missing = set(params) - seen
     if missing == {"lm_head.weight"}:  # no output head in the file: tie it to the embeddings
@@ -371,8 +379,10 @@ def generate(net, prompts, max_new_tokens=64, temperature=0.0, top_p=1.0, stop_i
     decoding step has the same shapes (the whole cache, masked), so on a GPU it is replayed from a CUDA
     graph (cuda_graph=False: not): a small model's step is mostly the CPU launching kernels."""
     prompts = [p.tolist() if torch.is_tensor(p) else list(p) for p in prompts]
-    if not all(prompts):
-        raise SwatError(f"generate: prompt {[len(p) for p in prompts].index(0) + 1} has no tokens")
+    bad = next((i for i, p in enumerate(prompts) if not p or not all(0 <= t < net.cfg.vocab_size for t in p)), None)
+    if bad is not None:
+        raise SwatError(f"generate: prompt {bad + 1} " + ("has no tokens" if not prompts[bad] else
+                        f"has a token id outside the vocabulary (0..{net.cfg.vocab_size - 1})"))
     if max_new_tokens <= 0:
         return [[] for _ in prompts]
     dev = net.model.embed_tokens.weight.device

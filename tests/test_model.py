@@ -147,6 +147,8 @@ def test_generation_stops_per_row(tiny):
     assert cut[1] == (free[1][:free[1].index(stop)] if stop in free[1] else free[1])
     with pytest.raises(model.SwatError, match="generate: prompt 2 has no tokens"):
         model.generate(net, [[5], []], 4)
+    with pytest.raises(model.SwatError, match="generate: prompt 1 has a token id outside the vocabulary"):
+        model.generate(net, [[5, net.cfg.vocab_size]], 4)
 
 
 def test_generation_config_eos_and_plain_inputs(tmp_path):
@@ -221,6 +223,10 @@ def test_bad_inputs(tmp_path, tiny):
         model.load(broken(lambda d: (d / "config.json").write_text("[1, 2]")))
     with pytest.raises(model.SwatError, match="config.json: num_hidden_layers must be a positive integer, not '3'"):
         model.load(broken(set_cfg(num_hidden_layers="3")))
+    with pytest.raises(model.SwatError, match="config.json: eos_token_id must be a token id or a list of them, not '2'"):
+        model.load(broken(set_cfg(eos_token_id="2")))
+    with pytest.raises(model.SwatError, match="generation_config.json: eos_token_id must be"):
+        model.load(broken(lambda d: (d / "generation_config.json").write_text('{"eos_token_id": [2, null]}')))
     with pytest.raises(model.SwatError, match="model.safetensors.index.json: no weight_map"):
         model.load(broken(lambda d: (d / "model.safetensors.index.json").write_text('{"metadata": {}}')))
     with pytest.raises(model.SwatError, match="index.json: a shard that is not a .safetensors file of this folder"):
