@@ -36,6 +36,22 @@ def _text(r):
     return f"{ctx.strip()}\n\n---\n\n{v}" if v and isinstance(ctx, str) and ctx.strip() else v
 
 
+def _records(path, f):
+    """The records of a JSON list, or of a JSONL file (one per line; a bad line is named)."""
+    if path.endswith(".json"):
+        recs = json.load(f)
+        if not isinstance(recs, list):
+            raise SwatError(f"{path}: expected a JSON list of records, found {type(recs).__name__}")
+        return recs
+    recs = []
+    for i, line in enumerate(f, 1):
+        try:
+            recs += [json.loads(line)] if line.strip() else []
+        except ValueError as e:
+            raise SwatError(f"{path}: line {i} is not valid JSON ({e})") from None
+    return recs
+
+
 def read_instructions(path):
     """A CSV, JSON or JSONL with one of the KEYS fields (JSON may also be a list of strings), or plain text,
     one per line."""
@@ -48,8 +64,7 @@ def read_instructions(path):
                     raise SwatError(f"{path}: no {', '.join(map(repr, KEYS))} column")
                 out = [t for t in map(_text, rows) if t]
             elif path.endswith((".json", ".jsonl")):
-                recs = json.load(f) if path.endswith(".json") else [json.loads(l) for l in f if l.strip()]
-                out = [r if isinstance(r, str) else _text(r) for r in recs]
+                out = [r if isinstance(r, str) else _text(r) for r in _records(path, f)]
                 if None in out:
                     raise SwatError(f"{path}: record {out.index(None) + 1} has none of the fields {', '.join(KEYS)}")
             else:
@@ -85,7 +100,7 @@ def read_examples(path):
     context, response), prompt/completion, or chat JSONL (messages) -> chats ending with the answer."""
     try:
         with open(path, encoding="utf-8-sig") as f:
-            recs = json.load(f) if path.endswith(".json") else [json.loads(l) for l in f if l.strip()]
+            recs = _records(path, f)
     except OSError as e:
         raise SwatError(f"{path}: unreadable ({e.strerror})") from None
     except ValueError as e:

@@ -13,6 +13,8 @@ def features(net, tok, instructions, batch_size=32, cache_dir=None):
     prompts = [tok.encode_chat([{"role": "user", "content": s}]) for s in instructions]
     key = None
     if cache_dir:  # keyed by the weights (each tensor's first numbers and its sum) and the prompts
+        if os.path.exists(cache_dir) and not os.path.isdir(cache_dir):
+            raise SwatError(f"{cache_dir}: not a directory (the feature cache)")
         w = torch.cat([torch.cat([p.detach().flatten()[:64].double(), p.detach().sum(dtype=torch.float64)[None]]).cpu()
                        for p in net.parameters()])
         key = hashlib.sha256(w.numpy().tobytes() + json.dumps(prompts).encode()).hexdigest()[:24]

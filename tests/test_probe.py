@@ -85,6 +85,9 @@ def test_feature_cache_follows_the_weights(tmp_path, tiny):
         net.model.layers[1].mlp.down_proj.weight.view(-1)[-1] += 1.0
     assert torch.equal(probe.features(net, tok, xs, cache_dir=c), probe.features(net, tok, xs))
     assert len(os.listdir(c)) == 2
+    (tmp_path / "f").write_text("")
+    with pytest.raises(model.SwatError, match="f: not a directory \\(the feature cache\\)"):
+        probe.features(net, tok, xs, cache_dir=str(tmp_path / "f"))
 
 
 def test_bad_input(tmp_path, tiny):
@@ -103,6 +106,9 @@ def test_bad_input(tmp_path, tiny):
     (tmp_path / "b.bin").write_bytes(b"\xff\xfe\x00\x81")
     with pytest.raises(model.SwatError, match="b.bin: unreadable"):
         data.read_instructions(str(tmp_path / "b.bin"))
+    (tmp_path / "o.json").write_text('{"goal": "a", "x": "b"}')  # an object, not a list: its keys are no prompts
+    with pytest.raises(model.SwatError, match="o.json: expected a JSON list of records, found dict"):
+        data.read_instructions(str(tmp_path / "o.json"))
     net, _ = model.load(tiny)
     with pytest.raises(model.SwatError, match="unknown module 'z'"):
         rb.module(net, 0, "z")

@@ -179,6 +179,12 @@ def test_bad_inputs(tiny, tmp_path):
     p.write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n" + json.dumps({"instruction": "c"}) + "\n")
     with pytest.raises(model.SwatError, match="e.jsonl: record 2 has no 'output' or 'answer'"):
         data.read_examples(str(p))
+    p.write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n\n{oops\n")  # the bad line is named
+    with pytest.raises(model.SwatError, match="e.jsonl: line 3 is not valid JSON"):
+        data.read_examples(str(p))
+    (tmp_path / "o.json").write_text(json.dumps({"instruction": "a", "output": "b"}))
+    with pytest.raises(model.SwatError, match="o.json: expected a JSON list of records, found dict"):
+        data.read_examples(str(tmp_path / "o.json"))
     p.write_text(json.dumps({"messages": [{"from": "human", "value": "hi"}, {"role": "assistant", "content": "a"}]}))
     with pytest.raises(model.SwatError, match="e.jsonl: record 1: 'messages' must be turns with a role"):
         data.read_examples(str(p))
