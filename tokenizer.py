@@ -31,7 +31,11 @@ class Tok:
             raise SwatError(f"{tcp}: chat_template must be a template string or a list of named ones")
         jinja = os.path.join(path, "chat_template.jinja")
         if not t and os.path.exists(jinja):
-            t = open(jinja).read()
+            try:
+                with open(jinja, encoding="utf-8") as f:
+                    t = f.read()
+            except (OSError, UnicodeDecodeError) as e:
+                raise SwatError(f"{jinja}: unreadable ({e})") from None
         if not t and not chat_format:  # a base model: no template to read the format off
             print(f"{path}: no chat template; formatting chats as ChatML (choose with chat_format=)", file=sys.stderr)
         self.format = chat_format or ("llama3" if "<|start_header_id|>" in t else "llama2" if "<<SYS>>" in t

@@ -231,5 +231,10 @@ def test_bad_inputs(tmp_path, tiny):
         model.load(broken(lambda d: (d / "model.safetensors.index.json").write_text('{"metadata": {}}')))
     with pytest.raises(model.SwatError, match="index.json: a shard that is not a .safetensors file of this folder"):
         model.load(broken(lambda d: (d / "model.safetensors.index.json").write_text('{"weight_map": {"a": "../x.safetensors"}}')))
+    def bad_jinja(d):
+        (d / "tokenizer_config.json").write_text('{"eos_token": "<|im_end|>"}')
+        (d / "chat_template.jinja").write_bytes(b"\xff\xfe\x81")
+    with pytest.raises(model.SwatError, match="chat_template.jinja: unreadable"):
+        model.load(broken(bad_jinja))
     with pytest.raises(model.SwatError, match="tokenizer_config.json: chat_template must be a template string"):
         model.load(broken(lambda d: (d / "tokenizer_config.json").write_text('{"chat_template": 5}')))
