@@ -238,3 +238,20 @@ def test_bad_inputs(tmp_path, tiny):
         model.load(broken(bad_jinja))
     with pytest.raises(model.SwatError, match="tokenizer_config.json: chat_template must be a template string"):
         model.load(broken(lambda d: (d / "tokenizer_config.json").write_text('{"chat_template": 5}')))
+
+
+def test_readme_api_example_runs(tiny, tmp_path):
+    """The README's Python API block, run as written on a tiny checkpoint (only the paths and the probe's
+    training data filled in), so that the documented calls cannot drift from the code."""
+    from conftest import ROOT
+    text = open(os.path.join(ROOT, "README.md")).read()
+    block = text.split("## Python API", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert "model.load(" in block and "model.generate(" in block and "LogisticProbe" in block
+    out = str(tmp_path / "saved")
+    code = block.replace('"ckpt_dir"', repr(tiny)).replace('"out_dir"', repr(out))
+    ns = {"X_train": torch.cat([torch.randn(8, 64) + 1, torch.randn(8, 64) - 1]),
+          "y_train": torch.cat([torch.ones(8), torch.zeros(8)])}
+    exec(compile(code, "README.md (Python API)", "exec"), ns)
+    assert ns["logits"].shape[-1] == 512 and len(ns["hidden"]) == 4 and len(ns["outs"]) == 2
+    assert ns["X"].shape == (4, 1, 64) and ns["p"].predict_proba(ns["X_train"]).shape == (16,)
+    assert torch.equal(model.load(out)[0](torch.tensor([[5, 6]])), ns["net"](torch.tensor([[5, 6]])))
