@@ -270,3 +270,24 @@ def test_eval_reads_the_users_prompt_files(tmp_path, tiny, capsys):
     rows = [json.loads(l) for l in open(gen)]
     assert [(r["prompt"], r["harmful"]) for r in rows] == [("Bad one", True), ("Bad two", True), ("Kind one", False),
                                                            ("Kind two", False), ("Kind three", False)]
+
+
+def test_readme_commands_parse(tmp_path, monkeypatch):
+    """Every `python swat_min.py ...` line of the README's shell blocks parses with today's options, and
+    every --flag the README names exists (in swat_min.py, or in the bench/experiments script it belongs to)."""
+    import re, shlex
+    from conftest import ROOT
+    text = open(os.path.join(ROOT, "README.md")).read()
+    cmds = [l.split("#")[0].split("swat_min.py", 1)[1] for b in re.findall(r"```bash\n(.*?)```", text, re.S)
+            for l in b.replace("\\\n", " ").splitlines() if "python swat_min.py" in l.split("#")[0]]
+    assert len(cmds) >= 6
+    seen = []
+    monkeypatch.setattr(swat_min, "COMMANDS", {k: (seen.append, *v[1:]) for k, v in swat_min.COMMANDS.items()})
+    monkeypatch.chdir(tmp_path)
+    for c in cmds:
+        swat_min.main(shlex.split(c.replace("$M", "m").replace("$ADV", "adv.csv")))
+    assert len(seen) == len(cmds)
+    scripts = "".join(open(os.path.join(ROOT, d, f)).read() for d in ("bench", "experiments")
+                      for f in os.listdir(os.path.join(ROOT, d)) if f.endswith(".py"))
+    known = {"--" + o for o in swat_min.OPTIONS} | {"--help"} | set(re.findall(r'add_argument\("(--[a-z-]+)"', scripts))
+    assert set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]+", text)) <= known
