@@ -273,11 +273,11 @@ def test_eval_reads_the_users_prompt_files(tmp_path, tiny, capsys):
 
 
 def test_readme_commands_parse(tmp_path, monkeypatch):
-    """Every `python swat_min.py ...` line of the README's shell blocks parses with today's options, and
-    every --flag the README names exists (in swat_min.py, or in the bench/experiments script it belongs to)."""
+    """Every `python swat_min.py ...` line of the README's (and RESULTS.md's) shell blocks parses with today's
+    options, and every --flag they name exists (in swat_min.py, or in the bench/experiments script it belongs to)."""
     import re, shlex
     from conftest import ROOT
-    text = open(os.path.join(ROOT, "README.md")).read()
+    text = "".join(open(os.path.join(ROOT, f)).read() for f in ("README.md", "RESULTS.md"))
     cmds = [l.split("#")[0].split("swat_min.py", 1)[1] for b in re.findall(r"```bash\n(.*?)```", text, re.S)
             for l in b.replace("\\\n", " ").splitlines() if "python swat_min.py" in l.split("#")[0]]
     assert len(cmds) >= 6
