@@ -255,3 +255,18 @@ def test_readme_api_example_runs(tiny, tmp_path):
     assert ns["logits"].shape[-1] == 512 and len(ns["hidden"]) == 4 and len(ns["outs"]) == 2
     assert ns["X"].shape == (4, 1, 64) and ns["p"].predict_proba(ns["X_train"]).shape == (16,)
     assert torch.equal(model.load(out)[0](torch.tensor([[5, 6]])), ns["net"](torch.tensor([[5, 6]])))
+
+
+def test_sampling_matches_transformers_warpers():
+    """Temperature + top-p sampling draws from the distribution transformers' warpers define: only their
+    kept tokens, at their renormalised probabilities."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+    torch.manual_seed(0)
+    logits = torch.randn(1, 12) * 2
+    for t, top_p in ((0.7, 0.8), (1.3, 0.5), (1.0, 1.0)):
+        ref = torch.softmax(TopPLogitsWarper(top_p)(None, TemperatureLogitsWarper(t)(None, logits.clone())), -1)[0]
+        gen = torch.Generator().manual_seed(1)
+        draws = torch.stack([model._pick(logits.expand(500, -1), t, top_p, gen) for _ in range(20)]).flatten()
+        freq = torch.bincount(draws, minlength=12).float() / len(draws)
+        assert set(draws.tolist()) <= set(ref.nonzero().flatten().tolist())
+        assert (freq - ref).abs().max() < 0.015, (t, top_p, freq, ref)
