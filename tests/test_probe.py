@@ -37,6 +37,10 @@ def test_probe_matches_sklearn(d, shift):
 def test_auc():
     assert probe.auc(torch.tensor([0.9, 0.8, 0.1, 0.2]), torch.tensor([1, 1, 0, 0])) == 1.0
     assert probe.auc(torch.tensor([0.1, 0.8, 0.9, 0.2]), torch.tensor([1, 1, 0, 0])) == 0.25
+    from sklearn.metrics import roc_auc_score  # and scikit-learn's, ties included
+    g = torch.Generator().manual_seed(0)
+    s, y = torch.randint(0, 6, (300,), generator=g).float(), torch.randint(0, 2, (300,), generator=g)
+    assert abs(probe.auc(s, y) - roc_auc_score(y.numpy(), s.numpy())) < 1e-12
 
 
 def test_builtin_sets():
