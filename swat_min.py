@@ -399,7 +399,8 @@ def main(argv=None):
             p.add_argument("--" + o.rstrip("!"), required=o.endswith("!"), **OPTIONS[o.rstrip("!")])
         p.set_defaults(fn=fn, seed=0, **defaults)
     a = ap.parse_args(argv)
-    torch.set_num_threads(os.cpu_count() or 1)
+    if not os.environ.get("OMP_NUM_THREADS"):  # a user's setting stands (e.g. several runs side by side)
+        torch.set_num_threads(os.cpu_count() or 1)
     try:
         ins = [getattr(a, k, None) for k in ("model", "base", "data", "harmful", "harmless", "test_harmful",
                                              "eval_harmful", "eval_harmless", "file", "mods")]

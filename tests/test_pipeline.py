@@ -68,6 +68,19 @@ def test_help_shows_each_commands_defaults(capsys):
         assert e.value.code == 0 and f"--lr LR peak learning rate (default: {lr})" in " ".join(capsys.readouterr().out.split())
 
 
+def test_cli_keeps_the_users_thread_count(monkeypatch):
+    """OMP_NUM_THREADS is how several runs share a machine; the CLI must not override it."""
+    threads = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    try:
+        with pytest.raises(SystemExit):
+            run("generate", "--model", "m")  # fails at once (no prompt), after the set-up
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_cli_errors(tmp_path, tiny, capsys):
     with pytest.raises(SystemExit) as e:
         run("fly")
