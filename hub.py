@@ -2,8 +2,18 @@
 files, safetensors, sharded too) into a local cache, resuming partial files and checking their sizes.
 HF_TOKEN is sent for gated models; HF_ENDPOINT points elsewhere (the tests use a server on 127.0.0.1);
 SWAT_MODEL_CACHE moves the cache (default ~/.cache/swat-min)."""
-import http.client, os, re, shutil, urllib.error, urllib.request
+import http.client, os, re, shutil, urllib.error, urllib.parse, urllib.request
 from model import SwatError, weight_files
+
+
+class _Redirect(urllib.request.HTTPRedirectHandler):
+    """Follows the hub's redirects (weights come from a CDN on another host) with the Range header, but
+    sends HF_TOKEN only to the host it was meant for: urllib would pass it on to any host."""
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new and urllib.parse.urlsplit(newurl).netloc != urllib.parse.urlsplit(req.full_url).netloc:
+            new.remove_header("Authorization")
+        return new
 
 
 FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
@@ -34,7 +44,7 @@ def fetch(repo):
         if os.environ.get("HF_TOKEN"):
             req.add_header("Authorization", f"Bearer {os.environ['HF_TOKEN']}")
         try:
-            r = urllib.request.urlopen(req, timeout=60)
+            r = urllib.request.build_opener(_Redirect).open(req, timeout=60)
             have = have if r.status == 206 else 0  # the server may ignore the range: start over
             size = have + int(r.headers["Content-Length"]) if r.headers.get("Content-Length") else None
             with open(part, "ab" if have else "wb") as f:

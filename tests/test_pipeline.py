@@ -172,15 +172,22 @@ def test_full_disk_leaves_nothing(tmp_path, tiny, monkeypatch):
 
 class Hub(http.server.BaseHTTPRequestHandler):
     """A stand-in for the hub: serves files under /org/name/resolve/main/, honours Range, and can cut a
-    response short once (an interrupted download)."""
+    response short once (an interrupted download). Like the hub, it redirects weights to another host (a
+    CDN: here `localhost` instead of 127.0.0.1), which must not be sent the token."""
     root, cut, seen = None, set(), []
 
     def do_GET(self):
-        name = self.path.split("/resolve/main/")[-1]
+        cdn = self.path.startswith("/cdn/")
+        name = self.path[len("/cdn/"):] if cdn else self.path.split("/resolve/main/")[-1]
         path = os.path.join(self.root, name)
-        Hub.seen.append((name, self.headers.get("Range"), self.headers.get("Authorization")))
-        if not self.path.startswith("/org/tiny/") or not os.path.exists(path):
+        Hub.seen.append((name, self.headers.get("Range"), self.headers.get("Authorization"), cdn))
+        if not (cdn or self.path.startswith("/org/tiny/")) or not os.path.exists(path):
             self.send_error(404)
+            return
+        if not cdn and name.endswith(".safetensors"):
+            self.send_response(302)
+            self.send_header("Location", f"http://localhost:{self.server.server_address[1]}/cdn/{name}")
+            self.end_headers()
             return
         data = open(path, "rb").read()
         start = int(self.headers["Range"].split("=")[1].rstrip("-")) if self.headers.get("Range") else 0
@@ -233,8 +240,9 @@ def test_hub_download_resumes(tmp_path, monkeypatch):
     n = len(Hub.seen)
     assert hub.fetch("org/tiny") == d and len(Hub.seen) == n  # a finished download needs no server
     assert hub.resolve("org/tiny") == d and hub.resolve(str(src)) == str(src)
-    assert any(r and r.startswith("bytes=") for _, r, _ in Hub.seen)
-    assert all(a == "Bearer secret" for *_, a in Hub.seen)
+    assert any(r and r.startswith("bytes=") and cdn for _, r, _, cdn in Hub.seen)  # the resume reached the CDN
+    assert all(a == ("Bearer secret" if not cdn else None) for _, _, a, cdn in Hub.seen)  # the token did not
+    assert sum(cdn for *_, cdn in Hub.seen) >= 3
     net, tok = model.load("org/tiny")  # a hub id: the cached download
     assert tok.format == "llama3"  # read off the downloaded chat_template.jinja
     x = torch.tensor([[3, 4, 5]])
