@@ -279,8 +279,9 @@ def load(path, device="cpu", dtype=torch.float32, chat_format=None):
         except Exception as e:  # truncated or corrupt file, missing shard
             raise SwatError(f"{fpath}: cannot read safetensors ({str(e).splitlines()[0]})") from None
     gc = os.path.join(path, "generation_config.json")
-    if os.path.exists(gc) and "eos_token_id" in read_json(gc):  # transformers' generate stops at these,
-        cfg.eos = eos_ids(gc, read_json(gc))                       # not at config.json's
+    gen = read_json(gc) if os.path.exists(gc) else {}
+    if gen.get("eos_token_id") is not None:  # transformers' generate stops at these, not at config.json's
+        cfg.eos = eos_ids(gc, gen)
     tok.stop_ids |= set(cfg.eos)
     missing = set(params) - seen
     if missing == {"lm_head.weight"}:  # no output head in the file: tie it to the embeddings
