@@ -195,7 +195,7 @@ def train(net, tok, chats, out, strategy="ift", mods=(), steps=100, lr=2e-5, bat
     total, step, rows = phase1 + steps, 0, []
     state, log = os.path.join(out, "trainer.safetensors"), os.path.join(out, "log.jsonl")
     if resume and os.path.exists(state):
-        step = _load_state(opt, net, out)
+        step = _load_state(opt, net, out, total)
         if os.path.exists(log):  # the log up to the checkpoint: the steps after it are done again
             rows = [r for r in map(json.loads, open(log)) if r["step"] <= step]
     elif resume:
@@ -237,31 +237,31 @@ def train(net, tok, chats, out, strategy="ift", mods=(), steps=100, lr=2e-5, bat
         with open(log, "a") as f:
             f.write(json.dumps(row) + "\n")
         if save_every and (step + 1) % save_every == 0 and step + 1 < total:
-            _save(net, tok, opt, out, step + 1, rows)
+            _save(net, tok, opt, out, step + 1, rows, total)
     for p in net.parameters():
         p.requires_grad_(True)
-    _save(net, tok, opt, out, total, rows)
+    _save(net, tok, opt, out, total, rows, total)
     net.eval().grad_ckpt = False
     return rows
 
 
-def _save(net, tok, opt, out, step, rows):
+def _save(net, tok, opt, out, step, rows, total):
     names = {p: n for g in opt.param_groups for p, n in zip(g["params"], g["names"])}
     tensors = {f"{k}.{names[p]}": t for p, (m, v) in opt.state.items() for k, t in (("m", m), ("v", v))}
-    meta = {"step": step, "group_steps": [g["step"] for g in opt.param_groups],
+    meta = {"step": step, "total": total, "group_steps": [g["step"] for g in opt.param_groups],
             "groups": [g["names"] for g in opt.param_groups]}  # what resume checks its settings against
     log = "".join(json.dumps(r) + "\n" for r in rows)  # save() replaces the folder: the log goes with it
     model.save(net, tok, out, extra={"trainer.safetensors": tensors, "trainer.json": meta, "log.jsonl": log})
 
 
-def _load_state(opt, net, out):
+def _load_state(opt, net, out, total):
     from safetensors import safe_open
     from safetensors.torch import load_file
     meta = model.read_json(os.path.join(out, "trainer.json"))
-    other = SwatError(f"{out}: its checkpoint was trained with another strategy, module set or model; resume "
-                      "with the same settings, or train into a new folder")
+    other = SwatError(f"{out}: its checkpoint was trained with another strategy, module set, number of steps or "
+                      "model; resume with the same settings, or train into a new folder")
     names = [g["names"] for g in opt.param_groups]
-    if meta.get("groups", names) != names:
+    if meta.get("groups", names) != names or meta.get("total", total) != total:  # (the schedule depends on it)
         raise other
     dev, params = str(net.model.embed_tokens.weight.device), net.state_dict()
     tensors = load_file(os.path.join(out, "trainer.safetensors"), device=dev)

@@ -106,9 +106,9 @@ def test_resume_equals_uninterrupted(tiny, tmp_path, monkeypatch):
     assert [s for s, _ in logs[0]] == list(range(1, 7)) and logs[0] == logs[1]  # the log outlives every save
     tiny_hf(tmp_path / "wide", hidden_size=32)  # the same parameter names, other shapes
     for d, other in ((tiny, dict(kw, strategy="ift", mods=())), (tiny, dict(kw, mods={(1, "q"), (2, "o")})),
-                     (tmp_path / "wide", kw)):
+                     (tiny, dict(kw, steps=kw["steps"] + 1)), (tmp_path / "wide", kw)):
         net, tok = model.load(d)
-        with pytest.raises(model.SwatError, match="b: its checkpoint was trained with another strategy, module set or"):
+        with pytest.raises(model.SwatError, match="b: its checkpoint was trained with another strategy, module set, number of steps or"):
             train.train(net, tok, CHATS, str(tmp_path / "b"), resume=True, **other)
 
 
