@@ -312,3 +312,26 @@ def test_readme_commands_parse(tmp_path, monkeypatch):
                       for f in os.listdir(os.path.join(ROOT, d)) if f.endswith(".py"))
     known = {"--" + o for o in swat_min.OPTIONS} | {"--help"} | set(re.findall(r'add_argument\("(--[a-z-]+)"', scripts))
     assert set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]+", text)) <= known
+
+
+def test_align_tunes_refusals_and_own_answers(tmp_path, tiny, monkeypatch, capsys):
+    """align: harmful train prompts -> the project's refusal texts, harmless ones -> the model's own answers
+    (generated before tuning); ASR before and after printed; a checkpoint that loads."""
+    import train
+    real, seen = train.train, []
+    monkeypatch.setattr(train, "train", lambda net, tok, chats, *a, **kw: seen.append(chats) or real(net, tok, chats, *a, **kw))
+    out = tmp_path / "aligned"
+    before, after = run("align", "--model", tiny, "--out", out, "--steps", 2, "--batch", 4, "--max-len", 512,
+                        "--n-eval", 3, "--max-new-tokens", 2, "--answer-tokens", 3, "--device", "cpu")
+    H, S = data.builtin("harmful", "train"), data.builtin("harmless", "train")
+    chats = seen[0]
+    assert [c[0]["content"] for c in chats] == H + S
+    refusals = set(data.lines("refusals.txt"))
+    assert all(c[1]["content"] in refusals for c in chats[:len(H)])
+    net, tok = model.load(tiny)
+    own = swat_min.answer(net, tok, [swat_min.user(s) for s in S[:5]], 3)
+    assert [c[1]["content"] for c in chats[len(H):len(H) + 5]] == own
+    assert before["strategy"] == "before" and after["strategy"] == "after"
+    printed = capsys.readouterr().out
+    assert "before: ASR" in printed and "after: ASR" in printed and f"wrote {out}" in printed
+    assert len(open(out / "log.jsonl").readlines()) == 2 and model.load(str(out))[0].cfg.n_layers == 3
