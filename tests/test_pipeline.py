@@ -335,3 +335,18 @@ def test_align_tunes_refusals_and_own_answers(tmp_path, tiny, monkeypatch, capsy
     printed = capsys.readouterr().out
     assert "before: ASR" in printed and "after: ASR" in printed and f"wrote {out}" in printed
     assert len(open(out / "log.jsonl").readlines()) == 2 and model.load(str(out))[0].cfg.n_layers == 3
+
+
+def test_probe_scan_generate_commands(tmp_path, tiny, capsys):
+    scores = run("probe", "--model", tiny, "--device", "cpu")
+    printed = capsys.readouterr().out
+    assert len(scores) == 4 and all(0 <= s["acc"] <= 1 and 0 <= s["auc"] <= 1 for s in scores)  # embeddings + 3 layers
+    assert "best layer" in printed and printed.count("\n") >= 6
+    run("scan", "--model", tiny, "--n", 4, "--k", 3, "--out", tmp_path / "s.json", "--device", "cpu")
+    s = json.load(open(tmp_path / "s.json"))
+    assert set(s["table"]) == {"q", "k", "v", "o"} and all(len(r) == 3 for r in s["table"].values())
+    assert len(s["mods_rob"]) == len(s["mods_fragile"]) == 3 and not {tuple(m) for m in s["mods_rob"]} & {tuple(m) for m in s["mods_fragile"]}
+    assert "Mods_Rob (3 most robust)" in capsys.readouterr().out
+    run("generate", "--model", tiny, "--prompt", "Hello there", "--prompt", "Bye", "--max-new-tokens", 3)
+    printed = capsys.readouterr().out
+    assert printed.startswith("### Hello there\n") and "\n### Bye\n" in printed
