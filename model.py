@@ -380,10 +380,10 @@ def generate(net, prompts, max_new_tokens=64, temperature=0.0, top_p=1.0, stop_i
     decoding step has the same shapes (the whole cache, masked), so on a GPU it is replayed from a CUDA
     graph (cuda_graph=False: not): a small model's step is mostly the CPU launching kernels."""
     prompts = [p.tolist() if torch.is_tensor(p) else list(p) for p in prompts]
-    bad = next((i for i, p in enumerate(prompts) if not p or not all(0 <= t < net.cfg.vocab_size for t in p)), None)
-    if bad is not None:
-        raise SwatError(f"generate: prompt {bad + 1} " + ("has no tokens" if not prompts[bad] else
-                        f"has a token id outside the vocabulary (0..{net.cfg.vocab_size - 1})"))
+    for i, p in enumerate(prompts):
+        if not p or not all(0 <= t < net.cfg.vocab_size for t in p):
+            raise SwatError(f"generate: prompt {i + 1} " + ("has no tokens" if not p else
+                            f"has a token id outside the vocabulary (0..{net.cfg.vocab_size - 1})"))
     if max_new_tokens <= 0:
         return [[] for _ in prompts]
     dev = net.model.embed_tokens.weight.device
