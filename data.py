@@ -45,8 +45,10 @@ def _records(path, f):
         return recs
     recs = []
     for i, line in enumerate(f, 1):
+        if not line.strip():
+            continue
         try:
-            recs += [json.loads(line)] if line.strip() else []
+            recs.append(json.loads(line))
         except ValueError as e:
             raise SwatError(f"{path}: line {i} is not valid JSON ({e})") from None
     return recs
