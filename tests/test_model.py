@@ -10,6 +10,7 @@ FAMILIES = {
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 16})),
     "mistral": ("mistral", dict(sliding_window=None)),
+    "mistral_headdim_window": ("mistral", dict(head_dim=32, sliding_window=4096)),  # head_dim != hidden / heads
     "qwen2_tied": ("qwen2", dict(tie_word_embeddings=True)),
 }
 
