@@ -38,10 +38,11 @@ class Tok:
                 raise SwatError(f"{jinja}: unreadable ({e})") from None
         if not t and not chat_format:  # a base model: no template to read the format off
             print(f"{path}: no chat template; formatting chats as ChatML (choose with chat_format=)", file=sys.stderr)
+        if chat_format and chat_format not in self.FORMATS:
+            raise SwatError(f"unknown chat format {chat_format!r}; choose one of {', '.join(self.FORMATS)}")
         self.format = chat_format or ("llama3" if "<|start_header_id|>" in t else "llama2" if "<<SYS>>" in t
-                                      else "mistral" if "[INST]" in t else "chatml")
-        if self.format not in self.FORMATS:
-            raise SwatError(f"unknown chat format {self.format!r}; choose one of {', '.join(self.FORMATS)}")
+                                      else "mistral" if "[INST]" in t else "chatml" if "<|im_start|>" in t or not t
+                                      else None)  # another family's template (e.g. Zephyr's): render() refuses
         # the family's default system prompt, as the template writes it when the user gives none
         m = re.search(r"<\|im_start\|>system(?:\n|\\n)([^'\"{}]*?)<\|im_end\|>", t)
         self.system = m.group(1).replace("\\n", "\n") if m else None
@@ -68,6 +69,9 @@ class Tok:
     def render(self, messages, add_generation_prompt=True):
         """The chat as text, exactly as the family's template renders it."""
         msgs, f = list(messages), self.format
+        if f is None:
+            raise SwatError(f"{self.path}: its chat template is of none of the families swat-min writes "
+                            f"({', '.join(self.FORMATS)}); choose one with chat_format= (--chat-format)")
         sys = msgs.pop(0)["content"] if msgs and msgs[0]["role"] == "system" else None
         if f == "chatml":
             sys = sys if sys is not None else self.system

@@ -97,6 +97,12 @@ def test_format_override_and_unknown(tmp_path):
     assert tokenizer.Tok(str(tmp_path), chat_format="llama2").format == "llama2"
     with pytest.raises(model.SwatError, match="unknown chat format 'vicuna'"):
         tokenizer.Tok(str(tmp_path), chat_format="vicuna")
+    zephyr = ("{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] + eos_token }}"
+              "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+    make_tokenizer(str(tmp_path), zephyr, bos="<s>", eos="</s>")  # a family swat-min does not write: said, not guessed
+    with pytest.raises(model.SwatError, match="none of the families"):
+        tokenizer.Tok(str(tmp_path)).encode_chat([{"role": "user", "content": "Hi"}])
+    assert tokenizer.Tok(str(tmp_path), chat_format="chatml").encode_chat([{"role": "user", "content": "Hi"}])
 
 
 @pytest.mark.parametrize("name", CASES)
