@@ -41,8 +41,9 @@ class Tok:
         if chat_format and chat_format not in self.FORMATS:
             raise SwatError(f"unknown chat format {chat_format!r}; choose one of {', '.join(self.FORMATS)}")
         self.format = chat_format or ("llama3" if "<|start_header_id|>" in t else "llama2" if "<<SYS>>" in t
-                                      else "mistral" if "[INST]" in t else "chatml" if "<|im_start|>" in t or not t
-                                      else None)  # another family's template (e.g. Zephyr's): render() refuses
+                                      else "mistral" if "[INST]" in t and "[SYSTEM_PROMPT]" not in t
+                                      else "chatml" if "<|im_start|>" in t or not t
+                                      else None)  # another family's (Zephyr's, Mistral v7's): render() refuses
         # the family's default system prompt, as the template writes it when the user gives none
         m = re.search(r"<\|im_start\|>system(?:\n|\\n)([^'\"{}]*?)<\|im_end\|>", t)
         self.system = m.group(1).replace("\\n", "\n") if m else None

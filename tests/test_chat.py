@@ -99,9 +99,11 @@ def test_format_override_and_unknown(tmp_path):
         tokenizer.Tok(str(tmp_path), chat_format="vicuna")
     zephyr = ("{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] + eos_token }}"
               "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
-    make_tokenizer(str(tmp_path), zephyr, bos="<s>", eos="</s>")  # a family swat-min does not write: said, not guessed
-    with pytest.raises(model.SwatError, match="none of the families"):
-        tokenizer.Tok(str(tmp_path)).encode_chat([{"role": "user", "content": "Hi"}])
+    v7 = "{{- bos_token }}{{- '[SYSTEM_PROMPT]' + system_message + '[/SYSTEM_PROMPT]' }}" + MISTRAL3  # its own system turn
+    for template in (zephyr, v7):  # families swat-min does not write: said, not guessed
+        make_tokenizer(str(tmp_path), template, bos="<s>", eos="</s>")
+        with pytest.raises(model.SwatError, match="none of the families"):
+            tokenizer.Tok(str(tmp_path)).encode_chat([{"role": "user", "content": "Hi"}])
     assert tokenizer.Tok(str(tmp_path), chat_format="chatml").encode_chat([{"role": "user", "content": "Hi"}])
 
 
