@@ -291,9 +291,10 @@ def load(path, device="cpu", dtype=torch.float32, chat_format=None):
     return net.eval(), tok
 
 
-def writable(out, tok=None, ours=("config.json", "log.jsonl")):
+def writable(out, tok=None, ours=("swat-min.json", "log.jsonl")):
     """out, if swat-min may write there: not the input model (tok's), and new, empty, or a folder it wrote
-    before (holding one of `ours`: by default a checkpoint or training log), never the user's other files."""
+    before (holding one of `ours`: by default its checkpoint mark or a training log), never the user's other
+    files nor another model of theirs."""
     out, have = os.path.abspath(out), os.listdir(out) if os.path.isdir(out) else []
     if tok and tok.path and os.path.abspath(tok.path) == out:
         raise SwatError(f"{out}: refusing to overwrite the input model")
@@ -318,6 +319,8 @@ def save(net, tok, out, extra=None):
         cfg.pop("dtype", None)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(cfg, f, indent=2)
+        with open(os.path.join(tmp, "swat-min.json"), "w") as f:  # the mark that lets a later save replace it
+            json.dump({"written_by": "swat-min", "from": tok.path}, f)
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                      "generation_config.json", "chat_template.jinja"):
             if tok.path and os.path.exists(os.path.join(tok.path, name)):

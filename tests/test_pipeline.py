@@ -141,9 +141,16 @@ def test_bad_values_fail_before_any_work(tmp_path, tiny, capsys, monkeypatch):
     (tmp_path / "work" / "notes.txt").write_text("mine")  # a folder of the user's: never replaced by a checkpoint
     with pytest.raises(SystemExit, match=r"^error: .*work: exists and holds nothing swat-min wrote; refusing"):
         run("train", "--model", tiny, "--data", tmp_path / "d.jsonl", "--out", tmp_path / "work", "--steps", 1)
+    tiny_hf(str(tmp_path / "other"))  # another model of the user's, not the input: never replaced
+    theirs = sorted(os.listdir(tmp_path / "other"))
+    with pytest.raises(SystemExit, match=r"^error: .*other: exists and holds nothing swat-min wrote; refusing"):
+        run("train", "--model", tiny, "--data", tmp_path / "d.jsonl", "--out", tmp_path / "other", "--steps", 1)
     net, tok = model.load(tiny)
     with pytest.raises(model.SwatError, match="afile: exists and holds nothing swat-min wrote"):
         model.save(net, tok, tmp_path / "afile")
+    with pytest.raises(model.SwatError, match="other: exists and holds nothing swat-min wrote"):
+        model.save(net, tok, tmp_path / "other")
+    assert sorted(os.listdir(tmp_path / "other")) == theirs
     assert (tmp_path / "work" / "notes.txt").read_text() == "mine" and (tmp_path / "afile").read_text() == "mine"
     run("train", "--model", tiny, "--data", tmp_path / "d.jsonl", "--out", tmp_path / "o", "--steps", 1)
     run("train", "--model", tiny, "--data", tmp_path / "d.jsonl", "--out", tmp_path / "o", "--steps", 1)  # ours: replaced
