@@ -50,6 +50,9 @@ def fetch(repo):
             with open(part, "ab" if have else "wb") as f:
                 shutil.copyfileobj(r, f, 1 << 20)
         except urllib.error.HTTPError as e:
+            if e.code == 416 and have:  # nothing after the partial file: it was whole but never renamed; fetch anew
+                os.remove(part)
+                return get(name, required)
             if e.code == 404 and not required:
                 return False
             hint = " (a private or gated model? set HF_TOKEN)" if e.code in (401, 403) else ""

@@ -198,6 +198,9 @@ class Hub(http.server.BaseHTTPRequestHandler):
             return
         data = open(path, "rb").read()
         start = int(self.headers["Range"].split("=")[1].rstrip("-")) if self.headers.get("Range") else 0
+        if start >= len(data):  # as HTTP servers do: a range past the end is not satisfiable (a whole .part's resume)
+            self.send_error(416)
+            return
         self.send_response(206 if start else 200)
         self.send_header("Content-Length", str(len(data) - start))
         self.end_headers()
@@ -241,6 +244,12 @@ def test_hub_download_resumes(tmp_path, monkeypatch):
         with pytest.raises(model.SwatError, match="index.json: a shard that is not a .safetensors file of this folder"):
             hub.fetch("org/tiny")
         assert not list(tmp_path.rglob("escaped*"))
+        (src / "model.safetensors.index.json").unlink()
+        shutil.copy(src / "config.json", src / "model.safetensors")  # one weights file now (fetch never reads it)
+        monkeypatch.setenv("SWAT_MODEL_CACHE", str(tmp_path / "cache3"))
+        os.makedirs(tmp_path / "cache3" / "hub" / "org--tiny")  # a download stopped between its last byte and
+        shutil.copy(src / "config.json", tmp_path / "cache3" / "hub" / "org--tiny" / "config.json.part")  # its rename
+        assert open(os.path.join(hub.fetch("org/tiny"), "config.json")).read() == (src / "config.json").read_text()
         monkeypatch.setenv("SWAT_MODEL_CACHE", str(tmp_path / "cache"))
     finally:
         srv.shutdown()
