@@ -60,13 +60,12 @@ def read_instructions(path):
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark
             if path.endswith(".csv"):
-                rows = list(csv.DictReader(f))
-                col = _field(rows[0]) if rows else None
-                if col is None:
+                rows = csv.DictReader(f)
+                if _field(rows.fieldnames or []) is None:
                     raise SwatError(f"{path}: no {', '.join(map(repr, KEYS))} column")
                 out = [t for t in map(_text, rows) if t]
             elif path.endswith((".json", ".jsonl")):
-                out = [r if isinstance(r, str) else _text(r) for r in _records(path, f)]
+                out = [r if isinstance(r, str) else _text(r) if isinstance(r, dict) else None for r in _records(path, f)]
                 if None in out:
                     raise SwatError(f"{path}: record {out.index(None) + 1} has none of the fields {', '.join(KEYS)}")
             else:

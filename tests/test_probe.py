@@ -78,6 +78,12 @@ def test_readers(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"prompt": "p1"}\n{"text": "p2"}\n')
     with pytest.raises(model.SwatError, match="bad.jsonl: record 2 has none of the fields"):
         data.read_instructions(str(tmp_path / "bad.jsonl"))
+    (tmp_path / "bad.json").write_text('["ok", 3]')
+    with pytest.raises(model.SwatError, match="bad.json: record 2 has none of the fields"):
+        data.read_instructions(str(tmp_path / "bad.json"))
+    (tmp_path / "none.csv").write_text("goal,target\n")  # the column, but no rows
+    with pytest.raises(model.SwatError, match="none.csv: no instructions found"):
+        data.read_instructions(str(tmp_path / "none.csv"))
 
 
 def test_feature_cache_follows_the_weights(tmp_path, tiny):
