@@ -65,7 +65,8 @@ def read_instructions(path):
                     raise SwatError(f"{path}: no {', '.join(map(repr, KEYS))} column")
                 out = [t for t in map(_text, rows) if t]
             elif path.endswith((".json", ".jsonl")):
-                out = [r if isinstance(r, str) else _text(r) if isinstance(r, dict) else None for r in _records(path, f)]
+                recs = _records(path, f)
+                out = [r if isinstance(r, str) else _text(r) if isinstance(r, dict) else None for r in recs]
                 if None in out:
                     raise SwatError(f"{path}: record {out.index(None) + 1} has none of the fields {', '.join(KEYS)}")
             else:
