@@ -44,12 +44,19 @@ def read_config(path):
               "num_key_value_heads", "head_dim"):
         if c.get(k) is not None and (type(c[k]) is not int or c[k] <= 0):
             raise SwatError(f"{path}: {k} must be a positive integer, not {c[k]!r}")
+    num = {"rms_norm_eps": c.get("rms_norm_eps", 1e-6), "rope_theta": c.get("rope_theta", rope.get("rope_theta", 1e4))}
+    if rtype == "llama3":
+        num.update((k, rope.get(k)) for k in ("factor", "low_freq_factor", "high_freq_factor",
+                                              "original_max_position_embeddings"))
+    for k, v in num.items():
+        if type(v) not in (int, float) or v <= 0:
+            raise SwatError(f"{path}: {k} must be a positive number, not {v!r}")
     try:
         heads, dim = c["num_attention_heads"], c["hidden_size"]
         return SimpleNamespace(
             vocab_size=c["vocab_size"], dim=dim, hidden_dim=c["intermediate_size"], n_layers=c["num_hidden_layers"],
             n_heads=heads, n_kv_heads=c.get("num_key_value_heads") or heads, head_dim=c.get("head_dim") or dim // heads,
-            norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=c.get("rope_theta", rope.get("rope_theta", 10000.0)),
+            norm_eps=num["rms_norm_eps"], rope_theta=num["rope_theta"],
             rope_scaling=rope if rtype == "llama3" else None,  # llama3 parameters, or None
             qkv_bias=mt == "qwen2" or bool(c.get("attention_bias")), o_bias=mt == "llama" and bool(c.get("attention_bias")),
             tie=bool(c.get("tie_word_embeddings", False)),

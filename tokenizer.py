@@ -24,6 +24,8 @@ class Tok:
         tc = read_json(tcp) if os.path.exists(tcp) else {}
         special = lambda v: v.get("content") if isinstance(v, dict) else v
         self.bos, self.eos = special(tc.get("bos_token")) or "", special(tc.get("eos_token")) or ""
+        if not isinstance(self.bos, str) or not isinstance(self.eos, str):
+            raise SwatError(f"{tcp}: bos_token and eos_token must be token strings")
         t = tc.get("chat_template") or ""
         if isinstance(t, list):  # named templates: take the default one
             t = next((x.get("template") for x in t if isinstance(x, dict) and x.get("name") == "default"), "")

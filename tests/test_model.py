@@ -239,6 +239,14 @@ def test_bad_inputs(tmp_path, tiny):
         model.load(broken(bad_jinja))
     with pytest.raises(model.SwatError, match="tokenizer_config.json: chat_template must be a template string"):
         model.load(broken(lambda d: (d / "tokenizer_config.json").write_text('{"chat_template": 5}')))
+    with pytest.raises(model.SwatError, match="tokenizer_config.json: bos_token and eos_token must be token strings"):
+        model.load(broken(lambda d: (d / "tokenizer_config.json").write_text('{"eos_token": ["</s>"]}')))
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    for kv, bad in (({"rope_theta": "1e4", "rope_parameters": None}, "rope_theta must be a positive number, not '1e4'"),
+                    ({"rms_norm_eps": None}, "rms_norm_eps must be a positive number, not None"),
+                    ({"rope_parameters": llama3}, "original_max_position_embeddings must be a positive number, not None")):
+        with pytest.raises(model.SwatError, match="config.json: " + bad):
+            model.load(broken(set_cfg(**kv)))
 
 
 def test_readme_api_example_runs(tiny, tmp_path):
