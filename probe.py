@@ -46,7 +46,7 @@ class LogisticProbe:
         self.C, self.max_iter = C, max_iter
 
     def fit(self, X, y):
-        X, y = torch.as_tensor(X).double(), torch.as_tensor(y).double()
+        X, y = torch.as_tensor(X).double().cpu(), torch.as_tensor(y).double().cpu()  # small: CPU, float64
         if len(X) != len(y) or len(X) == 0:
             raise SwatError(f"probe: {len(X)} feature rows but {len(y)} labels")
         if not (0 < y.sum() < len(y)):
@@ -69,14 +69,14 @@ class LogisticProbe:
         return self
 
     def logits(self, X):
-        return ((torch.as_tensor(X).double() - self.mu) / self.sd) @ self.w + self.b
+        return ((torch.as_tensor(X).double().cpu() - self.mu) / self.sd) @ self.w + self.b
 
     def predict_proba(self, X):
         return torch.sigmoid(self.logits(X)).float()
 
     def score(self, X, y):
         """Accuracy, AUC and mean log-loss on (X, y)."""
-        y, z = torch.as_tensor(y).double(), self.logits(X)
+        y, z = torch.as_tensor(y).double().cpu(), self.logits(X)
         loss = torch.nn.functional.binary_cross_entropy_with_logits(z, y).item()
         return {"acc": ((z > 0).double() == y).double().mean().item(), "auc": auc(z, y), "loss": loss}
 
