@@ -44,7 +44,8 @@ def read_config(path):
               "num_key_value_heads", "head_dim"):
         if c.get(k) is not None and (type(c[k]) is not int or c[k] <= 0):
             raise SwatError(f"{path}: {k} must be a positive integer, not {c[k]!r}")
-    num = {"rms_norm_eps": c.get("rms_norm_eps", 1e-6), "rope_theta": c.get("rope_theta", rope.get("rope_theta", 1e4))}
+    num = {"rms_norm_eps": c.get("rms_norm_eps", 1e-6),
+           "rope_theta": c.get("rope_theta", rope.get("rope_theta", 10000.0))}
     if rtype == "llama3":
         num.update((k, rope.get(k)) for k in ("factor", "low_freq_factor", "high_freq_factor",
                                               "original_max_position_embeddings"))
