@@ -95,11 +95,13 @@ def chats(pairs):
 
 ASK, REPLY = ("instruction", "question", "prompt"), ("output", "answer", "response", "completion")
 ROLES = ("system", "user", "assistant")
+SHAREGPT = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
 
 
 def read_examples(path):
     """Alpaca JSON/JSONL (instruction, input, output), GSM8K (question, answer), Dolly (instruction,
-    context, response), prompt/completion, or chat JSONL (messages) -> chats ending with the answer."""
+    context, response), prompt/completion, or chat JSONL (messages, or ShareGPT's conversations) -> chats
+    ending with the answer."""
     try:
         with open(path, encoding="utf-8-sig") as f:
             recs = _records(path, f)
@@ -111,14 +113,18 @@ def read_examples(path):
     for i, r in enumerate(recs, 1):
         if not isinstance(r, dict):
             raise SwatError(f"{path}: record {i} is not an object")
-        if "messages" in r:
-            ms = r["messages"] if isinstance(r["messages"], list) else []
+        key = "conversations" if isinstance(r.get("conversations"), list) else "messages"
+        if key == "conversations":  # ShareGPT: turns of {from: human|gpt|system, value}
+            r = {key: [{"role": SHAREGPT.get(t.get("from")), "content": t.get("value")} if isinstance(t, dict)
+                       else t for t in r[key]]}
+        if key in r:
+            ms = r[key] if isinstance(r[key], list) else []
             if not all(isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in ms):
-                raise SwatError(f"{path}: record {i}: 'messages' must be turns with a role "
-                                f"({', '.join(ROLES)}) and a text content")
+                raise SwatError(f"{path}: record {i}: '{key}' must be turns with a role "
+                                f"({', '.join(ROLES)}, or ShareGPT's human, gpt) and a text content")
             if not ms or ms[-1]["role"] != "assistant":
-                raise SwatError(f"{path}: record {i}: 'messages' must end with an assistant turn")
-            out.append(r["messages"])
+                raise SwatError(f"{path}: record {i}: '{key}' must end with an assistant turn")
+            out.append(ms)
             continue
         q, a = (next((r[k] for k in keys if k in r), None) for keys in (ASK, REPLY))
         if not isinstance(q, str) or not q.strip():

@@ -321,8 +321,8 @@ OPTIONS = {
     "repeats": dict(type=number(int, 1), default=1, help="noise draws per module"),
     "k": dict(type=number(int, 1), help="size of Mods_Rob (default: --frac of the scanned modules)"),
     "frac": dict(type=number(float, 0, 1), default=0.5, help="size of Mods_Rob as a fraction of the scanned modules"),
-    "data": dict(help="benign tuning data: Alpaca, GSM8K, Dolly, prompt/completion or chat (messages) JSON/JSONL; "
-                      "--n-task examples of it are held out for the task metrics"),
+    "data": dict(help="benign tuning data: Alpaca, GSM8K, Dolly, prompt/completion or chat (messages, "
+                      "ShareGPT) JSON/JSONL; --n-task examples of it are held out for the task metrics"),
     "strategy": dict(choices=["ift", "swat", "mllr"], default="ift", help="ift: all parameters; swat: warm-up "
                      "of --mods, then all; mllr: --mods at --lr, the rest at --lr x --ratio"),
     "mods": dict(help="Mods_Rob: scan JSON, or a selector like 'q,k' or '0-11:q,k;12-29:v'"),

@@ -159,6 +159,9 @@ def test_readers(tmp_path):
     chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     p.write_text(json.dumps({"messages": chat}) + "\n")
     assert data.read_examples(str(p)) == [chat]
+    sharegpt = [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]
+    p.write_text(json.dumps({"id": "x", "conversations": sharegpt}) + "\n")
+    assert data.read_examples(str(p)) == [[{"role": "system", "content": "Be brief."}] + chat]
     p = tmp_path / "d.jsonl"  # Dolly; prompt/completion
     p.write_text(json.dumps({"instruction": "Sum", "context": "2, 3", "response": "5", "category": "qa"}) + "\n"
                  + json.dumps({"prompt": "Hi", "completion": "Hello"}) + "\n")
@@ -187,6 +190,9 @@ def test_bad_inputs(tiny, tmp_path):
         data.read_examples(str(tmp_path / "o.json"))
     p.write_text(json.dumps({"messages": [{"from": "human", "value": "hi"}, {"role": "assistant", "content": "a"}]}))
     with pytest.raises(model.SwatError, match="e.jsonl: record 1: 'messages' must be turns with a role"):
+        data.read_examples(str(p))
+    p.write_text(json.dumps({"conversations": [{"from": "human", "value": "hi"}, {"from": "bot", "value": "a"}]}))
+    with pytest.raises(model.SwatError, match="e.jsonl: record 1: 'conversations' must be turns with a role"):
         data.read_examples(str(p))
     net, tok = model.load(tiny)
     with pytest.raises(model.SwatError, match="example 1: prompt of .* tokens does not fit max length 8"):
