@@ -1,4 +1,5 @@
-"""train.py: AdamW against torch.optim.AdamW, frozen modules, resume, masked loss, data readers, errors."""
+"""train.py: AdamW against torch.optim.AdamW, the loss and its gradients against transformers, frozen
+modules, activation checkpointing, resume, masked loss, data readers, errors."""
 import json, os
 import pytest, torch
 from conftest import SHARED, SMOLLM2, tiny_hf
@@ -145,6 +146,34 @@ def test_loss_counts_only_the_response(tiny):
     y2 = y.clone()
     y2[0, n + 1] = (y2[0, n + 1] + 1) % 512  # a response label does count
     assert not torch.allclose(train.loss_fn(net, x, y2), base)
+
+
+def test_gradients_match_transformers(tmp_path):
+    """The response-only loss and its gradients against transformers' own causal-LM loss (labels -100 on
+    the prompt) on the same weights: forward and backward of every parameter, padded batch included."""
+    ref = tiny_hf(str(tmp_path), "qwen2")  # biases and a tied head: every kind of parameter
+    net, tok = model.load(str(tmp_path))
+    rows = [train.encode(tok, c, 512) for c in CHATS[3:6]] + [train.encode(tok, CHATS[7] + CHATS[8], 512)]
+    ids, labels = train.collate(rows, "cpu")
+    loss = train.loss_fn(net, ids, labels) / (labels[:, 1:] != -100).sum()
+    loss.backward()
+    theirs = ref(ids, labels=labels).loss
+    theirs.backward()
+    assert abs(loss.item() - theirs.item()) <= 1e-5
+    grads = dict(ref.named_parameters())
+    for n, p in net.named_parameters():
+        g = grads[n].grad
+        assert (p.grad - g).abs().max() <= 1e-5 * max(1.0, g.abs().max().item()), n
+
+
+def test_activation_checkpointing_changes_nothing(tiny, tmp_path):
+    outs = []
+    for ckpt in (False, True):
+        net, tok = model.load(tiny)
+        train.train(net, tok, CHATS, str(tmp_path / f"o{ckpt}"), steps=3, lr=1e-3, batch_size=4, grad_ckpt=ckpt)
+        outs.append(dict(net.named_parameters()))
+    assert all(torch.allclose(p, outs[1][n], atol=1e-6) for n, p in outs[0].items())
+    assert any(not torch.equal(p, q) for p, q in zip(outs[0].values(), model.load(tiny)[0].parameters()))
 
 
 def test_readers(tmp_path):
