@@ -7,6 +7,16 @@ QWEN2 = ("{% for message in messages %}{% if loop.first and messages[0]['role'] 
          "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
          "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+# Qwen2.5's shape: a tools branch first, whose system turn is built piecewise, then the default system prompt
+QWEN25 = ("{%- if tools %}{{- '<|im_start|>system\\n' }}{%- if messages[0]['role'] == 'system' %}"
+          "{{- messages[0]['content'] }}{%- else %}{{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}"
+          "{%- endif %}{{- \"<|im_end|>\\n\" }}{%- else %}{%- if messages[0]['role'] == 'system' %}"
+          "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}{%- else %}"
+          "{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}"
+          "{%- endif %}{%- endif %}{%- for message in messages %}{%- if (message.role == \"user\") or (message.role == "
+          "\"system\" and not loop.first) or (message.role == \"assistant\" and not message.tool_calls) %}"
+          "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}{%- endif %}{%- endfor %}"
+          "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
 LLAMA3 = ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
           "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + "
           "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
@@ -53,6 +63,7 @@ LLAMA32 = LLAMA31.replace('{%- set date_string = \"26 Jul 2024\" %}', '{%- if st
 CASES = {  # name: template, bos, eos, expected family, whether a system turn is allowed
     "smollm2": (CHATML, "<|im_start|>", "<|im_end|>", "chatml", True),
     "qwen2": (QWEN2, "<|endoftext|>", "<|im_end|>", "chatml", True),
+    "qwen2.5": (QWEN25, "<|endoftext|>", "<|im_end|>", "chatml", True),
     "llama3": (LLAMA3, "<|begin_of_text|>", "<|eot_id|>", "llama3", True),
     "llama3.1": (LLAMA31, "<|begin_of_text|>", "<|eot_id|>", "llama3", True),
     "llama2": (LLAMA2, "<s>", "</s>", "llama2", True),
