@@ -400,7 +400,8 @@ def main(argv=None):
         p.set_defaults(fn=fn, seed=0, **defaults)
     a = ap.parse_args(argv)
     if not os.environ.get("OMP_NUM_THREADS"):  # a user's setting stands (e.g. several runs side by side)
-        torch.set_num_threads(os.cpu_count() or 1)
+        cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+        torch.set_num_threads(len(cores))  # the cores this process may use (a cluster job's share, not the node's)
     try:
         ins = [getattr(a, k, None) for k in ("model", "base", "data", "harmful", "harmless", "test_harmful",
                                              "eval_harmful", "eval_harmless", "file", "mods")]

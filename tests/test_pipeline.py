@@ -77,6 +77,13 @@ def test_cli_keeps_the_users_thread_count(monkeypatch):
         with pytest.raises(SystemExit):
             run("generate", "--model", "m")  # fails at once (no prompt), after the set-up
         assert torch.get_num_threads() == 1
+        monkeypatch.delenv("OMP_NUM_THREADS")  # unset: the cores this process may run on, not all the machine's
+        if hasattr(os, "sched_getaffinity"):
+            monkeypatch.setattr(os, "cpu_count", lambda: 64)
+            monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})
+            with pytest.raises(SystemExit):
+                run("generate", "--model", "m")
+            assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(threads)
 
