@@ -34,9 +34,11 @@ def read_config(path):
         bad("hidden_act", c["hidden_act"])
     if c.get("mlp_bias"):  # llama's option of biases on gate/up/down: not implemented
         bad("mlp_bias", c["mlp_bias"])
-    # rope settings come in three spellings: rope_scaling {type|rope_type}, or v5's rope_parameters
-    rope = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
-    rtype = rope.get("rope_type", rope.get("type", "default"))
+    # rope settings come in three spellings: rope_scaling {type|rope_type}, or v5's rope_parameters;
+    # a file with both is read as transformers reads it: rope_scaling's entries win
+    scaling = c.get("rope_scaling") or {}
+    rope = {**(c.get("rope_parameters") or {}), **scaling}
+    rtype = scaling.get("rope_type", scaling.get("type")) or rope.get("rope_type", "default")
     if rtype not in ("default", "llama3"):
         bad("rope_type", rtype)
     window = c.get("sliding_window") if (mt == "mistral" or c.get("use_sliding_window")) else None

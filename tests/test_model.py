@@ -53,17 +53,22 @@ def test_tiny_parity(tmp_path, name):
 
 
 def test_rope_config_spellings(tmp_path):
+    from transformers import AutoConfig
     scaling = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
     base = {"model_type": "llama", "vocab_size": 8, "hidden_size": 64, "intermediate_size": 8,
             "num_hidden_layers": 1, "num_attention_heads": 4}
     freqs = []
     for extra in ({"rope_theta": 5e3, "rope_scaling": dict(scaling, type="llama3")},
                   {"rope_theta": 5e3, "rope_scaling": dict(scaling, rope_type="llama3")},
-                  {"rope_parameters": dict(scaling, rope_type="llama3", rope_theta=5e3)}):
+                  {"rope_parameters": dict(scaling, rope_type="llama3", rope_theta=5e3)},
+                  # both (a hand-edited or mixed file): rope_scaling's type wins, as transformers reads it
+                  {"rope_parameters": {"rope_type": "default", "rope_theta": 5e3},
+                   "rope_scaling": dict(scaling, type="llama3")}):
         p = tmp_path / "config.json"
         p.write_text(json.dumps(dict(base, **extra)))
         freqs.append(model.rope_inv_freq(model.read_config(str(p))))
-    assert torch.equal(freqs[0], freqs[1]) and torch.equal(freqs[0], freqs[2])
+        assert AutoConfig.from_pretrained(str(tmp_path)).rope_parameters["rope_type"] == "llama3"
+    assert all(torch.equal(freqs[0], f) for f in freqs[1:])
     plain = dict(base, rope_theta=5e3)
     p.write_text(json.dumps(plain))
     assert not torch.equal(freqs[0], model.rope_inv_freq(model.read_config(str(p))))
