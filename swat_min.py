@@ -191,7 +191,8 @@ def cmd_align(a):
     own = answer(net, tok, [user(s) for s in S], a.answer_tokens, batch_size=a.gen_batch, progress=True)
     rng, refusals = random.Random(a.seed), data.lines("refusals.txt")
     chats = data.chats([(h, rng.choice(refusals)) for h in H] + list(zip(S, own)))
-    train.train(net, tok, chats, a.out, "ift", steps=a.steps, lr=a.lr, batch_size=a.batch, max_len=a.max_len, seed=a.seed)
+    train.train(net, tok, chats, a.out, "ift", steps=a.steps, lr=a.lr, batch_size=a.batch, max_len=a.max_len,
+                seed=a.seed, skip_long=True)  # as run does: a prompt too long for --max-len is left out, and counted
     after = evaluate(net, tok, a, "after")
     for r in (before, after):
         print(f"{r['strategy']:>6}: ASR {r['asr']:.1%}  over-refusal {r['over_refusal']:.1%}")

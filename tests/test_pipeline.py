@@ -1,5 +1,5 @@
 """swat_min.py end to end: the offline demo (shortened), CLI errors, hub download, atomic saving."""
-import errno, http.server, json, os, shutil, subprocess, sys, threading
+import errno, http.server, json, os, re, shutil, subprocess, sys, threading
 import pytest, torch
 import data, hub, model, swat_min
 from conftest import tiny_hf
@@ -358,6 +358,10 @@ def test_align_tunes_refusals_and_own_answers(tmp_path, tiny, monkeypatch, capsy
     printed = capsys.readouterr().out
     assert "before: ASR" in printed and "after: ASR" in printed and f"wrote {out}" in printed
     assert len(open(out / "log.jsonl").readlines()) == 2 and model.load(str(out))[0].cfg.n_layers == 3
+    lens = sorted(len(tok.encode_chat(swat_min.user(p))) for p in H + S)  # a --max-len some prompts exceed:
+    run("align", "--model", tiny, "--out", tmp_path / "a2", "--steps", 1, "--batch", 4, "--max-len", lens[len(lens) // 2],
+        "--n-eval", 1, "--max-new-tokens", 1, "--answer-tokens", 1, "--device", "cpu")  # those are left out, as in run
+    assert re.search(r"left out \d+ of 318 examples", capsys.readouterr().out) and (tmp_path / "a2" / "log.jsonl").exists()
 
 
 def test_probe_scan_generate_commands(tmp_path, tiny, capsys):
