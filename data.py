@@ -57,6 +57,7 @@ def _records(path, f):
 def read_instructions(path):
     """A CSV, JSON or JSONL with one of the KEYS fields (JSON may also be a list of strings), or plain text,
     one per line."""
+    path = os.fspath(path)  # a str or a pathlib.Path
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark
             if path.endswith(".csv"):
@@ -102,6 +103,7 @@ def read_examples(path):
     """Alpaca JSON/JSONL (instruction, input, output), GSM8K (question, answer), Dolly (instruction,
     context, response), prompt/completion, or chat JSONL (messages, or ShareGPT's conversations) -> chats
     ending with the answer."""
+    path = os.fspath(path)
     try:
         with open(path, encoding="utf-8-sig") as f:
             recs = _records(path, f)

@@ -251,7 +251,7 @@ def load(path, device="cpu", dtype=torch.float32, chat_format=None):
     """Load an HF-format directory, or a hub id org/name (see hub.py) -> (LLaMA, Tok). Weights are copied
     tensor by tensor into the preallocated model, so there is never a second full copy in memory."""
     import hub, tokenizer  # imported here: both import SwatError from this file
-    path = hub.resolve(path)
+    path = hub.resolve(os.fspath(path))  # a str or a pathlib.Path
     if not os.path.isdir(path):
         raise SwatError(f"{path}: not a model directory")
     try:  # a device this torch cannot use fails here, in one line, not deep inside .to_empty()
@@ -330,7 +330,7 @@ def save(net, tok, out, extra=None):
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(cfg, f, indent=2)
         with open(os.path.join(tmp, "swat-min.json"), "w") as f:  # the mark that lets a later save replace it
-            json.dump({"written_by": "swat-min", "from": tok.path}, f)
+            json.dump({"written_by": "swat-min", "from": tok.path and os.path.abspath(tok.path)}, f)
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                      "generation_config.json", "chat_template.jinja"):
             if tok.path and os.path.exists(os.path.join(tok.path, name)):

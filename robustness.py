@@ -91,7 +91,7 @@ def heatmap(table):
 
 
 def write(path, table, rob, fragile, settings):
-    tmp = path + ".tmp"
+    tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
         json.dump({"settings": settings, "metric": "rise of probe log-loss, mean over later layers",
                    "table": table, "mods_rob": rob, "mods_fragile": fragile}, f, indent=1)

@@ -119,6 +119,7 @@ def order(n, seed, epoch):
 
 def parse_mods(spec, n_layers, key="mods_rob"):
     """'q,k' (all layers), '0-11:q,k;12-29:v', or a scan JSON (its mods_rob list) -> set of (layer, m)."""
+    spec = os.fspath(spec)
     if spec.endswith(".json"):
         try:
             pairs = [(int(l), m, spec) for l, m in model.read_json(spec)[key]]

@@ -80,8 +80,9 @@ def test_save_roundtrip_and_sharded(tmp_path):
     ref.save_pretrained(str(tmp_path / "sharded"), max_shard_size="100KB")
     shutil.copy(tmp_path / "a" / "tokenizer.json", tmp_path / "sharded")
     assert os.path.exists(tmp_path / "sharded" / "model.safetensors.index.json")
-    net, tok = model.load(str(tmp_path / "sharded"))
-    out = model.save(net, tok, str(tmp_path / "saved"))
+    net, tok = model.load(tmp_path / "sharded")  # paths may be pathlib.Paths
+    out = model.save(net, tok, tmp_path / "saved")
+    assert json.load(open(os.path.join(out, "swat-min.json")))["from"] == str(tmp_path / "sharded")
     back = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     x = torch.randint(0, 512, (1, 16))
     with torch.no_grad():

@@ -190,7 +190,7 @@ def test_readers(tmp_path):
     assert data.read_examples(str(p)) == [chat]
     sharegpt = [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]
     p.write_text(json.dumps({"id": "x", "conversations": sharegpt}) + "\n")
-    assert data.read_examples(str(p)) == [[{"role": "system", "content": "Be brief."}] + chat]
+    assert data.read_examples(p) == [[{"role": "system", "content": "Be brief."}] + chat]  # a pathlib.Path too
     p = tmp_path / "d.jsonl"  # Dolly; prompt/completion
     p.write_text(json.dumps({"instruction": "Sum", "context": "2, 3", "response": "5", "category": "qa"}) + "\n"
                  + json.dumps({"prompt": "Hi", "completion": "Hello"}) + "\n")
