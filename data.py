@@ -116,11 +116,11 @@ def read_examples(path):
         if not isinstance(r, dict):
             raise SwatError(f"{path}: record {i} is not an object")
         key = "conversations" if isinstance(r.get("conversations"), list) else "messages"
-        if key == "conversations":  # ShareGPT: turns of {from: human|gpt|system, value}
-            r = {key: [{"role": SHAREGPT.get(t.get("from")), "content": t.get("value")} if isinstance(t, dict)
-                       else t for t in r[key]]}
         if key in r:
             ms = r[key] if isinstance(r[key], list) else []
+            if key == "conversations":  # ShareGPT: turns of {from: human|gpt|system, value}
+                ms = [{"role": SHAREGPT.get(t.get("from")), "content": t.get("value")} if isinstance(t, dict) else t
+                      for t in ms]
             if not all(isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in ms):
                 raise SwatError(f"{path}: record {i}: '{key}' must be turns with a role "
                                 f"({', '.join(ROLES)}, or ShareGPT's human, gpt) and a text content")
