@@ -73,7 +73,7 @@ def fetch(repo):
     if get("model.safetensors.index.json", required=False):
         for shard in weight_files(d):
             get(shard)
-    else:
-        get("model.safetensors")
+    elif not get("model.safetensors", required=False):
+        raise SwatError(f"{repo}: no safetensors weights on the hub (swat-min never reads pickles such as .bin)")
     open(done, "w").close()
     return d

@@ -257,6 +257,10 @@ def test_hub_download_resumes(tmp_path, monkeypatch):
         os.makedirs(tmp_path / "cache3" / "hub" / "org--tiny")  # a download stopped between its last byte and
         shutil.copy(src / "config.json", tmp_path / "cache3" / "hub" / "org--tiny" / "config.json.part")  # its rename
         assert open(os.path.join(hub.fetch("org/tiny"), "config.json")).read() == (src / "config.json").read_text()
+        (src / "model.safetensors").unlink()  # a repo of pickled weights only
+        monkeypatch.setenv("SWAT_MODEL_CACHE", str(tmp_path / "cache4"))
+        with pytest.raises(model.SwatError, match="^org/tiny: no safetensors weights on the hub"):
+            hub.fetch("org/tiny")
         monkeypatch.setenv("SWAT_MODEL_CACHE", str(tmp_path / "cache"))
     finally:
         srv.shutdown()
