@@ -179,7 +179,7 @@ def cmd_generate(a):
     net, tok = load(a)
     prompts = a.prompt or data.read_instructions(a.file)
     for p, t in zip(prompts, answer(net, tok, [user(p) for p in prompts], a.max_new_tokens,
-                                    temperature=a.temperature, top_p=a.top_p)):
+                                    temperature=a.temperature, top_p=a.top_p, progress=len(prompts) > 64)):
         print(f"### {p}\n{t}\n")
 
 
