@@ -392,7 +392,10 @@ def generate(net, prompts, max_new_tokens=64, temperature=0.0, top_p=1.0, stop_i
     temperature > 0. Prompts are sorted by length and run in left-padded batches with a KV cache. Every
     decoding step has the same shapes (the whole cache, masked), so on a GPU it is replayed from a CUDA
     graph (cuda_graph=False: not): a small model's step is mostly the CPU launching kernels."""
-    prompts = [p.tolist() if torch.is_tensor(p) else list(p) for p in prompts]
+    prompts = [p.tolist() if torch.is_tensor(p) else p for p in prompts]
+    if any(isinstance(p, int) for p in prompts):  # generate(net, ids) instead of generate(net, [ids])
+        raise SwatError("generate: prompts must be a list of prompts (lists of token ids), e.g. [ids]")
+    prompts = [list(p) for p in prompts]
     for i, p in enumerate(prompts):
         if not p or not all(0 <= t < net.cfg.vocab_size for t in p):
             raise SwatError(f"generate: prompt {i + 1} " + ("has no tokens" if not p else

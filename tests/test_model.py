@@ -156,6 +156,9 @@ def test_generation_stops_per_row(tiny):
         model.generate(net, [[5], []], 4)
     with pytest.raises(model.SwatError, match="generate: prompt 1 has a token id outside the vocabulary"):
         model.generate(net, [[5, net.cfg.vocab_size]], 4)
+    for flat in ([5, 6, 7], torch.tensor([5, 6, 7])):  # one prompt, not a list of them
+        with pytest.raises(model.SwatError, match=r"a list of prompts .*e.g. \[ids\]"):
+            model.generate(net, flat, 4)
 
 
 def test_generation_config_eos_and_plain_inputs(tmp_path):
