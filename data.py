@@ -30,10 +30,12 @@ def _text(r):
     """A record -> its instruction. HarmBench puts a contextual behaviour's context first, so do we; Alpaca's
     input and Dolly's context follow their instruction, as in read_examples."""
     key = _field(r)
-    v, ctx = r.get(key) or None, r.get("ContextString")
+    v, ctx = r.get(key), r.get("ContextString")
+    if not isinstance(v, str) or not v.strip():  # a number, a list, blank: no instruction
+        return None
     extra = str(key).lower() == "instruction" and (r.get("input") or r.get("context"))
-    v = f"{v}\n\n{extra}" if v and isinstance(extra, str) and extra.strip() else v
-    return f"{ctx.strip()}\n\n---\n\n{v}" if v and isinstance(ctx, str) and ctx.strip() else v
+    v = f"{v}\n\n{extra}" if isinstance(extra, str) and extra.strip() else v
+    return f"{ctx.strip()}\n\n---\n\n{v}" if isinstance(ctx, str) and ctx.strip() else v
 
 
 def _records(path, f):
@@ -67,9 +69,9 @@ def read_instructions(path):
                 out = [t for t in map(_text, rows) if t]
             elif path.endswith((".json", ".jsonl")):
                 recs = _records(path, f)
-                out = [r if isinstance(r, str) else _text(r) if isinstance(r, dict) else None for r in recs]
+                out = [r if isinstance(r, str) and r.strip() else _text(r) if isinstance(r, dict) else None for r in recs]
                 if None in out:
-                    raise SwatError(f"{path}: record {out.index(None) + 1} has none of the fields {', '.join(KEYS)}")
+                    raise SwatError(f"{path}: record {out.index(None) + 1} has no text in any of the fields {', '.join(KEYS)}")
             else:
                 out = [l.strip() for l in f if l.strip()]
     except (OSError, UnicodeDecodeError, ValueError, AttributeError, TypeError) as e:

@@ -67,10 +67,16 @@ class Tok:
         return self.tk.encode(text, add_special_tokens=special).ids
 
     def decode(self, ids):
-        return self.tk.decode([int(i) for i in ids], skip_special_tokens=True)
+        try:
+            return self.tk.decode([int(i) for i in ids], skip_special_tokens=True)
+        except (TypeError, ValueError, OverflowError):
+            raise SwatError("decode: ids must be one list (or 1-D tensor) of token ids") from None
 
     def render(self, messages, add_generation_prompt=True):
         """The chat as text, exactly as the family's template renders it."""
+        if not isinstance(messages, (list, tuple)) or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                              and isinstance(m.get("content"), str) for m in messages):
+            raise SwatError("chat: messages must be a list of {'role': ..., 'content': text} dicts")
         msgs, f = list(messages), self.format
         if f is None:
             raise SwatError(f"{self.path}: its chat template is of none of the families swat-min writes "

@@ -144,3 +144,16 @@ def test_no_template_is_said(tmp_path, capsys):
     make_tokenizer(str(tmp_path))  # a base model's tokenizer: no chat template
     assert tokenizer.Tok(str(tmp_path)).format == "chatml" and "no chat template" in capsys.readouterr().err
     assert tokenizer.Tok(str(tmp_path), chat_format="llama3").format == "llama3" and not capsys.readouterr().err
+
+
+def test_misused_api_is_said(tmp_path):
+    """A chat that is not a list of role/content dicts, and ids that are not one list of ids, are one line."""
+    make_tokenizer(str(tmp_path), CHATML)
+    tok = tokenizer.Tok(str(tmp_path))
+    for chat in ("Hi", {"role": "user", "content": "Hi"}, ["Hi"], [{"role": "user"}], [{"role": "user", "content": 5}]):
+        with pytest.raises(model.SwatError, match="messages must be a list of"):
+            tok.encode_chat(chat)
+    for ids in (None, "abc", [[1, 2]], [-1]):
+        with pytest.raises(model.SwatError, match="decode: ids must be one list"):
+            tok.decode(ids)
+    assert tok.decode(tok.encode("Hi there")) == "Hi there"

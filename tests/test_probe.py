@@ -76,11 +76,12 @@ def test_readers(tmp_path):
     assert data.read_instructions(str(tmp_path / "alp.jsonl")) == ["Sum up\n\nA text.", "Say hi", "Q\n\nC"]
     assert data.read_instructions(str(tmp_path / "alp.jsonl")) == [c[0]["content"] for c in data.read_examples(str(tmp_path / "alp.jsonl"))]
     (tmp_path / "bad.jsonl").write_text('{"prompt": "p1"}\n{"text": "p2"}\n')
-    with pytest.raises(model.SwatError, match="bad.jsonl: record 2 has none of the fields"):
+    with pytest.raises(model.SwatError, match="bad.jsonl: record 2 has no text in any of the fields"):
         data.read_instructions(str(tmp_path / "bad.jsonl"))
-    (tmp_path / "bad.json").write_text('["ok", 3]')
-    with pytest.raises(model.SwatError, match="bad.json: record 2 has none of the fields"):
-        data.read_instructions(str(tmp_path / "bad.json"))
+    for i, text in enumerate(('["ok", 3]', '["ok", " "]', '[{"goal": "ok"}, {"goal": 5}]', '[{"goal": "ok"}, {"goal": ["a"]}]')):
+        (tmp_path / f"bad{i}.json").write_text(text)  # a number, a list or a blank is no instruction
+        with pytest.raises(model.SwatError, match=f"bad{i}.json: record 2 has no text in any of the fields"):
+            data.read_instructions(str(tmp_path / f"bad{i}.json"))
     (tmp_path / "none.csv").write_text("goal,target\n")  # the column, but no rows
     with pytest.raises(model.SwatError, match="none.csv: no instructions found"):
         data.read_instructions(str(tmp_path / "none.csv"))
