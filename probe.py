@@ -47,8 +47,10 @@ class LogisticProbe:
 
     def fit(self, X, y):
         X, y = torch.as_tensor(X).double().cpu(), torch.as_tensor(y).double().cpu()  # small: CPU, float64
-        if len(X) != len(y) or len(X) == 0:
-            raise SwatError(f"probe: {len(X)} feature rows but {len(y)} labels")
+        if X.ndim != 2 or len(X) != len(y) or len(X) == 0:
+            raise SwatError(f"probe: features must be [N, D] with N labels, not {list(X.shape)} and {len(y)} labels")
+        if not (((y == 0) | (y == 1)).all() and X.isfinite().all()):
+            raise SwatError("probe: labels must be 0 (harmless) or 1 (harmful), and the features finite numbers")
         if not (0 < y.sum() < len(y)):
             raise SwatError("probe: training data holds only one class; it needs harmful and harmless examples")
         self.mu, self.sd = X.mean(0), X.std(0).clamp(min=1e-6)

@@ -33,7 +33,8 @@ class AdamW:
         self.state = {p: (torch.zeros_like(p), torch.zeros_like(p)) for g in self.param_groups for p in g["params"]}
 
     @torch.no_grad()
-    def step(self):
+    def step(self, closure=None):  # closure: re-evaluates the loss (with gradients), as torch.optim's
+        loss = torch.enable_grad()(closure)() if closure else None
         for g in self.param_groups:
             ps = [p for p in g["params"] if p.grad is not None]
             if not g["trainable"] or not ps:
@@ -55,6 +56,7 @@ class AdamW:
             torch._foreach_div_(denom, math.sqrt(1 - b2 ** g["step"]))
             torch._foreach_add_(denom, eps)
             torch._foreach_addcdiv_(ps, ms, denom, value=-lr / (1 - b1 ** g["step"]))
+        return loss
 
     def zero_grad(self, set_to_none=True):
         for g in self.param_groups:

@@ -104,8 +104,13 @@ def test_feature_cache_follows_the_weights(tmp_path, tiny):
 def test_bad_input(tmp_path, tiny):
     with pytest.raises(model.SwatError, match="only one class"):
         probe.LogisticProbe().fit(torch.randn(10, 3), torch.ones(10))
-    with pytest.raises(model.SwatError, match="0 feature rows"):
-        probe.LogisticProbe().fit(torch.randn(0, 3), torch.ones(0))
+    for X, y in ((torch.randn(0, 3), torch.ones(0)), (torch.randn(10), torch.ones(10)), (torch.randn(9, 3), torch.ones(10))):
+        with pytest.raises(model.SwatError, match=r"probe: features must be \[N, D\] with N labels"):
+            probe.LogisticProbe().fit(X, y)
+    y = torch.tensor([0.0, 1.0] * 5)
+    for X, y in ((torch.randn(10, 3), y * 2), (torch.randn(10, 3), y - 1), (torch.full((10, 3), float("nan")), y)):
+        with pytest.raises(model.SwatError, match=r"probe: labels must be 0 \(harmless\) or 1 \(harmful\), and the features finite"):
+            probe.LogisticProbe().fit(X, y)
     (tmp_path / "e.txt").write_text("\n\n")
     with pytest.raises(model.SwatError, match="e.txt: no instructions"):
         data.read_instructions(str(tmp_path / "e.txt"))

@@ -35,17 +35,24 @@ def test_adamw_matches_torch(tiny, fused):
 
 
 def test_adamw_plain_list_and_lr_change_match_torch(tiny):
-    """torch-style use: a plain parameter list, and a learning rate changed through param_groups."""
+    """torch-style use: a plain parameter list, a learning rate changed through param_groups, and a step
+    given a closure that computes the loss and its gradients (every other step)."""
     nets = [model.load(tiny)[0] for _ in range(2)]
     opts = train.AdamW(nets[0].parameters(), lr=1e-3, weight_decay=0.01), torch.optim.AdamW(nets[1].parameters(), lr=1e-3)
     for step in range(10):
         x = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(step))
+        losses = []
         for net, opt in zip(nets, opts):
             if step == 5:
                 opt.param_groups[0]["lr"] = 3e-4
-            net(x).float().logsumexp(-1).mean().backward()
-            opt.step()
+
+            def closure():
+                loss = net(x).float().logsumexp(-1).mean()
+                loss.backward()
+                return loss
+            losses.append(opt.step(closure) if step % 2 else (closure(), opt.step())[0])
             opt.zero_grad()
+        assert losses[0].item() == pytest.approx(losses[1].item(), rel=1e-5)
     assert max(((a - b).norm() / b.norm()).item() for a, b in zip(nets[0].parameters(), nets[1].parameters())) <= 1e-6
     nets[0](x).float().logsumexp(-1).mean().backward()
     opts[0].zero_grad(set_to_none=False)  # torch's other way: gradients kept, as zeros
