@@ -340,7 +340,7 @@ OPTIONS = {
     "limit": dict(type=number(int, 1), help="use only the first N examples"),
     "weight-decay": dict(type=number(float, 0), default=0.0, help="AdamW weight decay of the matrices"),
     "save-every": dict(type=number(int, 0), default=0, help="checkpoint every N steps (0: only at the end)"),
-    "resume": dict(action="store_true", help="continue from the checkpoint in --out (same model and settings)"),
+    "resume": dict(action="store_true", help="continue from the checkpoint in --out (same model, data and settings)"),
     "grad-ckpt": dict(action="store_true", help="activation checkpointing (less memory, slower)"),
     "compile": dict(action="store_true", help="torch.compile each block (faster on GPU after warm-up)"),
     "skip-long": dict(action="store_true", help="leave out examples whose prompt exceeds --max-len"),

@@ -9,7 +9,7 @@ At the SWAT phase boundary the Mods_Rob groups keep their Adam moments (their op
 on), the newly released groups start from zero moments and their own bias correction (as if just
 created), and the learning-rate schedule starts again, so phase 2 is plain IFT from a better start.
 """
-import json, math, os, time
+import hashlib, json, math, os, time
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -194,6 +194,10 @@ def train(net, tok, chats, out, strategy="ift", mods=(), steps=100, lr=2e-5, bat
         for layer in net.model.layers:
             layer.compile()
     opt = AdamW(param_groups(net, strategy, mods, lr, ratio, weight_decay, scope), lr)
+    # what the updates depend on besides the groups: resume checks it, so that a run is never continued
+    # with other data or settings without a word
+    opt.settings = dict(lr=lr, batch_size=batch_size, accum=accum, ratio=ratio, weight_decay=weight_decay, clip=clip,
+                        seed=seed, data=hashlib.sha256(json.dumps(data).encode()).hexdigest()[:16])
     phase1 = warmup_steps if strategy == "swat" else 0
     total, step, rows = phase1 + steps, 0, []
     state, log = os.path.join(out, "trainer.safetensors"), os.path.join(out, "log.jsonl")
@@ -252,7 +256,7 @@ def _save(net, tok, opt, out, step, rows, total):
     names = {p: n for g in opt.param_groups for p, n in zip(g["params"], g["names"])}
     tensors = {f"{k}.{names[p]}": t for p, (m, v) in opt.state.items() for k, t in (("m", m), ("v", v))}
     meta = {"step": step, "total": total, "group_steps": [g["step"] for g in opt.param_groups],
-            "groups": [g["names"] for g in opt.param_groups]}  # what resume checks its settings against
+            "groups": [g["names"] for g in opt.param_groups], "settings": opt.settings}  # what resume checks
     log = "".join(json.dumps(r) + "\n" for r in rows)  # save() replaces the folder: the log goes with it
     model.save(net, tok, out, extra={"trainer.safetensors": tensors, "trainer.json": meta, "log.jsonl": log})
 
@@ -261,10 +265,10 @@ def _load_state(opt, net, out, total):
     from safetensors import safe_open
     from safetensors.torch import load_file
     meta = model.read_json(os.path.join(out, "trainer.json"))
-    other = SwatError(f"{out}: its checkpoint was trained with another strategy, module set, number of steps or "
-                      "model; resume with the same settings, or train into a new folder")
+    other = SwatError(f"{out}: its checkpoint was trained with another strategy, module set, number of steps, "
+                      "model, data or settings; resume with the same ones, or train into a new folder")
     names = [g["names"] for g in opt.param_groups]
-    if meta.get("groups", names) != names or meta.get("total", total) != total:  # (the schedule depends on it)
+    if (meta.get("groups"), meta.get("total"), meta.get("settings")) != (names, total, opt.settings):
         raise other
     dev, params = str(net.model.embed_tokens.weight.device), net.state_dict()
     tensors = load_file(os.path.join(out, "trainer.safetensors"), device=dev)

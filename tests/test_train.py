@@ -114,10 +114,14 @@ def test_resume_equals_uninterrupted(tiny, tmp_path, monkeypatch):
     assert [s for s, _ in logs[0]] == list(range(1, 7)) and logs[0] == logs[1]  # the log outlives every save
     tiny_hf(tmp_path / "wide", hidden_size=32)  # the same parameter names, other shapes
     for d, other in ((tiny, dict(kw, strategy="ift", mods=())), (tiny, dict(kw, mods={(1, "q"), (2, "o")})),
-                     (tiny, dict(kw, steps=kw["steps"] + 1)), (tmp_path / "wide", kw)):
+                     (tiny, dict(kw, steps=kw["steps"] + 1)), (tmp_path / "wide", kw), (tiny, dict(kw, lr=2e-3)),
+                     (tiny, dict(kw, batch_size=2)), (tiny, dict(kw, seed=6)), (tiny, dict(kw, weight_decay=0.0))):
         net, tok = model.load(d)
-        with pytest.raises(model.SwatError, match="b: its checkpoint was trained with another strategy, module set, number of steps or"):
+        with pytest.raises(model.SwatError, match="b: its checkpoint was trained with another strategy, module set, number of steps,"):
             train.train(net, tok, CHATS, str(tmp_path / "b"), resume=True, **other)
+    net, tok = model.load(tiny)  # other data: the same examples in another order
+    with pytest.raises(model.SwatError, match="model, data or settings"):
+        train.train(net, tok, CHATS[::-1], str(tmp_path / "b"), resume=True, **kw)
 
 
 def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(tiny, tmp_path, monkeypatch):
