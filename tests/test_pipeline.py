@@ -117,7 +117,8 @@ def test_bad_values_fail_before_any_work(tmp_path, tiny, capsys, monkeypatch):
     files = sorted(os.listdir(tiny))
     (tmp_path / "d.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
     for flag, val, cmd in (("--batch", 0, "train"), ("--accum", 0, "train"), ("--top-p", 1.5, "generate"),
-                           ("--n", 0, "scan"), ("--n-eval", 0, "eval"), ("--lr", "abc", "train")):
+                           ("--n", 0, "scan"), ("--n-eval", 0, "eval"), ("--lr", "abc", "train"),
+                           ("--seed", 2**64, "train"), ("--seeds", -1, "run")):
         with pytest.raises(SystemExit) as e:
             run(cmd, "--model", tiny, "--data", tmp_path / "d.jsonl", "--out", tmp_path / "o", flag, val)
         assert e.value.code == 2 and f"argument {flag}: " in capsys.readouterr().err
