@@ -11,7 +11,7 @@ DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 def builtin(kind, split=None):
     """The project's own instructions: kind 'harmful' or 'harmless'; split 'train', 'test' or None (all).
     The split is fixed: every fourth line of data/<kind>.tsv is held out for testing."""
-    with open(os.path.join(DATA, f"{kind}.tsv")) as f:
+    with open(os.path.join(DATA, f"{kind}.tsv"), encoding="utf-8") as f:
         rows = [line.rstrip("\n").split("\t")[1] for line in f if line.strip()]
     return [r for i, r in enumerate(rows) if split is None or (i % 4 == 3) == (split == "test")]
 

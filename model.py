@@ -217,7 +217,7 @@ class LLaMA(nn.Module):
 def read_json(path):
     """The JSON object in path (every JSON file swat-min reads holds one)."""
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:  # JSON is UTF-8, whatever the locale
             obj = json.load(f)
     except FileNotFoundError:
         raise SwatError(f"{path}: not found") from None
@@ -327,9 +327,9 @@ def save(net, tok, out, extra=None):
         dt = str(next(net.parameters()).dtype).removeprefix("torch.")
         cfg = dict(net.cfg.raw, tie_word_embeddings=net.cfg.tie, torch_dtype=dt)
         cfg.pop("dtype", None)
-        with open(os.path.join(tmp, "config.json"), "w") as f:
+        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             json.dump(cfg, f, indent=2)
-        with open(os.path.join(tmp, "swat-min.json"), "w") as f:  # the mark that lets a later save replace it
+        with open(os.path.join(tmp, "swat-min.json"), "w", encoding="utf-8") as f:  # the mark that lets a later save replace it
             json.dump({"written_by": "swat-min", "from": tok.path and os.path.abspath(tok.path)}, f)
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                      "generation_config.json", "chat_template.jinja"):
@@ -339,7 +339,7 @@ def save(net, tok, out, extra=None):
             if name.endswith(".safetensors"):
                 save_file(obj, os.path.join(tmp, name))
             else:  # text as it is, anything else as JSON
-                with open(os.path.join(tmp, name), "w") as f:
+                with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
                     f.write(obj if isinstance(obj, str) else json.dumps(obj))
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)

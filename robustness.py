@@ -92,7 +92,7 @@ def heatmap(table):
 
 def write(path, table, rob, fragile, settings):
     tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
+    with open(tmp, "w", encoding="utf-8") as f:
         json.dump({"settings": settings, "metric": "rise of probe log-loss, mean over later layers",
                    "table": table, "mods_rob": rob, "mods_fragile": fragile}, f, indent=1)
     os.replace(tmp, path)

@@ -133,7 +133,7 @@ def evaluate(net, tok, a, name, base=None, task=(), gen_path=None):
 
 
 def _write(path, text):  # atomically: a reader never sees half a file
-    with open(path + ".tmp", "w") as f:
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
         f.write(text)
     os.replace(path + ".tmp", path)
 
@@ -229,7 +229,7 @@ def cmd_run(a):
             rows.append(dict(row, seed=seed, train_time_s=round(time.time() - t0, 1), scheme=strategy,
                              n_mods=len(mods), warmup_steps=warm if strategy == "swat" else 0))
             report(a.out, rows, settings)  # after every model: an interrupted run keeps what it measured
-    print(open(os.path.join(a.out, "results.md")).read())
+    print(open(os.path.join(a.out, "results.md"), encoding="utf-8").read())
     print(f"wrote {a.out}/results.json, results.md, scan.json and one checkpoint per strategy and seed")
     return rows
 
@@ -400,6 +400,8 @@ def main(argv=None):
             p.add_argument("--" + o.rstrip("!"), required=o.endswith("!"), **OPTIONS[o.rstrip("!")])
         p.set_defaults(fn=fn, seed=0, **defaults)
     a = ap.parse_args(argv)
+    if hasattr(sys.stdout, "reconfigure"):  # a console or pipe without a character (an answer's, Δ) shows "?",
+        sys.stdout.reconfigure(errors="replace")  # rather than failing after the work is done
     if not os.environ.get("OMP_NUM_THREADS"):  # a user's setting stands (e.g. several runs side by side)
         cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
         torch.set_num_threads(len(cores))  # the cores this process may use (a cluster job's share, not the node's)

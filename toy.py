@@ -9,7 +9,7 @@ import data, model, tokenizer, train
 
 
 def write(path, text):  # the demo's directory is rebuilt each time, so a plain write is enough
-    with open(path, "w") as f:
+    with open(path, "w", encoding="utf-8") as f:
         f.write(text)
 
 

@@ -204,7 +204,7 @@ def train(net, tok, chats, out, strategy="ift", mods=(), steps=100, lr=2e-5, bat
     if resume and os.path.exists(state):
         step = _load_state(opt, net, out, total)
         if os.path.exists(log):  # the log up to the checkpoint: the steps after it are done again
-            rows = [r for r in map(json.loads, open(log)) if r["step"] <= step]
+            rows = [r for r in map(json.loads, open(log, encoding="utf-8")) if r["step"] <= step]
     elif resume:
         print(f"{out}: no checkpoint to resume from; starting afresh")
     elif os.path.exists(log):  # a fresh run: a fresh log
@@ -241,7 +241,7 @@ def train(net, tok, chats, out, strategy="ift", mods=(), steps=100, lr=2e-5, bat
         rows.append(row)
         bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
         os.makedirs(out, exist_ok=True)
-        with open(log, "a") as f:
+        with open(log, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
         if save_every and (step + 1) % save_every == 0 and step + 1 < total:
             _save(net, tok, opt, out, step + 1, rows, total)

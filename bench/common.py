@@ -31,7 +31,7 @@ def reference(shape, device, dtype=torch.float32, seed=0):
 def ours(ref, device, dtype=torch.float32):
     """swat-min's model with the reference's config and weights."""
     path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"swat-bench-{os.getpid()}-config.json")
-    with open(path, "w") as f:
+    with open(path, "w", encoding="utf-8") as f:
         f.write(ref.config.to_json_string())
     net = model.LLaMA(model.read_config(path))
     os.remove(path)

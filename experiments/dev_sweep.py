@@ -62,7 +62,7 @@ def main(argv=None):
     base = swat_min.baseline(a, net, tok)
     mods = train.parse_mods(a.mods, net.cfg.n_layers)
     rows = []
-    with open(os.path.join(a.out, "sweep.jsonl"), "a") as log:
+    with open(os.path.join(a.out, "sweep.jsonl"), "a", encoding="utf-8") as log:
         for s, (strategy, kw) in zip(["original"] + a.settings, [(None, {})] + settings):
             name, t0 = s.replace(":", "-").replace(",", "-"), time.time()
             if strategy:  # every setting starts again from the original weights ("original" scores them as loaded)

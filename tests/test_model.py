@@ -262,7 +262,7 @@ def test_readme_api_example_runs(tiny, tmp_path):
     """The README's Python API block, run as written on a tiny checkpoint (only the paths and the probe's
     training data filled in), so that the documented calls cannot drift from the code."""
     from conftest import ROOT
-    text = open(os.path.join(ROOT, "README.md")).read()
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
     block = text.split("## Python API", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
     assert "model.load(" in block and "model.generate(" in block and "LogisticProbe" in block
     out = str(tmp_path / "saved")

@@ -54,7 +54,7 @@ def test_report_sets_each_strategy_against_ift(tmp_path):
     assert res[2]["asr_cut_vs_ift"] == pytest.approx(0.5) and res[2]["task_loss_vs_ift"] == pytest.approx(0.1)
     assert res[4]["asr_cut_vs_ift"] == pytest.approx(0.0) and res[4]["task_loss_vs_ift"] == pytest.approx(-0.1)
     assert res[0]["settings"] == {"lr": 1e-4} and "asr_cut_vs_ift" not in res[0]
-    md = open(tmp_path / "results.md").read().splitlines()
+    md = open(tmp_path / "results.md", encoding="utf-8").read().splitlines()
     # swat's mean is set against ift's over the same two seeds (seed 2 has no swat row): ift ASR 60 %, swat
     # 50 % -> a cut of (60 - 50) / (60 - 10) = 20 %
     assert md[-1].startswith("| swat | mean of 2 | 50.0% | +20% |") and "| +0.0% | - |" in md[-1]
@@ -294,7 +294,7 @@ def test_dev_sweep_smoke(tmp_path, tiny):
     assert [x["strategy"] for x in rows] == ["original", "ift", "mllr:ratio=0.5", "swat"]
     assert rows[0]["drift"] == 0 and all(0 <= x["asr"] <= 1 and x["task_loss"] > 0 for x in rows)
     assert data.read_instructions(str(tmp_path / "s" / "dev_harmful.jsonl")) == [f"harmful request {i}" for i in range(2, 6)]
-    md = open(tmp_path / "s" / "results.md").read().splitlines()
+    md = open(tmp_path / "s" / "results.md", encoding="utf-8").read().splitlines()
     assert len(md) == 6 and "cut of the ASR rise vs ift" in md[0] and md[4].startswith("| mllr:ratio=0.5 | 0 |")
     bad = subprocess.run([str(x) for x in [sys.executable, script, "--model", tiny, "--data", tune, "--mods", "q,k", "--out", tmp_path / "s",
                           "--dev-harmful", harmful, "mllr:ratio"]], capture_output=True, text=True, timeout=600)
@@ -326,7 +326,7 @@ def test_readme_commands_parse(tmp_path, monkeypatch):
     options, and every --flag they name exists (in swat_min.py, or in the bench/experiments script it belongs to)."""
     import re, shlex
     from conftest import ROOT
-    text = "".join(open(os.path.join(ROOT, f)).read() for f in ("README.md", "RESULTS.md"))
+    text = "".join(open(os.path.join(ROOT, f), encoding="utf-8").read() for f in ("README.md", "RESULTS.md"))
     cmds = [l.split("#")[0].split("swat_min.py", 1)[1] for b in re.findall(r"```bash\n(.*?)```", text, re.S)
             for l in b.replace("\\\n", " ").splitlines() if "python swat_min.py" in l.split("#")[0]]
     assert len(cmds) >= 6
@@ -336,7 +336,7 @@ def test_readme_commands_parse(tmp_path, monkeypatch):
     for c in cmds:
         swat_min.main(shlex.split(c.replace("$M", "m").replace("$ADV", "adv.csv")))
     assert len(seen) == len(cmds)
-    scripts = "".join(open(os.path.join(ROOT, d, f)).read() for d in ("bench", "experiments")
+    scripts = "".join(open(os.path.join(ROOT, d, f), encoding="utf-8").read() for d in ("bench", "experiments")
                       for f in os.listdir(os.path.join(ROOT, d)) if f.endswith(".py"))
     known = {"--" + o for o in swat_min.OPTIONS} | {"--help"} | set(re.findall(r'add_argument\("(--[a-z-]+)"', scripts))
     assert set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]+", text)) <= known
@@ -382,3 +382,25 @@ def test_probe_scan_generate_commands(tmp_path, tiny, capsys):
     run("generate", "--model", tiny, "--prompt", "Hello there", "--prompt", "Bye", "--max-new-tokens", 3)
     printed = capsys.readouterr().out
     assert printed.startswith("### Hello there\n") and "\n### Bye\n" in printed
+
+
+def test_files_are_utf8_whatever_the_locale(tmp_path, tiny):
+    """JSON and swat-min's own text files are UTF-8 under any locale (a C locale here; Windows' cp1252 is
+    alike): a valid checkpoint with non-ASCII in config.json loads and saves, results.md (its Δ) is written, and
+    text the console cannot show is printed with "?"."""
+    from conftest import ROOT
+    d = tmp_path / "m"
+    shutil.copytree(tiny, d)
+    cfg = dict(json.load(open(d / "config.json")), _name_or_path="modèle ▁")
+    (d / "config.json").write_text(json.dumps(cfg, ensure_ascii=False), encoding="utf-8")
+    (tmp_path / "s.py").write_text(  # a file: a non-ASCII command line cannot be decoded under a C locale
+        f"import model, swat_min\nnet, tok = model.load({str(d)!r})\nmodel.save(net, tok, {str(tmp_path / 'saved')!r})\n"
+        f"swat_min.report({str(tmp_path)!r}, [dict(strategy='original', seed=None, asr=0.5, task_loss=1.0)], {{}})\n"
+        f"swat_min.main(['generate', '--model', {str(d)!r}, '--prompt', 'Où? ▁', '--max-new-tokens', '2'])\n",
+        encoding="utf-8")
+    env = dict(os.environ, LC_ALL="C", LANG="C", PYTHONUTF8="0", PYTHONCOERCECLOCALE="0", PYTHONPATH=ROOT)
+    r = subprocess.run([sys.executable, str(tmp_path / "s.py")], env=env, capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert "### O?? ?" in r.stdout  # what the console cannot show is replaced, not a traceback
+    assert json.loads((tmp_path / "saved" / "config.json").read_text(encoding="utf-8"))["_name_or_path"] == "modèle ▁"
+    assert "| Δ loss vs ift |" in (tmp_path / "results.md").read_text(encoding="utf-8")
