@@ -194,15 +194,16 @@ def train(net, tok, chats, out, strategy="ift", mods=(), steps=100, lr=2e-5, bat
         for layer in net.model.layers:
             layer.compile()
     opt = AdamW(param_groups(net, strategy, mods, lr, ratio, weight_decay, scope), lr)
-    # what the updates depend on besides the groups: resume checks it, so that a run is never continued
-    # with other data or settings without a word
-    opt.settings = dict(lr=lr, batch_size=batch_size, accum=accum, ratio=ratio, weight_decay=weight_decay, clip=clip,
-                        seed=seed, data=hashlib.sha256(json.dumps(data).encode()).hexdigest()[:16])
     phase1 = warmup_steps if strategy == "swat" else 0
     total, step, rows = phase1 + steps, 0, []
+    # what the updates depend on besides the groups (the schedule on the phases' steps): saved with every
+    # checkpoint and checked by resume, so that a run is never continued with other data or settings unsaid
+    opt.settings = dict(phases=[phase1, steps], lr=lr, batch_size=batch_size, accum=accum, ratio=ratio,
+                        weight_decay=weight_decay, clip=clip, seed=seed,
+                        data=hashlib.sha256(json.dumps(data).encode()).hexdigest()[:16])
     state, log = os.path.join(out, "trainer.safetensors"), os.path.join(out, "log.jsonl")
     if resume and os.path.exists(state):
-        step = _load_state(opt, net, out, total)
+        step = _load_state(opt, net, out)
         if os.path.exists(log):  # the log up to the checkpoint: the steps after it are done again
             rows = [r for r in map(json.loads, open(log, encoding="utf-8")) if r["step"] <= step]
     elif resume:
@@ -244,31 +245,31 @@ def train(net, tok, chats, out, strategy="ift", mods=(), steps=100, lr=2e-5, bat
         with open(log, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
         if save_every and (step + 1) % save_every == 0 and step + 1 < total:
-            _save(net, tok, opt, out, step + 1, rows, total)
+            _save(net, tok, opt, out, step + 1, rows)
     for p in net.parameters():
         p.requires_grad_(True)
-    _save(net, tok, opt, out, total, rows, total)
+    _save(net, tok, opt, out, total, rows)
     net.eval().grad_ckpt = False
     return rows
 
 
-def _save(net, tok, opt, out, step, rows, total):
+def _save(net, tok, opt, out, step, rows):
     names = {p: n for g in opt.param_groups for p, n in zip(g["params"], g["names"])}
     tensors = {f"{k}.{names[p]}": t for p, (m, v) in opt.state.items() for k, t in (("m", m), ("v", v))}
-    meta = {"step": step, "total": total, "group_steps": [g["step"] for g in opt.param_groups],
+    meta = {"step": step, "group_steps": [g["step"] for g in opt.param_groups],
             "groups": [g["names"] for g in opt.param_groups], "settings": opt.settings}  # what resume checks
     log = "".join(json.dumps(r) + "\n" for r in rows)  # save() replaces the folder: the log goes with it
     model.save(net, tok, out, extra={"trainer.safetensors": tensors, "trainer.json": meta, "log.jsonl": log})
 
 
-def _load_state(opt, net, out, total):
+def _load_state(opt, net, out):
     from safetensors import safe_open
     from safetensors.torch import load_file
     meta = model.read_json(os.path.join(out, "trainer.json"))
     other = SwatError(f"{out}: its checkpoint was trained with another strategy, module set, number of steps, "
                       "model, data or settings; resume with the same ones, or train into a new folder")
     names = [g["names"] for g in opt.param_groups]
-    if (meta.get("groups"), meta.get("total"), meta.get("settings")) != (names, total, opt.settings):
+    if (meta.get("groups"), meta.get("settings")) != (names, opt.settings):
         raise other
     dev, params = str(net.model.embed_tokens.weight.device), net.state_dict()
     tensors = load_file(os.path.join(out, "trainer.safetensors"), device=dev)

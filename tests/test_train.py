@@ -115,7 +115,8 @@ def test_resume_equals_uninterrupted(tiny, tmp_path, monkeypatch):
     tiny_hf(tmp_path / "wide", hidden_size=32)  # the same parameter names, other shapes
     for d, other in ((tiny, dict(kw, strategy="ift", mods=())), (tiny, dict(kw, mods={(1, "q"), (2, "o")})),
                      (tiny, dict(kw, steps=kw["steps"] + 1)), (tmp_path / "wide", kw), (tiny, dict(kw, lr=2e-3)),
-                     (tiny, dict(kw, batch_size=2)), (tiny, dict(kw, seed=6)), (tiny, dict(kw, weight_decay=0.0))):
+                     (tiny, dict(kw, batch_size=2)), (tiny, dict(kw, seed=6)), (tiny, dict(kw, weight_decay=0.0)),
+                     (tiny, dict(kw, warmup_steps=3, steps=3))):  # the same 6 steps, split otherwise
         net, tok = model.load(d)
         with pytest.raises(model.SwatError, match="b: its checkpoint was trained with another strategy, module set, number of steps,"):
             train.train(net, tok, CHATS, str(tmp_path / "b"), resume=True, **other)
