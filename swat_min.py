@@ -78,7 +78,11 @@ def do_scan(a, net, tok, H, S, probes, out):
     settings = {"model": a.model, "n_per_class": n, "scale": a.scale, "repeats": a.repeats, "seed": a.seed, "k": k}
     rb.write(out, table, rob, fragile, settings)
     print(f"wrote {out}")
-    return {tuple(x) for x in rob}, {tuple(x) for x in fragile}
+    rob, fragile = {tuple(x) for x in rob}, {tuple(x) for x in fragile}
+    if rob & fragile:  # the control is meant to be modules the scan did not pick
+        print(f"note: k={k} is over half of the {len(table) * net.cfg.n_layers} modules, so the control set (the {k} "
+              f"least robust) shares {len(rob & fragile)} modules with Mods_Rob; choose a smaller --k or --frac")
+    return rob, fragile
 
 
 def cmd_scan(a):

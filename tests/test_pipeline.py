@@ -378,7 +378,10 @@ def test_probe_scan_generate_commands(tmp_path, tiny, capsys):
     s = json.load(open(tmp_path / "s.json"))
     assert set(s["table"]) == {"q", "k", "v", "o"} and all(len(r) == 3 for r in s["table"].values())
     assert len(s["mods_rob"]) == len(s["mods_fragile"]) == 3 and not {tuple(m) for m in s["mods_rob"]} & {tuple(m) for m in s["mods_fragile"]}
-    assert "Mods_Rob (3 most robust)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "Mods_Rob (3 most robust)" in printed and "note: " not in printed
+    run("scan", "--model", tiny, "--n", 4, "--k", 8, "--out", tmp_path / "s.json", "--device", "cpu")
+    assert "note: k=8 is over half of the 12 modules, so the control set (the 8 least robust) shares 4 modules" in capsys.readouterr().out
     run("generate", "--model", tiny, "--prompt", "Hello there", "--prompt", "Bye", "--max-new-tokens", 3)
     printed = capsys.readouterr().out
     assert printed.startswith("### Hello there\n") and "\n### Bye\n" in printed
