@@ -2,8 +2,8 @@
 instruction lists (AdvBench, HarmBench, JailbreakBench, StrongREJECT, JSON/JSONL, plain text) and
 instruction-tuning data (Alpaca, GSM8K, Dolly, prompt/completion, chat). Bad records get one clear line
 naming the file and the record."""
-import csv, json, os
-from model import SwatError
+import csv, json, os, random
+from files import SwatError
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
@@ -141,3 +141,10 @@ def read_examples(path):
     if not out:
         raise SwatError(f"{path}: no examples")
     return out
+
+
+def split(chats, n):
+    """One fixed split of tuning data: n held-out examples for the task metrics, the rest for tuning."""
+    chats = list(chats)
+    random.Random(0).shuffle(chats)
+    return chats[:n], chats[n:]

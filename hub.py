@@ -3,7 +3,8 @@ files, safetensors, sharded too) into a local cache, resuming partial files and 
 HF_TOKEN is sent for gated models; HF_ENDPOINT points elsewhere (the tests use a server on 127.0.0.1);
 SWAT_MODEL_CACHE moves the cache (default ~/.cache/swat-min)."""
 import http.client, os, re, shutil, urllib.error, urllib.parse, urllib.request
-from model import SwatError, weight_files
+from checkpoint import weight_files
+from files import SwatError
 
 
 class _Redirect(urllib.request.HTTPRedirectHandler):

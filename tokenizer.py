@@ -4,7 +4,7 @@ llama2 and mistral ([INST]). Each family has quirks (a default system prompt, Ll
 turn, Mistral's versions); they are read off the checkpoint's own chat_template string."""
 import os, re, sys, time
 from tokenizers import Tokenizer
-from model import SwatError, read_json
+from files import SwatError, read_json
 
 
 class Tok:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 import model
-from model import SwatError
+from files import SwatError, read_json, writable
 from robustness import MODULES
 
 
@@ -124,7 +124,7 @@ def parse_mods(spec, n_layers, key="mods_rob"):
     spec = os.fspath(spec)
     if spec.endswith(".json"):
         try:
-            pairs = [(int(l), m, spec) for l, m in model.read_json(spec)[key]]
+            pairs = [(int(l), m, spec) for l, m in read_json(spec)[key]]
         except (KeyError, TypeError, ValueError):
             raise SwatError(f"{spec}: no '{key}' list of [layer, module] pairs") from None
     else:
@@ -182,7 +182,7 @@ def train(net, tok, chats, out, strategy="ift", mods=(), steps=100, lr=2e-5, bat
         raise SwatError(f"unknown strategy {strategy!r}; choose ift, swat or mllr")
     if strategy != "ift" and not mods:
         raise SwatError(f"strategy {strategy} needs a module set (--mods)")
-    model.writable(out, tok)  # checked now, not after the training
+    writable(out, tok)  # checked now, not after the training
     if net.model.embed_tokens.weight.dtype != torch.float32:  # on CUDA, fp32 weights still compute in bf16 (autocast)
         print("training low-precision weights: small updates are rounded away; load with dtype fp32")
     if strategy == "swat" and warmup_steps == 0:
@@ -265,7 +265,7 @@ def _save(net, tok, opt, out, step, rows):
 def _load_state(opt, net, out):
     from safetensors import safe_open
     from safetensors.torch import load_file
-    meta = model.read_json(os.path.join(out, "trainer.json"))
+    meta = read_json(os.path.join(out, "trainer.json"))
     other = SwatError(f"{out}: its checkpoint was trained with another strategy, module set, number of steps, "
                       "model, data or settings; resume with the same ones, or train into a new folder")
     names = [g["names"] for g in opt.param_groups]

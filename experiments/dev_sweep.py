@@ -12,7 +12,7 @@ OUT/results.md holds the table (with the cut of the ASR rise and the task loss a
 """
 import argparse, json, os, sys, time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import data, swat_min, train
+import data, evaluation, files, swat_min, train
 from model import SwatError
 
 
@@ -53,10 +53,10 @@ def main(argv=None):
     if not H:
         raise SwatError(f"{a.dev_harmful}: no prompts from row {a.dev_start} on")
     a.eval_harmful = os.path.join(a.out, "dev_harmful.jsonl")  # evaluate() reads its prompts from a file
-    swat_min._write(a.eval_harmful, "".join(json.dumps(h) + "\n" for h in H))
+    files.write_text(a.eval_harmful, "".join(json.dumps(h) + "\n" for h in H))
     a.harmful = a.harmless = a.eval_harmless = None
     a.n_acc = 0  # task loss only
-    _, tune = swat_min.split(data.read_examples(a.data), a.n_task)  # the first part is `run`'s held-out set
+    _, tune = data.split(data.read_examples(a.data), a.n_task)  # the first part is `run`'s held-out set
     dev, tune = tune[-a.n_dev:], tune[:-a.n_dev]
     net, tok = swat_min.load(a)
     base = swat_min.baseline(a, net, tok)
@@ -71,9 +71,9 @@ def main(argv=None):
                 train.train(net, tok, tune, os.path.join(a.out, name), strategy, set() if strategy == "ift" else mods,
                             steps=a.steps, lr=a.lr, batch_size=a.batch, max_len=a.max_len, seed=a.seed,
                             skip_long=True, **kw)
-            row = swat_min.evaluate(net, tok, a, s, base, dev, os.path.join(a.out, name + ".jsonl"))
+            row = evaluation.evaluate(net, tok, a, s, base, dev, os.path.join(a.out, name + ".jsonl"))
             rows.append(dict(row, seed=a.seed if strategy else None, train_time_s=round(time.time() - t0, 1)))
-            swat_min.report(a.out, rows, vars(a))  # OUT/results.md: the table, against ift
+            evaluation.report(a.out, rows, vars(a))  # OUT/results.md: the table, against ift
             line = json.dumps({k: v for k, v in rows[-1].items() if k != "drift_detail"})
             print(line, flush=True)
             print(line, file=log, flush=True)

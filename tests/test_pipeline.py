@@ -1,8 +1,8 @@
 """swat_min.py end to end: the offline demo (shortened), CLI errors, hub download, atomic saving."""
 import errno, http.server, json, os, re, shutil, subprocess, sys, threading
 import pytest, torch
-import data, hub, model, swat_min
-from conftest import tiny_hf
+import checkpoint, data, evaluation, hub, model, swat_min
+from conftest import ROOT, tiny_hf
 
 
 def run(*argv):
@@ -49,7 +49,7 @@ def test_report_sets_each_strategy_against_ift(tmp_path):
                                        "task_loss": loss, "task_acc": None}
     rows = [row("original", None, 0.1, 2.0), row("ift", 0, 0.5, 1.0), row("swat", 0, 0.3, 1.1),
             row("ift", 1, 0.7, 1.0), row("swat", 1, 0.7, 0.9), row("ift", 2, 0.9, 1.0)]
-    swat_min.report(str(tmp_path), rows, {"lr": 1e-4})
+    evaluation.report(str(tmp_path), rows, {"lr": 1e-4})
     res = json.load(open(tmp_path / "results.json"))["rows"]
     assert res[2]["asr_cut_vs_ift"] == pytest.approx(0.5) and res[2]["task_loss_vs_ift"] == pytest.approx(0.1)
     assert res[4]["asr_cut_vs_ift"] == pytest.approx(0.0) and res[4]["task_loss_vs_ift"] == pytest.approx(-0.1)
@@ -172,13 +172,13 @@ def test_full_disk_leaves_nothing(tmp_path, tiny, monkeypatch):
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(model, "save_file", full)
+    monkeypatch.setattr(checkpoint, "save_file", full)
     with pytest.raises(model.SwatError, match="could not save \\(No space left on device\\)"):
         model.save(net, tok, str(tmp_path / "out"))
     assert os.listdir(tmp_path) == ["tiny"]  # no output and no temporary directory
     monkeypatch.undo()
     model.save(net, tok, str(tmp_path / "out"))  # an existing checkpoint survives a failed overwrite
-    monkeypatch.setattr(model, "save_file", full)
+    monkeypatch.setattr(checkpoint, "save_file", full)
     with pytest.raises(model.SwatError):
         model.save(net, tok, str(tmp_path / "out"))
     monkeypatch.undo()
@@ -325,7 +325,6 @@ def test_readme_commands_parse(tmp_path, monkeypatch):
     """Every `python swat_min.py ...` line of the README's (and RESULTS.md's) shell blocks parses with today's
     options, and every --flag they name exists (in swat_min.py, or in the bench/experiments script it belongs to)."""
     import re, shlex
-    from conftest import ROOT
     text = "".join(open(os.path.join(ROOT, f), encoding="utf-8").read() for f in ("README.md", "RESULTS.md"))
     cmds = [l.split("#")[0].split("swat_min.py", 1)[1] for b in re.findall(r"```bash\n(.*?)```", text, re.S)
             for l in b.replace("\\\n", " ").splitlines() if "python swat_min.py" in l.split("#")[0]]
@@ -357,13 +356,13 @@ def test_align_tunes_refusals_and_own_answers(tmp_path, tiny, monkeypatch, capsy
     refusals = set(data.lines("refusals.txt"))
     assert all(c[1]["content"] in refusals for c in chats[:len(H)])
     net, tok = model.load(tiny)
-    own = swat_min.answer(net, tok, [swat_min.user(s) for s in S[:5]], 3)
+    own = evaluation.answer(net, tok, [evaluation.user(s) for s in S[:5]], 3)
     assert [c[1]["content"] for c in chats[len(H):len(H) + 5]] == own
     assert before["strategy"] == "before" and after["strategy"] == "after"
     printed = capsys.readouterr().out
     assert "before: ASR" in printed and "after: ASR" in printed and f"wrote {out}" in printed
     assert len(open(out / "log.jsonl").readlines()) == 2 and model.load(str(out))[0].cfg.n_layers == 3
-    lens = sorted(len(tok.encode_chat(swat_min.user(p))) for p in H + S)  # a --max-len some prompts exceed:
+    lens = sorted(len(tok.encode_chat(evaluation.user(p))) for p in H + S)  # a --max-len some prompts exceed:
     run("align", "--model", tiny, "--out", tmp_path / "a2", "--steps", 1, "--batch", 4, "--max-len", lens[len(lens) // 2],
         "--n-eval", 1, "--max-new-tokens", 1, "--answer-tokens", 1, "--device", "cpu")  # those are left out, as in run
     assert re.search(r"left out \d+ of 318 examples", capsys.readouterr().out) and (tmp_path / "a2" / "log.jsonl").exists()
@@ -391,14 +390,13 @@ def test_files_are_utf8_whatever_the_locale(tmp_path, tiny):
     """JSON and swat-min's own text files are UTF-8 under any locale (a C locale here; Windows' cp1252 is
     alike): a valid checkpoint with non-ASCII in config.json loads and saves, results.md (its Δ) is written, and
     text the console cannot show is printed with "?"."""
-    from conftest import ROOT
     d = tmp_path / "m"
     shutil.copytree(tiny, d)
     cfg = dict(json.load(open(d / "config.json")), _name_or_path="modèle ▁")
     (d / "config.json").write_text(json.dumps(cfg, ensure_ascii=False), encoding="utf-8")
     (tmp_path / "s.py").write_text(  # a file: a non-ASCII command line cannot be decoded under a C locale
-        f"import model, swat_min\nnet, tok = model.load({str(d)!r})\nmodel.save(net, tok, {str(tmp_path / 'saved')!r})\n"
-        f"swat_min.report({str(tmp_path)!r}, [dict(strategy='original', seed=None, asr=0.5, task_loss=1.0)], {{}})\n"
+        f"import evaluation, model, swat_min\nnet, tok = model.load({str(d)!r})\nmodel.save(net, tok, {str(tmp_path / 'saved')!r})\n"
+        f"evaluation.report({str(tmp_path)!r}, [dict(strategy='original', seed=None, asr=0.5, task_loss=1.0)], {{}})\n"
         f"swat_min.main(['generate', '--model', {str(d)!r}, '--prompt', 'Où? ▁', '--max-new-tokens', '2'])\n",
         encoding="utf-8")
     env = dict(os.environ, LC_ALL="C", LANG="C", PYTHONUTF8="0", PYTHONCOERCECLOCALE="0", PYTHONPATH=ROOT)
@@ -407,3 +405,11 @@ def test_files_are_utf8_whatever_the_locale(tmp_path, tiny):
     assert "### O?? ?" in r.stdout  # what the console cannot show is replaced, not a traceback
     assert json.loads((tmp_path / "saved" / "config.json").read_text(encoding="utf-8"))["_name_or_path"] == "modèle ▁"
     assert "| Δ loss vs ift |" in (tmp_path / "results.md").read_text(encoding="utf-8")
+
+
+def test_core_files_stay_small():
+    """The budget of the design: model.py and swat_min.py about 250-300 lines each, the five core files
+    together about 1,000-1,250 (formats and plumbing live in the smaller files beside them)."""
+    n = {f: len(open(os.path.join(ROOT, f), encoding="utf-8").readlines())
+         for f in ("model.py", "probe.py", "robustness.py", "train.py", "swat_min.py")}
+    assert n["model.py"] <= 320 and n["swat_min.py"] <= 320 and sum(n.values()) <= 1250, n
