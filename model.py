@@ -171,13 +171,13 @@ def load(path, device="cpu", dtype=torch.float32, chat_format=None):
     if not isinstance(dtype, torch.dtype):
         raise SwatError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)} or a torch.dtype")
     cfg = read_config(os.path.join(path, "config.json"))
-    files = weight_files(path)
+    shards = weight_files(path)
     tok = tokenizer.Tok(path, chat_format)
     with torch.device("meta"):
         net = LLaMA(cfg).to(dtype)
     net.to_empty(device=device)
     params, seen = net.state_dict(), set()
-    for fname in files:
+    for fname in shards:
         fpath = os.path.join(path, fname)
         try:
             with safe_open(fpath, framework="pt") as f:
