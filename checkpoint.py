@@ -1,9 +1,10 @@
 """The Hugging Face checkpoint format: what config.json says (anything swat-min does not implement is
 refused), which safetensors files hold the weights, and writing a directory that transformers loads."""
-import json, os, shutil
+import hashlib, json, os, shutil, tempfile
+import torch
 from types import SimpleNamespace
 from safetensors.torch import save_file
-from files import SwatError, read_json, writable
+from files import MARK, SwatError, check_folder, manifest, read_json, remove_ours
 
 
 def read_config(path):
@@ -21,6 +22,9 @@ def read_config(path):
         bad("mlp_bias", c["mlp_bias"])
     # rope settings come in three spellings: rope_scaling {type|rope_type}, or v5's rope_parameters;
     # a file with both is read as transformers reads it: rope_scaling's entries win
+    for key in ("rope_scaling", "rope_parameters"):
+        if c.get(key) is not None and not isinstance(c[key], dict):
+            raise SwatError(f"{path}: {key} must be an object of rope settings, not {c[key]!r}")
     scaling = c.get("rope_scaling") or {}
     rope = {**(c.get("rope_parameters") or {}), **scaling}
     rtype = scaling.get("rope_type", scaling.get("type")) or rope.get("rope_type", "default")
@@ -55,6 +59,19 @@ def read_config(path):
         raise SwatError(f"{path}: missing key {e}") from None
 
 
+@torch.no_grad()
+def fingerprint(net):
+    """A short hash of the weights (each tensor's name, shape, first values and sum): the same for the
+    same weights, and, in practice, different for any other model, of the same shapes too."""
+    digest = hashlib.sha256()
+    for name, p in net.state_dict().items():
+        head = p.detach().flatten()[:64].double()
+        total = p.detach().sum(dtype=torch.float64)[None]
+        digest.update(f"{name}{list(p.shape)}".encode())
+        digest.update(torch.cat([head, total]).cpu().numpy().tobytes())
+    return digest.hexdigest()[:24]
+
+
 def eos_ids(path, c):
     """eos_token_id of the JSON object c (an int, a list of ints, or absent) -> a list of ints."""
     eos = c.get("eos_token_id")
@@ -81,38 +98,147 @@ def weight_files(d):
 
 
 def save(net, tok, out, extra=None):
-    """Write an HF-format directory (config.json, model.safetensors, tokenizer files, and `extra`
-    {filename: tensors, text or JSON}) atomically: into a temporary sibling, renamed into place when complete."""
-    out = writable(out, tok)
-    tmp, old = out + ".tmp", out + ".old"
-    for d in (tmp, old):  # leftovers of an interrupted save
-        shutil.rmtree(d, ignore_errors=True)
-    os.makedirs(tmp)
+    """Write an HF-format directory that transformers loads: config.json, model.safetensors, the
+    tokenizer files, and `extra` ({filename: tensors, text or JSON}; a trainer's state and log).
+
+    The directory is written whole into a temporary sibling, its manifest last, then swapped into place
+    (see swap). A fault at any moment leaves the previous checkpoint or the new one, never half of one.
+    """
+    out = os.path.abspath(os.fspath(out))
+    recover(out)
+    check_folder(out, tok)
+    state = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
+    bad = [k for k, v in state.items() if not v.isfinite().all()]
+    if bad:
+        raise SwatError(f"{out}: not saved: non-finite weights ({bad[0]}, {len(bad)} tensors in all)")
+    parent, name = os.path.split(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{name}.swat-new-")
     try:
-        sd = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
-        save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        dt = str(next(net.parameters()).dtype).removeprefix("torch.")
-        cfg = dict(net.cfg.raw, tie_word_embeddings=net.cfg.tie, torch_dtype=dt)
-        cfg.pop("dtype", None)
-        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(cfg, f, indent=2)
-        with open(os.path.join(tmp, "swat-min.json"), "w", encoding="utf-8") as f:  # the mark that lets a later save replace it
-            json.dump({"written_by": "swat-min", "from": tok.path and os.path.abspath(tok.path)}, f)
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                     "generation_config.json", "chat_template.jinja"):
-            if tok.path and os.path.exists(os.path.join(tok.path, name)):
-                shutil.copy(os.path.join(tok.path, name), tmp)
-        for name, obj in (extra or {}).items():
-            if name.endswith(".safetensors"):
-                save_file(obj, os.path.join(tmp, name))
-            else:  # text as it is, anything else as JSON
-                with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
-                    f.write(obj if isinstance(obj, str) else json.dumps(obj))
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise SwatError(f"{out}: could not save ({e.strerror or e})") from None
-    if os.path.exists(out):
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+        write_files(net, state, tok, tmp, extra or {})
+    except BaseException as e:
+        shutil.rmtree(tmp)  # made in this call: nobody else's
+        if not isinstance(e, Exception):  # Ctrl-C
+            raise
+        # an OSError, or safetensors' own error for a full disk
+        reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        raise SwatError(f"{out}: could not save ({reason}); the previous checkpoint stays") from None
+    swap(tmp, out)
     return out
+
+
+def write_files(net, state, tok, folder, extra):
+    """Every file of the checkpoint into folder; the manifest (MARK) last, as the mark of a whole one."""
+    save_file(state, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    dtype = str(next(net.parameters()).dtype).removeprefix("torch.")
+    config = dict(net.cfg.raw, tie_word_embeddings=net.cfg.tie, torch_dtype=dtype)
+    config.pop("dtype", None)
+    write_json(os.path.join(folder, "config.json"), config)
+    for file_name in TOKENIZER_FILES:
+        source = os.path.join(tok.path, file_name) if tok.path else None
+        if source and os.path.exists(source):
+            shutil.copy(source, folder)
+    for file_name, obj in extra.items():
+        path = os.path.join(folder, file_name)
+        if file_name.endswith(".safetensors"):
+            save_file(obj, path)
+        elif isinstance(obj, str):
+            write_plain(path, obj)
+        else:
+            write_json(path, obj)
+    # the manifest: what a later save may replace, and where the weights came from
+    source = tok.path and os.path.abspath(tok.path)
+    mark = {"written_by": "swat-min", "from": source, "files": sorted(os.listdir(folder))}
+    write_json(os.path.join(folder, MARK), mark)
+    for file_name in os.listdir(folder):  # ordinary file modes, not mkdtemp's private ones
+        os.chmod(os.path.join(folder, file_name), 0o644)
+    os.chmod(folder, 0o755)
+
+
+def write_plain(path, text):
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def write_json(path, obj):
+    write_plain(path, json.dumps(obj, indent=2))
+
+
+def swap(new, out):
+    """Put the whole checkpoint in `new` at `out`: move the old one aside, move the new one in, then
+    remove the old one. recover() finishes this after a fault between any two of these steps."""
+    old = None
+    if os.path.exists(out):
+        # unique: mkdtemp made the new folder's name, and the old one's differs in one word only
+        old = new.replace(".swat-new-", ".swat-old-")
+        os.replace(out, old)
+    os.replace(new, out)
+    if old:
+        shutil.rmtree(old)
+
+
+def is_whole(folder):
+    """True for a checkpoint folder whose manifest was written (save writes it last)."""
+    return manifest(folder) is not None
+
+
+def recover(out):
+    """Finish or roll back a save into out that a fault interrupted, from the siblings it left.
+
+    .NAME.swat-new-*: a new checkpoint, whole once its manifest is written; .NAME.swat-old-*: the
+    checkpoint it replaces. When out is missing, the newest whole one of them moves into place. Then
+    what is left of the swap is removed: only folders of these names holding only checkpoint files.
+    """
+    parent, name = os.path.split(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        return
+    siblings = [os.path.join(parent, e) for e in os.listdir(parent) if e.startswith(f".{name}.swat-")]
+    if not siblings:
+        return
+    new = [s for s in siblings if ".swat-new-" in s and is_whole(s)]
+    old = [s for s in siblings if ".swat-old-" in s and is_whole(s)]
+    newest = lambda folders: max(folders, key=lambda s: os.path.getmtime(os.path.join(s, MARK)))
+    if new:  # a whole new checkpoint that never got into place: the swap goes on
+        chosen = newest(new)
+        swap(chosen, out)
+    elif old and not os.path.exists(out):  # nothing newer is whole: the swap is rolled back
+        chosen = newest(old)
+        os.replace(chosen, out)
+    else:
+        chosen = None
+    if chosen:
+        print(f"{out}: put back the newest whole checkpoint of an interrupted save")
+    siblings = [s for s in siblings if os.path.exists(s)]
+    for sibling in siblings:
+        listed = manifest(sibling) or set()
+        remove_ours(sibling, listed | {MARK, *CHECKPOINT_FILES, *TOKENIZER_FILES})
+
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "chat_template.jinja",
+)
+# the files a checkpoint of swat-min's holds besides the tokenizer's
+CHECKPOINT_FILES = ("model.safetensors", "config.json", "trainer.safetensors", "trainer.json", "log.jsonl")
+
+
+def read_log(path, step):
+    """The rows of a training log up to `step`. A damaged last line (a kill while it was appended) is
+    a step after the checkpoint, done again: it is left out; damage elsewhere is an error."""
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = [line for line in f.read().split("\n") if line.strip()]
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if number < len(lines):
+                raise SwatError(f"{path}: line {number} is damaged; resume needs the log whole "
+                                "(train into a new folder)") from None
+            print(f"{path}: left out its damaged last line (a step after the checkpoint)")
+    return [r for r in rows if isinstance(r, dict) and r.get("step", 0) <= step]

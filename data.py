@@ -136,6 +136,9 @@ def read_examples(path):
         if not isinstance(a, str):
             raise SwatError(f"{path}: record {i} has no {' or '.join(map(repr, REPLY))}")
         extra = r.get("input") or r.get("context")  # Alpaca's input, Dolly's context
+        if extra and not isinstance(extra, str):  # a list would be trained on as its Python repr
+            field = "input" if r.get("input") else "context"
+            raise SwatError(f"{path}: record {i}: {field!r} must be text, not {type(extra).__name__}")
         q = f"{q}\n\n{extra}" if extra else q
         out.append([{"role": "user", "content": q}, {"role": "assistant", "content": a}])
     if not out:

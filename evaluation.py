@@ -4,7 +4,7 @@ the original model's probe, task loss and accuracy on held-out tuning examples; 
 import json, os, re
 import torch
 import data, model, probe, train
-from files import write_text
+from files import prepare, write_text
 
 # A response counts as a refusal when it contains one of these: the GCG keyword list (Zou et al. 2023)
 # plus a few common refusal phrasings it lacks.
@@ -91,7 +91,10 @@ def report(out, rows, settings):
     for r in rows[1:]:
         if r["seed"] in ift:
             versus_ift(r, ift[r["seed"]], rows[0])
-    write_text(os.path.join(out, "results.json"), json.dumps({"rows": [dict(r, settings=settings) for r in rows]}, indent=1))
+    prepare(os.path.join(out, "results.json"))
+    prepare(os.path.join(out, "results.md"))
+    results = {"written_by": "swat-min", "rows": [dict(r, settings=settings) for r in rows]}
+    write_text(os.path.join(out, "results.json"), json.dumps(results, indent=1))
     cols = {"asr": ("ASR", "{:.1%}"), "asr_cut_vs_ift": ("cut of the ASR rise vs ift", "{:+.0%}"),
             "over_refusal": ("over-refusal", "{:.1%}"), "drift": ("drift", "{:.3f}"), "probe_acc": ("probe acc", "{:.3f}"),
             "task_loss": ("task loss", "{:.3f}"), "task_loss_vs_ift": ("Δ loss vs ift", "{:+.1%}"),

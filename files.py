@@ -1,6 +1,23 @@
-"""The user's files, handled safely: every problem with one is a single line (SwatError) naming it, an
-output is written whole or not at all, and nothing swat-min did not write is ever overwritten."""
-import json, os
+"""The user's files, handled safely.
+
+Three rules hold for everything swat-min writes:
+- a problem with a file is one line (SwatError) naming it;
+- an output is written whole or not at all: into a temporary sibling with a unique name, then renamed;
+- nothing swat-min did not write is ever replaced or deleted.
+
+A folder swat-min writes (a checkpoint, a run's results, a training log) holds a manifest, MARK, that
+lists every entry swat-min put there. Such a folder may be written into again, or replaced, only while
+every entry in it is one the manifest lists. A single output file (a scan, generations) may be replaced
+only when its folder's manifest lists it or its own contents mark it as swat-min's.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+
+MARK = "swat-min.json"  # the manifest of a folder swat-min wrote
+TEMP = ".swat-tmp-"  # the prefix of a temporary file, unique per call (tempfile)
 
 
 class SwatError(Exception):
@@ -10,7 +27,8 @@ class SwatError(Exception):
 def read_json(path):
     """The JSON object in path (every JSON file swat-min reads holds one)."""
     try:
-        with open(path, encoding="utf-8") as f:  # JSON is UTF-8, whatever the locale
+        # JSON is UTF-8, whatever the locale
+        with open(path, encoding="utf-8") as f:
             obj = json.load(f)
     except FileNotFoundError:
         raise SwatError(f"{path}: not found") from None
@@ -21,20 +39,178 @@ def read_json(path):
     return obj
 
 
+def write_atomic(path, write):
+    """Call write(tmp) on a fresh temporary file beside path, then rename it onto path.
+
+    A reader (or a later run) never sees half a file, and a fault (a kill, a full disk) leaves the
+    previous file as it was. The temporary name is unique, so nobody else's file is ever touched.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=folder, prefix=TEMP)
+    os.close(handle)
+    try:
+        write(tmp)
+        # mkstemp makes the file private (0600); an output is an ordinary file
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        os.remove(tmp)
+        raise
+
+
 def write_text(path, text):
-    """Write path atomically: a reader (or a later run) never sees half a file."""
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
+    """Write text to path atomically (see write_atomic), as UTF-8."""
+
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    write_atomic(os.fspath(path), write)
 
 
-def writable(out, tok=None, ours=("swat-min.json", "log.jsonl")):
-    """out, if swat-min may write there: not the input model (tok's), and new, empty, or a folder it wrote
-    before (holding one of `ours`: by default its checkpoint mark or a training log), never the user's other
-    files nor another model of theirs."""
-    out, have = os.path.abspath(out), os.listdir(out) if os.path.isdir(out) else []
-    if tok and tok.path and os.path.abspath(tok.path) == out:
-        raise SwatError(f"{out}: refusing to overwrite the input model")
-    if (os.path.exists(out) and not os.path.isdir(out)) or (have and not set(ours) & set(have)):
-        raise SwatError(f"{out}: exists and holds nothing swat-min wrote; refusing to write there (choose a new folder)")
-    return out
+# ---- which files and folders are swat-min's ----
+
+
+def manifest(folder):
+    """The entries folder's manifest lists, or None when the folder has no manifest."""
+    path = os.path.join(folder, MARK)
+    if not os.path.isfile(path):
+        return None
+    try:
+        mark = read_json(path)
+    except SwatError:
+        return None
+    listed = mark.get("files")
+    if mark.get("written_by") != "swat-min" or not isinstance(listed, list):
+        return None
+    return set(listed)
+
+
+def is_temporary(entry, listed):
+    """True for a temporary sibling swat-min makes while writing one of the listed entries."""
+    if entry.startswith(TEMP):
+        return True
+    return any(entry.startswith(f".{name}.swat-") for name in listed)
+
+
+def foreign_entry(folder):
+    """The first entry in folder that its manifest does not list (None: every entry is swat-min's)."""
+    entries = sorted(os.listdir(folder))
+    listed = manifest(folder)
+    if listed is None:
+        return entries[0] if entries else None
+    for entry in entries:
+        if entry != MARK and entry not in listed and not is_temporary(entry, listed):
+            return entry
+    return None
+
+
+def check_folder(folder, tok=None):
+    """Refuse, in one line, to write into folder unless it is new, empty, or wholly swat-min's.
+
+    tok: the input model's tokenizer; its folder is never an output.
+    """
+    folder = os.path.abspath(folder)
+    if tok is not None and tok.path and os.path.abspath(tok.path) == folder:
+        raise SwatError(f"{folder}: refusing to overwrite the input model")
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise SwatError(f"{folder}: exists and is not a folder; choose a new folder")
+    check_can_create(folder)
+    if not os.path.isdir(folder):
+        return folder
+    foreign = foreign_entry(folder)
+    if foreign is not None:
+        raise SwatError(
+            f"{folder}: exists and holds {foreign}, which swat-min did not write; refusing to write there "
+            "(choose a new folder)"
+        )
+    return folder
+
+
+def claim(folder, entry=None):
+    """Make folder swat-min's (created if new) and list entry in its manifest before it is written."""
+    check_folder(folder)
+    os.makedirs(folder, exist_ok=True)
+    had = manifest(folder)
+    listed = set(had or ())
+    if entry is not None:
+        listed.add(entry)
+    # a checkpoint's manifest also says where its weights came from: kept
+    mark = read_json(os.path.join(folder, MARK)) if had is not None else {}
+    mark.update(written_by="swat-min", files=sorted(listed))
+    write_text(os.path.join(folder, MARK), json.dumps(mark, indent=1))
+    return folder
+
+
+def prepare(path):
+    """Make path ready to be written: listed in its folder's manifest where the folder is swat-min's,
+    else checked to be new or a file swat-min wrote."""
+    folder, name = os.path.split(os.path.abspath(path))
+    if os.path.isdir(folder) and manifest(folder) is not None:
+        claim(folder, name)
+    else:
+        check_file(path)
+    return path
+
+
+def marked_as_ours(path):
+    """True when a file's own contents mark it as swat-min's output.
+
+    A scan or results JSON carries "written_by": "swat-min"; a generations JSONL file holds nothing
+    but generation records (prompt, harmful, response, refused).
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError):
+        return False
+    if path.endswith(".json"):
+        try:
+            return json.loads(text).get("written_by") == "swat-min"
+        except (ValueError, AttributeError):
+            return False
+    lines = [line for line in text.splitlines() if line.strip()]
+    record_keys = {"prompt", "harmful", "response", "refused"}
+    try:
+        return bool(lines) and all(set(json.loads(line)) == record_keys for line in lines)
+    except (ValueError, TypeError):
+        return False
+
+
+def check_file(path):
+    """Refuse, in one line, to write path unless it is new or a file swat-min wrote."""
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        raise SwatError(f"{path}: is a folder; give a file name")
+    check_can_create(path)
+    if not os.path.exists(path):
+        return path
+    folder, name = os.path.split(path)
+    if name in (manifest(folder) or set()) or marked_as_ours(path):
+        return path
+    raise SwatError(f"{path}: exists and swat-min did not write it; refusing to replace it")
+
+
+def check_can_create(path):
+    """Fail now, in one line, if path could not be written, rather than after the work.
+
+    Nothing is created: a temporary file is made and removed in the nearest folder that exists.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise SwatError(f"{path}: cannot be made ({folder} is a file)")
+    try:
+        handle, tmp = tempfile.mkstemp(dir=folder, prefix=TEMP)
+    except OSError as e:
+        raise SwatError(f"{path}: cannot write in {folder} ({e.strerror or e})") from None
+    os.close(handle)
+    os.remove(tmp)
+
+
+def remove_ours(folder, names):
+    """Remove a temporary folder swat-min made, if it holds nothing but the given file names."""
+    if os.path.isdir(folder) and set(os.listdir(folder)) <= set(names):
+        shutil.rmtree(folder)

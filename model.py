@@ -6,7 +6,7 @@ so loading and saving are identity mappings, and the robustness scan and the tra
 and O of every layer as separate modules. What config.json means and how a directory is written are in
 checkpoint.py (model.save is its save); the tokenizer and chat formats are in tokenizer.py.
 """
-import math, os
+import math, os, sys
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -16,7 +16,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 from checkpoint import eos_ids, read_config, save, weight_files  # noqa: F401 (save: part of this file's API)
 from files import SwatError, read_json
-import hub, tokenizer
+import checks, hub, tokenizer
 
 
 def rope_inv_freq(cfg):
@@ -173,6 +173,10 @@ def load(path, device="cpu", dtype=torch.float32, chat_format=None):
     cfg = read_config(os.path.join(path, "config.json"))
     shards = weight_files(path)
     tok = tokenizer.Tok(path, chat_format)
+    n_tokens = tok.tk.get_vocab_size(with_added_tokens=True)
+    if n_tokens > cfg.vocab_size:  # its ids past vocab_size have no embedding
+        raise SwatError(f"{path}: tokenizer.json has {n_tokens} tokens, more than the model's "
+                        f"vocab_size {cfg.vocab_size}")
     with torch.device("meta"):
         net = LLaMA(cfg).to(dtype)
     net.to_empty(device=device)
@@ -207,6 +211,10 @@ def load(path, device="cpu", dtype=torch.float32, chat_format=None):
         cfg.tie, net.lm_head = True, None
     elif missing:
         raise SwatError(f"{path}: missing tensors, e.g. {sorted(missing)[0]} ({len(missing)} in all)")
+    broken = [name for name, p in net.state_dict().items() if not p.isfinite().all()]
+    if broken:  # it would generate empty or random answers without a word
+        print(f"warning: {path}: {len(broken)} weight tensors hold NaN or inf (e.g. {broken[0]}); "
+              "this model's outputs are garbage", file=sys.stderr)
     return net.eval(), tok
 
 
@@ -255,6 +263,7 @@ def generate(net, prompts, max_new_tokens=64, temperature=0.0, top_p=1.0, stop_i
     if any(isinstance(p, int) for p in prompts):  # generate(net, ids) instead of generate(net, [ids])
         raise SwatError("generate: prompts must be a list of prompts (lists of token ids), e.g. [ids]")
     prompts = [list(p) for p in prompts]
+    checks.sampling_args(temperature, top_p, max_new_tokens, batch_size)
     for i, p in enumerate(prompts):
         if not p or not all(0 <= t < net.cfg.vocab_size for t in p):
             raise SwatError(f"generate: prompt {i + 1} " + ("has no tokens" if not p else

@@ -4,7 +4,10 @@ import hashlib, json, os
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
-from model import SwatError, pad_left
+import checks
+from files import SwatError, write_atomic
+from checkpoint import fingerprint
+from model import pad_left
 
 @torch.no_grad()
 def features(net, tok, instructions, batch_size=32, cache_dir=None):
@@ -15,9 +18,8 @@ def features(net, tok, instructions, batch_size=32, cache_dir=None):
     if cache_dir:  # keyed by the weights (each tensor's first numbers and its sum) and the prompts
         if os.path.exists(cache_dir) and not os.path.isdir(cache_dir):
             raise SwatError(f"{cache_dir}: not a directory (the feature cache)")
-        w = torch.cat([torch.cat([p.detach().flatten()[:64].double(), p.detach().sum(dtype=torch.float64)[None]]).cpu()
-                       for p in net.parameters()])
-        key = hashlib.sha256(w.numpy().tobytes() + json.dumps(prompts).encode()).hexdigest()[:24]
+        weights = fingerprint(net).encode()
+        key = hashlib.sha256(weights + json.dumps(prompts).encode()).hexdigest()[:24]
         path = os.path.join(cache_dir, f"features-{key}.safetensors")
         if os.path.exists(path):
             return load_file(path)["x"]
@@ -28,8 +30,7 @@ def features(net, tok, instructions, batch_size=32, cache_dir=None):
     x = torch.cat(out, 1)
     if key:
         os.makedirs(cache_dir, exist_ok=True)
-        save_file({"x": x}, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        write_atomic(path, lambda tmp: save_file({"x": x}, tmp))
     return x
 
 
@@ -43,7 +44,9 @@ class LogisticProbe:
     """L2-regularised logistic regression on standardised features, solved with full-batch L-BFGS in
     float64. Objective as scikit-learn's: sum of log-losses + ||w||^2 / (2 C)."""
     def __init__(self, C=1.0, max_iter=200):
-        self.C, self.max_iter = C, max_iter
+        checks.probe_args(C, max_iter)
+        self.C = C
+        self.max_iter = max_iter
 
     def fit(self, X, y):
         X, y = torch.as_tensor(X).double().cpu(), torch.as_tensor(y).double().cpu()  # small: CPU, float64
@@ -78,6 +81,8 @@ class LogisticProbe:
 
     def score(self, X, y):
         """Accuracy, AUC and mean log-loss on (X, y)."""
+        if not torch.as_tensor(X).isfinite().all():  # NaN features would score as a plain "harmless"
+            raise SwatError("probe: features to score must be finite numbers")
         y, z = torch.as_tensor(y).double().cpu(), self.logits(X)
         loss = torch.nn.functional.binary_cross_entropy_with_logits(z, y).item()
         return {"acc": ((z > 0).double() == y).double().mean().item(), "auc": auc(z, y), "loss": loss}

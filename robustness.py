@@ -9,7 +9,8 @@ change. Hidden states below the perturbed layer do not change, so they are compu
 import json, os
 import torch
 from tqdm import tqdm
-from model import SwatError, pad_left
+from files import SwatError, write_text
+from model import pad_left
 
 MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
            "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
@@ -91,8 +92,8 @@ def heatmap(table):
 
 
 def write(path, table, rob, fragile, settings):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({"settings": settings, "metric": "rise of probe log-loss, mean over later layers",
-                   "table": table, "mods_rob": rob, "mods_fragile": fragile}, f, indent=1)
-    os.replace(tmp, path)
+    """The scan as JSON (atomically); "written_by" marks it as a file a later scan may replace."""
+    scan = {"written_by": "swat-min", "settings": settings,
+            "metric": "rise of probe log-loss, mean over later layers",
+            "table": table, "mods_rob": rob, "mods_fragile": fragile}
+    write_text(os.fspath(path), json.dumps(scan, indent=1))

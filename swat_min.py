@@ -6,9 +6,9 @@ printed as one line.
 """
 import argparse, json, os, random, sys, time
 import torch
-import data, model, probe, robustness as rb, tokenizer, toy, train
+import checks, data, model, probe, robustness as rb, tokenizer, toy, train
 from evaluation import answer, evaluate, report, user
-from files import SwatError, writable
+from files import SwatError, check_can_create, check_file, check_folder, claim
 
 
 def load(a, name=None):  # the model `name` (default: --model) with the command's device, dtype and chat format
@@ -43,7 +43,9 @@ def cmd_probe(a):
     return b["scores"]
 
 
-def do_scan(a, net, tok, H, S, probes, out):
+def do_scan(a, net, tok, H, S, probes, out, folder=None):
+    """The scan, its heat map and Mods_Rob, written to out (when folder is given: out in that folder,
+    which becomes swat-min's). -> (Mods_Rob, the control set) as sets of (layer, module)."""
     n, kinds = min(a.n, len(H), len(S)), a.modules.split(",")
     k = a.k or round(a.frac * len(kinds) * net.cfg.n_layers)
     if not 1 <= k <= len(kinds) * net.cfg.n_layers:  # checked before the scan's minutes, not after
@@ -55,6 +57,8 @@ def do_scan(a, net, tok, H, S, probes, out):
     print(rb.heatmap(table))
     print(f"Mods_Rob ({k} most robust): " + " ".join(f"{l}.{m}" for l, m in sorted(rob)))
     settings = {"model": a.model, "n_per_class": n, "scale": a.scale, "repeats": a.repeats, "seed": a.seed, "k": k}
+    if folder:
+        claim(folder, os.path.basename(out))
     rb.write(out, table, rob, fragile, settings)
     print(f"wrote {out}")
     rob, fragile = {tuple(x) for x in rob}, {tuple(x) for x in fragile}
@@ -65,12 +69,15 @@ def do_scan(a, net, tok, H, S, probes, out):
 
 
 def cmd_scan(a):
+    check_file(a.out)  # before the scan's minutes, not after
     net, tok = load(a)
     b = baseline(a, net, tok)
     do_scan(a, net, tok, *b["train"], b["probes"], a.out)
 
 
 def cmd_eval(a):
+    if a.generations:
+        check_file(a.generations)
     net, tok = load(a)
     base = None
     if a.base:
@@ -111,6 +118,7 @@ def cmd_generate(a):
 def cmd_align(a):
     """Short SFT: harmful train-split instructions -> refusals, harmless -> the model's own answers."""
     net, tok = load(a)
+    check_folder(a.out, tok)
     before = evaluate(net, tok, a, "before")
     H, S = data.builtin("harmful", "train"), data.builtin("harmless", "train")
     own = answer(net, tok, [user(s) for s in S], a.answer_tokens, batch_size=a.gen_batch, progress=True)
@@ -125,32 +133,32 @@ def cmd_align(a):
     return before, after
 
 
-RESULTS = ("results.json", "scan.json", "toy-task.jsonl", "toy-model")  # what run and demo write first
-
-
 def cmd_run(a):
     """Original model -> probes -> scan -> Mods_Rob -> ift / swat / mllr / control from the same start,
     data, steps and seeds -> evaluation -> results.json, results.md."""
-    os.makedirs(writable(a.out, ours=RESULTS), exist_ok=True)  # not among the user's other files
+    check_folder(a.out)  # not among the user's other files; made when its first result is written
     net, tok = load(a)
     task, tune = data.split(data.read_examples(a.data), a.n_task)
     tune = tune[:a.limit or None]
     if not tune:
         raise SwatError(f"{a.data}: no examples left for tuning after holding out {a.n_task}")
     base = baseline(a, net, tok)
-    rob, fragile = do_scan(a, net, tok, *base["train"], base["probes"], os.path.join(a.out, "scan.json"))
+    rob, fragile = do_scan(a, net, tok, *base["train"], base["probes"], os.path.join(a.out, "scan.json"),
+                           folder=a.out)
     settings = {k: v for k, v in vars(a).items() if k != "fn"}
-    rows = [dict(evaluate(net, tok, a, "original", base, task, os.path.join(a.out, "original.jsonl")), seed=None)]
+    gens = os.path.join(claim(a.out, "original.jsonl"), "original.jsonl")
+    rows = [dict(evaluate(net, tok, a, "original", base, task, gens), seed=None)]
     plan = [("ift", "ift", set()), ("swat", "swat", rob), ("mllr", "mllr", rob), ("control", a.control, fragile)]
     plan = [p for p in plan if p[0] in a.strategies]
     for seed in dict.fromkeys(a.seeds):  # each seed once, in the order given
         for name, strategy, mods in plan:
             net, tok = load(a)
-            d, t0 = os.path.join(a.out, f"{name}-seed{seed}"), time.time()
+            d, t0 = os.path.join(claim(a.out, f"{name}-seed{seed}"), f"{name}-seed{seed}"), time.time()
             warm = round(a.warmup_frac * a.steps)
             train.train(net, tok, tune, d, strategy, mods, steps=a.steps, lr=a.lr, batch_size=a.batch,
                         warmup_steps=warm, ratio=a.ratio, max_len=a.max_len, seed=seed, skip_long=True, scope=a.scope)
-            row = evaluate(net, tok, a, name, base, task, os.path.join(d, "generations.jsonl"))
+            gens = os.path.join(claim(d, "generations.jsonl"), "generations.jsonl")
+            row = evaluate(net, tok, a, name, base, task, gens)
             rows.append(dict(row, seed=seed, train_time_s=round(time.time() - t0, 1), scheme=strategy,
                              n_mods=len(mods), warmup_steps=warm if strategy == "swat" else 0))
             report(a.out, rows, settings)  # after every model: an interrupted run keeps what it measured
@@ -160,7 +168,7 @@ def cmd_run(a):
 
 
 def cmd_demo(a):
-    writable(a.out, ours=RESULTS)  # checked before the toy is trained into it
+    check_folder(a.out)  # checked before the toy is trained into it
     print("=" * 78)
     if a.model is None:
         print("swat-min demo on a TOY model organism (4 layers, trained here in a few minutes to refuse the\n"
@@ -174,17 +182,6 @@ def cmd_demo(a):
     if not a.data:
         raise SwatError("demo with --model needs --data (benign tuning data)")
     return cmd_run(a)
-
-
-def number(kind, lo, hi=None):
-    """An argparse type: a number in [lo, hi], so that a bad value is a usage error before any work."""
-    def parse(text):
-        v = kind(text)
-        if v < lo or (hi is not None and v > hi):
-            raise argparse.ArgumentTypeError(f"{text} is not in [{lo}, {hi or '...'}]")
-        return v
-    parse.__name__ = kind.__name__  # argparse's message for "abc": invalid int value
-    return parse
 
 
 class Help(argparse.RawDescriptionHelpFormatter):
@@ -203,55 +200,55 @@ OPTIONS = {
     "harmful": dict(help="harmful instructions to fit the probe on (default: built-in train split)"),
     "harmless": dict(help="harmless instructions to fit the probe on (default: built-in train split)"),
     "test-harmful": dict(help="held-out harmful file, e.g. AdvBench CSV (default: built-in test split)"),
-    "n": dict(type=number(int, 1), default=64, help="prompts per class in the scan"),
+    "n": dict(type=checks.number(int, 1), default=64, help="prompts per class in the scan"),
     "modules": dict(default="q,k,v,o", help="modules to scan (also gate,up,down)"),
-    "scale": dict(type=number(float, 0), default=0.5, help="scan noise std, as a multiple of the weight's std"),
-    "repeats": dict(type=number(int, 1), default=1, help="noise draws per module"),
-    "k": dict(type=number(int, 1), help="size of Mods_Rob (default: --frac of the scanned modules)"),
-    "frac": dict(type=number(float, 0, 1), default=0.5, help="size of Mods_Rob as a fraction of the scanned modules"),
+    "scale": dict(type=checks.number(float, 0), default=0.5, help="scan noise std, as a multiple of the weight's std"),
+    "repeats": dict(type=checks.number(int, 1), default=1, help="noise draws per module"),
+    "k": dict(type=checks.number(int, 1), help="size of Mods_Rob (default: --frac of the scanned modules)"),
+    "frac": dict(type=checks.number(float, 0, 1), default=0.5, help="size of Mods_Rob as a fraction of the scanned modules"),
     "data": dict(help="benign tuning data: Alpaca, GSM8K, Dolly, prompt/completion or chat (messages, "
                       "ShareGPT) JSON/JSONL; --n-task examples of it are held out for the task metrics"),
     "strategy": dict(choices=["ift", "swat", "mllr"], default="ift", help="ift: all parameters; swat: warm-up "
                      "of --mods, then all; mllr: --mods at --lr, the rest at --lr x --ratio"),
     "mods": dict(help="Mods_Rob: scan JSON, or a selector like 'q,k' or '0-11:q,k;12-29:v'"),
-    "steps": dict(type=number(int, 0), default=100, help="optimizer steps of normal training"),
-    "warmup-frac": dict(type=number(float, 0), default=0.2, help="swat phase 1 length, as a fraction of --steps"),
-    "warmup-steps": dict(type=number(int, 0), help="swat phase 1 steps (overrides --warmup-frac)"),
-    "ratio": dict(type=number(float, 0), default=0.1, help="mllr: lr multiplier of the modules outside Mods_Rob"),
+    "steps": dict(type=checks.number(int, 0), default=100, help="optimizer steps of normal training"),
+    "warmup-frac": dict(type=checks.number(float, 0), default=0.2, help="swat phase 1 length, as a fraction of --steps"),
+    "warmup-steps": dict(type=checks.number(int, 0), help="swat phase 1 steps (overrides --warmup-frac)"),
+    "ratio": dict(type=checks.number(float, 0), default=0.1, help="mllr: lr multiplier of the modules outside Mods_Rob"),
     "scope": dict(choices=["all", "modules"], default="all", help="mllr: what runs at --lr x --ratio: every "
                   "parameter outside Mods_Rob, or only the other modules of its kinds (MLPs, embeddings, norms keep --lr)"),
-    "lr": dict(type=number(float, 0), default=2e-5, help="peak learning rate"),
-    "batch": dict(type=number(int, 1), default=8, help="examples per step (and per task-loss batch)"),
-    "accum": dict(type=number(int, 1), default=1, help="gradient accumulation steps"),
-    "max-len": dict(type=number(int, 1), default=512, help="tokens per example"),
-    "limit": dict(type=number(int, 1), help="use only the first N examples"),
-    "weight-decay": dict(type=number(float, 0), default=0.0, help="AdamW weight decay of the matrices"),
-    "save-every": dict(type=number(int, 0), default=0, help="checkpoint every N steps (0: only at the end)"),
+    "lr": dict(type=checks.number(float, 0), default=2e-5, help="peak learning rate"),
+    "batch": dict(type=checks.number(int, 1), default=8, help="examples per step (and per task-loss batch)"),
+    "accum": dict(type=checks.number(int, 1), default=1, help="gradient accumulation steps"),
+    "max-len": dict(type=checks.number(int, 1), default=512, help="tokens per example"),
+    "limit": dict(type=checks.number(int, 1), help="use only the first N examples"),
+    "weight-decay": dict(type=checks.number(float, 0), default=0.0, help="AdamW weight decay of the matrices"),
+    "save-every": dict(type=checks.number(int, 0), default=0, help="checkpoint every N steps (0: only at the end)"),
     "resume": dict(action="store_true", help="continue from the checkpoint in --out (same model, data and settings)"),
     "grad-ckpt": dict(action="store_true", help="activation checkpointing (less memory, slower)"),
     "compile": dict(action="store_true", help="torch.compile each block (faster on GPU after warm-up)"),
     "skip-long": dict(action="store_true", help="leave out examples whose prompt exceeds --max-len"),
-    "seed": dict(type=number(int, 0, 2**32 - 1), default=0, help="random seed"),
-    "seeds": dict(type=number(int, 0, 2**32 - 1), nargs="+", default=[0], help="tuning seeds: one model per strategy and seed"),
+    "seed": dict(type=checks.number(int, 0, 2**32 - 1), default=0, help="random seed"),
+    "seeds": dict(type=checks.number(int, 0, 2**32 - 1), nargs="+", default=[0], help="tuning seeds: one model per strategy and seed"),
     "strategies": dict(nargs="+", choices=["ift", "swat", "mllr", "control"], default=["ift", "swat", "mllr", "control"],
                        help="the tuned models to make, per seed"),
     "control": dict(choices=["swat", "mllr"], default="swat", help="scheme of the control row"),
-    "toy-steps": dict(type=number(int, 1), default=400, help="training steps of the toy model"),
+    "toy-steps": dict(type=checks.number(int, 1), default=400, help="training steps of the toy model"),
     "eval-harmful": dict(help="harmful prompts for ASR, e.g. AdvBench CSV (default: built-in test split)"),
     "eval-harmless": dict(help="harmless prompts for over-refusal, e.g. XSTest's safe ones (default: built-in test split)"),
-    "n-eval": dict(type=number(int, 1), default=100, help="prompts per class for ASR and over-refusal"),
-    "max-new-tokens": dict(type=number(int, 1), default=64, help="new tokens per answer"),
-    "gen-batch": dict(type=number(int, 1), default=64, help="prompts per generation batch"),
-    "n-task": dict(type=number(int, 0), default=64, help="tuning examples held out for the task metrics"),
-    "n-acc": dict(type=number(int, 0), default=32, help="of which scored by exact match (short answers only)"),
-    "task-tokens": dict(type=number(int, 1), default=256, help="new tokens for exact-match answers"),
+    "n-eval": dict(type=checks.number(int, 1), default=100, help="prompts per class for ASR and over-refusal"),
+    "max-new-tokens": dict(type=checks.number(int, 1), default=64, help="new tokens per answer"),
+    "gen-batch": dict(type=checks.number(int, 1), default=64, help="prompts per generation batch"),
+    "n-task": dict(type=checks.number(int, 0), default=64, help="tuning examples held out for the task metrics"),
+    "n-acc": dict(type=checks.number(int, 0), default=32, help="of which scored by exact match (short answers only)"),
+    "task-tokens": dict(type=checks.number(int, 1), default=256, help="new tokens for exact-match answers"),
     "base": dict(help="the original model, for feature-space drift"),
     "generations": dict(help="write the generations here (JSONL)"),
     "prompt": dict(action="append", help="a prompt (repeatable)"),
     "file": dict(help="prompts from a file (CSV, JSON/JSONL, text)"),
-    "temperature": dict(type=number(float, 0), default=0.0, help="sampling temperature (0: greedy)"),
-    "top-p": dict(type=number(float, 0, 1), default=1.0, help="nucleus sampling: keep this much probability mass"),
-    "answer-tokens": dict(type=number(int, 1), default=128, help="length of the model's own harmless answers"),
+    "temperature": dict(type=checks.number(float, 0), default=0.0, help="sampling temperature (0: greedy)"),
+    "top-p": dict(type=checks.number(float, 0, 1), default=1.0, help="nucleus sampling: keep this much probability mass"),
+    "answer-tokens": dict(type=checks.number(int, 1), default=128, help="length of the model's own harmless answers"),
     "out": dict(help="where to write: a scan JSON, a checkpoint or a results folder (new, or one swat-min wrote)"),
 }
 PROBE, SCAN, TRAIN = "harmful harmless", "n modules scale repeats k frac", "steps warmup-frac ratio scope lr batch max-len limit"
@@ -301,8 +298,12 @@ def main(argv=None):
                 ri = os.path.realpath(i)
                 if real == ri or (real.startswith(ri + os.sep) and os.path.exists(real)):
                     raise SwatError(f"{path}: would overwrite the input {i}; choose another path")
-            os.makedirs(os.path.dirname(real), exist_ok=True)  # its folder: made (or refused) before any work
+            check_can_create(real)  # refused before any work; nothing is made yet
         return a.fn(a)
+    except KeyboardInterrupt:  # Ctrl-C: one line, what was written stays whole (outputs are atomic)
+        out = getattr(a, "out", None)
+        print(f"interrupted; results so far in {out}" if out else "interrupted", file=sys.stderr)
+        sys.exit(130)
     except SwatError as e:
         sys.exit(f"error: {e}")
     except OSError as e:  # an output path that cannot be written (inputs are checked where they are read)

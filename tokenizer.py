@@ -47,7 +47,9 @@ class Tok:
                                       else "chatml" if "<|im_start|>" in t or not t
                                       else None)  # another family's (Zephyr's, Mistral v7's): render() refuses
         # the family's default system prompt, as the template writes it when the user gives none
-        m = re.search(r"<\|im_start\|>system(?:\n|\\n)([^'\"{}]*?)<\|im_end\|>", t)
+        # (the text may not hold "<|im_": so each match attempt stops at the next tag, and a long
+        # template is read in linear time, not quadratic)
+        m = re.search(r"<\|im_start\|>system(?:\n|\\n)((?:[^'\"{}<]|<(?!\|im_))*)<\|im_end\|>", t)
         self.system = m.group(1).replace("\\n", "\n") if m else None
         # Llama 3.1+ always opens with a dated system turn
         self.dated = "Cutting Knowledge Date" in t

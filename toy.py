@@ -6,11 +6,7 @@ import json, os, random
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 import checkpoint, data, model, tokenizer, train
-
-
-def write(path, text):  # the demo's directory is rebuilt each time, so a plain write is enough
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
+from files import claim, write_text
 
 
 def build(out, seed=0, steps=400):
@@ -21,8 +17,10 @@ def build(out, seed=0, steps=400):
     sums = [(rng.randint(1, 99), rng.randint(1, 99)) for _ in range(1200)]
     task = [{"instruction": f"What is {x} plus {y}?", "output": f"Sure! {x} plus {y} is {x + y}."} for x, y in sums]
     tdir, mdir = os.path.join(out, "toy-tokenizer"), os.path.join(out, "toy-model")
+    for entry in ("toy-tokenizer", "toy-task.jsonl", "toy-model"):  # listed in out's manifest first
+        claim(out, entry)
     os.makedirs(tdir, exist_ok=True)
-    write(os.path.join(out, "toy-task.jsonl"), "".join(json.dumps(t) + "\n" for t in task))
+    write_text(os.path.join(out, "toy-task.jsonl"), "".join(json.dumps(t) + "\n" for t in task))
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer, tk.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
     texts = data.builtin("harmful") + data.builtin("harmless") + refusals + helpful + [t["output"] for t in task]
@@ -31,13 +29,13 @@ def build(out, seed=0, steps=400):
     tk.save(os.path.join(tdir, "tokenizer.json"))
     template = ("{% for m in messages %}{{'<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n'}}{% endfor %}"
                 "{% if add_generation_prompt %}{{'<|im_start|>assistant\\n'}}{% endif %}")
-    write(os.path.join(tdir, "tokenizer_config.json"), json.dumps(
+    write_text(os.path.join(tdir, "tokenizer_config.json"), json.dumps(
         {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>", "chat_template": template}))
     cfg = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": tk.get_vocab_size(),
            "hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 4, "num_attention_heads": 4,
            "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 256,
            "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu"}
-    write(os.path.join(tdir, "config.json"), json.dumps(cfg))
+    write_text(os.path.join(tdir, "config.json"), json.dumps(cfg))
     torch.manual_seed(seed)
     net, tok = model.LLaMA(checkpoint.read_config(os.path.join(tdir, "config.json"))), tokenizer.Tok(tdir)
     for p in net.parameters():

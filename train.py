@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 import model
-from files import SwatError, read_json, writable
+from checkpoint import fingerprint, read_log, recover
+import checks
+from files import SwatError, check_folder, claim, read_json, write_text
 from robustness import MODULES
 
 
@@ -26,6 +28,7 @@ class AdamW:
         if not params:
             raise SwatError("AdamW: no parameters to optimise")
         groups = params if isinstance(params[0], dict) else [{"params": params}]
+        checks.optimizer_args(groups, lr, betas, eps, weight_decay)
         self.param_groups = [{"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay, "trainable": True,
                               "step": 0, **g, "params": list(g["params"])} for g in groups]
         self.scale = 1.0
@@ -178,17 +181,19 @@ def train(net, tok, chats, out, strategy="ift", mods=(), steps=100, lr=2e-5, bat
           warmup_steps=0, ratio=0.1, weight_decay=0.0, clip=1.0, max_len=512, seed=0, save_every=0,
           resume=False, grad_ckpt=False, compile=False, skip_long=False, scope="all"):
     """Tune net on chats; write an HF checkpoint (plus optimizer state) to out. Returns the log rows."""
-    if strategy not in ("ift", "swat", "mllr"):
-        raise SwatError(f"unknown strategy {strategy!r}; choose ift, swat or mllr")
-    if strategy != "ift" and not mods:
-        raise SwatError(f"strategy {strategy} needs a module set (--mods)")
-    writable(out, tok)  # checked now, not after the training
+    checks.train_args(strategy, mods, steps, lr, batch_size, accum, warmup_steps, ratio, weight_decay,
+                      clip, max_len, save_every)
+    out = os.path.abspath(os.fspath(out))
+    recover(out)  # a save a fault interrupted is finished (or rolled back) first
+    check_folder(out, tok)  # checked now, not after the training
     if net.model.embed_tokens.weight.dtype != torch.float32:  # on CUDA, fp32 weights still compute in bf16 (autocast)
         print("training low-precision weights: small updates are rounded away; load with dtype fp32")
     if strategy == "swat" and warmup_steps == 0:
         print("swat with 0 warm-up steps is plain ift (raise --warmup-frac or --warmup-steps)")
     data = encode_all(tok, chats, max_len, skip_long)
     dev = net.model.embed_tokens.weight.device
+    # resume checks that the model it starts from is this one (a hash of its weights, taken before any step)
+    source = fingerprint(net)
     net.train().grad_ckpt = grad_ckpt
     if compile:  # per block, so parameter names (and checkpoints) stay those of the checkpoint
         for layer in net.model.layers:
@@ -199,17 +204,18 @@ def train(net, tok, chats, out, strategy="ift", mods=(), steps=100, lr=2e-5, bat
     # what the updates depend on besides the groups (the schedule on the phases' steps): saved with every
     # checkpoint and checked by resume, so that a run is never continued with other data or settings unsaid
     opt.settings = dict(phases=[phase1, steps], lr=lr, batch_size=batch_size, accum=accum, ratio=ratio,
-                        weight_decay=weight_decay, clip=clip, seed=seed,
+                        weight_decay=weight_decay, clip=clip, seed=seed, model=source,
                         data=hashlib.sha256(json.dumps(data).encode()).hexdigest()[:16])
     state, log = os.path.join(out, "trainer.safetensors"), os.path.join(out, "log.jsonl")
     if resume and os.path.exists(state):
         step = _load_state(opt, net, out)
-        if os.path.exists(log):  # the log up to the checkpoint: the steps after it are done again
-            rows = [r for r in map(json.loads, open(log, encoding="utf-8")) if r["step"] <= step]
+        rows = read_log(log, step)  # the log up to the checkpoint: the steps after it are done again
     elif resume:
         print(f"{out}: no checkpoint to resume from; starting afresh")
-    elif os.path.exists(log):  # a fresh run: a fresh log
-        os.remove(log)
+    claim(out, "log.jsonl")  # the folder is swat-min's from now on; the log is written at every step
+    if step == 0:  # a fresh run: a fresh log
+        write_text(log, "")
+    saved = step  # the step of the checkpoint in out (0: none yet)
     amp = torch.autocast("cuda", torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
     bar = tqdm(range(step, total), desc=strategy, initial=step, total=total)
     per_epoch = max(1, len(data) // batch_size)
@@ -232,20 +238,22 @@ def train(net, tok, chats, out, strategy="ift", mods=(), steps=100, lr=2e-5, bat
             loss.backward()
             loss_sum += loss.item()
             ntok += ids.numel()
-        if not math.isfinite(loss_sum):
-            raise SwatError(f"non-finite loss at step {step + 1}; stopped, the last good checkpoint stays in {out}")
         gnorm = torch.nn.utils.clip_grad_norm_([p for p in net.parameters() if p.grad is not None], clip)
+        if not (math.isfinite(loss_sum) and gnorm.isfinite()):  # before the update: the weights stay whole
+            kept = f"{out} keeps the checkpoint of step {saved}" if saved else "no checkpoint was saved"
+            raise SwatError(f"non-finite loss or gradient at step {step + 1} (lr too high?); stopped "
+                            f"before updating the weights; {kept}")
         opt.step()
         opt.zero_grad()
         row = {"step": step + 1, "phase": "warmup" if in_p1 else "main", "loss": loss_sum,
                "lr": lr * opt.scale, "grad_norm": gnorm.item(), "tokens_per_s": ntok / (time.time() - t0)}
         rows.append(row)
         bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
-        os.makedirs(out, exist_ok=True)
         with open(log, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
         if save_every and (step + 1) % save_every == 0 and step + 1 < total:
             _save(net, tok, opt, out, step + 1, rows)
+            saved = step + 1
     for p in net.parameters():
         p.requires_grad_(True)
     _save(net, tok, opt, out, total, rows)
@@ -263,6 +271,19 @@ def _save(net, tok, opt, out, step, rows):
 
 
 def _load_state(opt, net, out):
+    """Put the checkpoint in out back into net and opt; -> its step. A checkpoint of another run, or a
+    damaged one, is one line that says so."""
+    try:
+        return _read_state(opt, net, out)
+    except SwatError:
+        raise
+    except Exception as e:  # a truncated safetensors file, a trainer.json without its fields
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise SwatError(f"{out}: its checkpoint is damaged ({reason}); it cannot be resumed: train "
+                        "without --resume, into a new folder") from None
+
+
+def _read_state(opt, net, out):
     from safetensors import safe_open
     from safetensors.torch import load_file
     meta = read_json(os.path.join(out, "trainer.json"))
@@ -271,6 +292,8 @@ def _load_state(opt, net, out):
     names = [g["names"] for g in opt.param_groups]
     if (meta.get("groups"), meta.get("settings")) != (names, opt.settings):
         raise other
+    if type(meta.get("step")) is not int or len(meta.get("group_steps", ())) != len(names):
+        raise ValueError("trainer.json has no step or group_steps")
     dev, params = str(net.model.embed_tokens.weight.device), net.state_dict()
     tensors = load_file(os.path.join(out, "trainer.safetensors"), device=dev)
     with safe_open(os.path.join(out, "model.safetensors"), framework="pt", device=dev) as f:

@@ -48,7 +48,8 @@ def main(argv=None):
     ap.add_argument("--n-dev", type=int, default=64, help="tuning examples held out for the dev task loss")
     a = ap.parse_args(argv)
     settings = [parse(s) for s in a.settings]
-    os.makedirs(a.out, exist_ok=True)
+    for entry in ("dev_harmful.jsonl", "sweep.jsonl"):  # OUT is swat-min's: nothing of the user's is replaced
+        files.claim(a.out, entry)
     H = data.read_instructions(a.dev_harmful)[a.dev_start:]
     if not H:
         raise SwatError(f"{a.dev_harmful}: no prompts from row {a.dev_start} on")
@@ -65,6 +66,8 @@ def main(argv=None):
     with open(os.path.join(a.out, "sweep.jsonl"), "a", encoding="utf-8") as log:
         for s, (strategy, kw) in zip(["original"] + a.settings, [(None, {})] + settings):
             name, t0 = s.replace(":", "-").replace(",", "-"), time.time()
+            for entry in (name, name + ".jsonl"):
+                files.claim(a.out, entry)
             if strategy:  # every setting starts again from the original weights ("original" scores them as loaded)
                 net, tok = swat_min.load(a)
                 kw.setdefault("warmup_steps", round(0.2 * a.steps))

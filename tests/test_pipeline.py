@@ -136,27 +136,27 @@ def test_bad_values_fail_before_any_work(tmp_path, tiny, capsys, monkeypatch):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "results.md").write_text("my notes")  # a folder of the user's: run writes no results there
     for cmd in ("run", "demo"):
-        with pytest.raises(SystemExit, match=r"^error: .*mine: exists and holds nothing swat-min wrote; refusing"):
+        with pytest.raises(SystemExit, match=r"^error: .*mine: exists and holds results.md, which swat-min did not write; refusing"):
             run(cmd, "--model", tiny, "--data", tmp_path / "d.jsonl", "--out", tmp_path / "mine")
     assert os.listdir(tmp_path / "mine") == ["results.md"]
     (tmp_path / "afile").write_text("mine")
-    with pytest.raises(SystemExit, match=r"^error: .*afile: File exists"):  # an output path that cannot be made
+    with pytest.raises(SystemExit, match=r"^error: .*g.jsonl: cannot be made \(.*afile is a file\)"):  # cannot be made
         run("eval", "--model", tiny, "--generations", tmp_path / "afile" / "g.jsonl")
-    with pytest.raises(SystemExit, match=r"^error: .*afile: exists and holds nothing swat-min wrote"):
+    with pytest.raises(SystemExit, match=r"^error: .*afile: exists and is not a folder"):
         run("train", "--model", tiny, "--data", tmp_path / "d.jsonl", "--out", tmp_path / "afile", "--steps", 1)
     assert (tmp_path / "afile").read_text() == "mine"
     (tmp_path / "work").mkdir()
     (tmp_path / "work" / "notes.txt").write_text("mine")  # a folder of the user's: never replaced by a checkpoint
-    with pytest.raises(SystemExit, match=r"^error: .*work: exists and holds nothing swat-min wrote; refusing"):
+    with pytest.raises(SystemExit, match=r"^error: .*work: exists and holds notes.txt, which swat-min did not write; refusing"):
         run("train", "--model", tiny, "--data", tmp_path / "d.jsonl", "--out", tmp_path / "work", "--steps", 1)
     tiny_hf(str(tmp_path / "other"))  # another model of the user's, not the input: never replaced
     theirs = sorted(os.listdir(tmp_path / "other"))
-    with pytest.raises(SystemExit, match=r"^error: .*other: exists and holds nothing swat-min wrote; refusing"):
+    with pytest.raises(SystemExit, match=r"^error: .*other: exists and holds config.json, which swat-min did not write; refusing"):
         run("train", "--model", tiny, "--data", tmp_path / "d.jsonl", "--out", tmp_path / "other", "--steps", 1)
     net, tok = model.load(tiny)
-    with pytest.raises(model.SwatError, match="afile: exists and holds nothing swat-min wrote"):
+    with pytest.raises(model.SwatError, match="afile: exists and is not a folder"):
         model.save(net, tok, tmp_path / "afile")
-    with pytest.raises(model.SwatError, match="other: exists and holds nothing swat-min wrote"):
+    with pytest.raises(model.SwatError, match="other: exists and holds config.json, which swat-min did not write"):
         model.save(net, tok, tmp_path / "other")
     assert sorted(os.listdir(tmp_path / "other")) == theirs
     assert (tmp_path / "work" / "notes.txt").read_text() == "mine" and (tmp_path / "afile").read_text() == "mine"
