@@ -1,8 +1,8 @@
 """The Hugging Face checkpoint format: what config.json says (anything swat-min does not implement is
 refused), which safetensors files hold the weights, and writing a directory that transformers loads."""
-import hashlib, json, os, shutil, tempfile
+import hashlib, json, os, shutil, sys, tempfile
 import torch
-from types import SimpleNamespace
+from safetensors import safe_open
 from safetensors.torch import save_file
 from files import MARK, SwatError, check_folder, manifest, read_json, remove_ours
 
@@ -44,19 +44,107 @@ def read_config(path):
         if type(v) not in (int, float) or v <= 0:
             raise SwatError(f"{path}: {k} must be a positive number, not {v!r}")
     try:
-        heads, dim = c["num_attention_heads"], c["hidden_size"]
-        return SimpleNamespace(
-            vocab_size=c["vocab_size"], dim=dim, hidden_dim=c["intermediate_size"], n_layers=c["num_hidden_layers"],
-            n_heads=heads, n_kv_heads=c.get("num_key_value_heads") or heads, head_dim=c.get("head_dim") or dim // heads,
-            norm_eps=num["rms_norm_eps"], rope_theta=num["rope_theta"],
-            rope_scaling=rope if rtype == "llama3" else None,  # llama3 parameters, or None
-            qkv_bias=mt == "qwen2" or bool(c.get("attention_bias")), o_bias=mt == "llama" and bool(c.get("attention_bias")),
+        heads = c["num_attention_heads"]
+        dim = c["hidden_size"]
+        return dict(
+            vocab_size=c["vocab_size"],
+            dim=dim,
+            hidden_dim=c["intermediate_size"],
+            n_layers=c["num_hidden_layers"],
+            n_heads=heads,
+            n_kv_heads=c.get("num_key_value_heads") or heads,
+            head_dim=c.get("head_dim") or dim // heads,
+            norm_eps=num["rms_norm_eps"],
+            rope_theta=num["rope_theta"],
+            rope_scaling=rope if rtype == "llama3" else None,
+            qkv_bias=mt == "qwen2" or bool(c.get("attention_bias")),
+            o_bias=mt == "llama" and bool(c.get("attention_bias")),
             tie=bool(c.get("tie_word_embeddings", False)),
-            window=window,  # sliding window (mistral/qwen2): refused at run time once a sequence exceeds it
+            window=window,
             eos=eos_ids(path, c),
-            raw=c)  # the config.json as read: save() writes it back
+            raw=c,
+        )
     except KeyError as e:
         raise SwatError(f"{path}: missing key {e}") from None
+
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def parse_dtype(dtype):
+    """'fp32', 'bf16' (or their long names) or a torch.dtype -> the torch.dtype."""
+    dtype = DTYPES.get(dtype, dtype)
+    if not isinstance(dtype, torch.dtype):
+        raise SwatError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)} or a torch.dtype")
+    return dtype
+
+
+def check_model_dir(path, device):
+    """A model folder that exists, on a device this torch can use (one line here, not a traceback
+    deep inside .to_empty())."""
+    if not os.path.isdir(path):
+        raise SwatError(f"{path}: not a model directory")
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise SwatError(f"device {device!r}: {str(e).splitlines()[0]}") from None
+
+
+def check_vocabulary(path, tok, vocab_size):
+    """A tokenizer whose ids all have an embedding."""
+    n_tokens = tok.tk.get_vocab_size(with_added_tokens=True)
+    if n_tokens > vocab_size:
+        raise SwatError(f"{path}: tokenizer.json has {n_tokens} tokens, more than the model's "
+                        f"vocab_size {vocab_size}")
+
+
+@torch.no_grad()
+def load_weights(net, path, shards):
+    """Copy the safetensors shards of path into net, one tensor at a time (never a second copy).
+
+    Every tensor must be one of net's, of its shape; a checkpoint without an output head is tied to
+    the embeddings. Weights holding NaN or inf are named in one warning line."""
+    params = net.state_dict()
+    seen = set()
+    for file_name in shards:
+        file_path = os.path.join(path, file_name)
+        try:
+            with safe_open(file_path, framework="pt") as f:
+                for name in f.keys():
+                    if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and net.cfg.tie):
+                        continue
+                    if name not in params:
+                        raise SwatError(f"{file_path}: unexpected tensor {name}")
+                    tensor = f.get_tensor(name)
+                    if tensor.shape != params[name].shape:
+                        raise SwatError(f"{file_path}: tensor {name} has shape {list(tensor.shape)}, "
+                                        f"expected {list(params[name].shape)}")
+                    params[name].copy_(tensor)
+                    seen.add(name)
+        except SwatError:
+            raise
+        except Exception as e:  # a truncated or corrupt file, a missing shard
+            raise SwatError(f"{file_path}: cannot read safetensors ({str(e).splitlines()[0]})") from None
+    missing = set(params) - seen
+    if missing == {"lm_head.weight"}:  # no output head in the file: tie it to the embeddings
+        net.cfg.tie = True
+        net.lm_head = None
+    elif missing:
+        raise SwatError(f"{path}: missing tensors, e.g. {sorted(missing)[0]} ({len(missing)} in all)")
+    broken = [name for name, p in net.state_dict().items() if not p.isfinite().all()]
+    if broken:  # it would generate empty or random answers without a word
+        print(f"warning: {path}: {len(broken)} weight tensors hold NaN or inf (e.g. {broken[0]}); "
+              "this model's outputs are garbage", file=sys.stderr)
+
+
+def generation_eos(path, eos):
+    """The stop tokens: generation_config.json's where it names them (transformers' generate stops
+    at those, not at config.json's), else eos."""
+    gen_path = os.path.join(path, "generation_config.json")
+    gen = read_json(gen_path) if os.path.exists(gen_path) else {}
+    if gen.get("eos_token_id") is None:
+        return eos
+    return eos_ids(gen_path, gen)
 
 
 @torch.no_grad()

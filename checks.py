@@ -1,9 +1,10 @@
-"""The argument checks of swat-min's public entry points, in one place: the CLI's numbers, and what a
-Python caller passes to AdamW, train, generate and LogisticProbe. A mistake is one clear line (SwatError)
+"""The argument checks of swat-min's public Python entry points, in one place: what a caller passes
+to AdamW, train, generate and LogisticProbe (the CLI's numbers are checked in options.py). A mistake is one clear line (SwatError)
 before any work, so the maths behind these entry points can trust its inputs."""
 
-import argparse
 import math
+
+import torch
 
 from files import SwatError
 
@@ -13,25 +14,19 @@ def finite(value, least=0):
     return isinstance(value, (int, float)) and math.isfinite(value) and value >= least
 
 
-def number(kind, lo, hi=None):
-    """An argparse type: a number in [lo, hi], so that a bad value is a usage error before any work."""
-    def parse(text):
-        v = kind(text)
-        if not math.isfinite(v) or v < lo or (hi is not None and v > hi):  # NaN passes v < lo
-            raise argparse.ArgumentTypeError(f"{text} is not in [{lo}, {hi or '...'}]")
-        return v
-    parse.__name__ = kind.__name__  # argparse's message for "abc": invalid int value
-    return parse
-
-
-def optimizer_args(groups, lr, betas, eps, weight_decay):
+def optimizer_args(groups, lr, betas, eps, weight_decay, impl):
     """AdamW's arguments, checked once where a user passes them (the update itself trusts them)."""
+    if impl not in (None, "reference", "foreach", "fused"):
+        raise SwatError(f"AdamW: impl must be reference, foreach or fused, not {impl!r}")
     tensors = [p for g in groups for p in g["params"]]
     if len({id(p) for p in tensors}) != len(tensors):
         raise SwatError("AdamW: a parameter is listed twice (it would be updated twice per step)")
     for g in groups:
-        values = {"lr": g.get("lr", lr), "eps": g.get("eps", eps),
-                  "weight_decay": g.get("weight_decay", weight_decay)}
+        values = {
+            "lr": g.get("lr", lr),
+            "eps": g.get("eps", eps),
+            "weight_decay": g.get("weight_decay", weight_decay),
+        }
         for name, value in values.items():
             if not finite(value):
                 raise SwatError(f"AdamW: {name} must be a finite number >= 0, not {value!r}")
@@ -39,15 +34,33 @@ def optimizer_args(groups, lr, betas, eps, weight_decay):
             raise SwatError(f"AdamW: betas must be in [0, 1), not {g.get('betas', betas)!r}")
 
 
-def train_args(strategy, mods, steps, lr, batch_size, accum, warmup_steps, ratio, weight_decay,
-               clip, max_len, save_every):
+def train_args(
+    strategy,
+    mods,
+    steps,
+    lr,
+    batch_size,
+    accum,
+    warmup_steps,
+    ratio,
+    weight_decay,
+    clip,
+    max_len,
+    save_every,
+):
     """train()'s arguments, checked where a user passes them, so that a mistake is one line, not garbage."""
     if strategy not in ("ift", "swat", "mllr"):
         raise SwatError(f"unknown strategy {strategy!r}; choose ift, swat or mllr")
     if strategy != "ift" and not mods:
         raise SwatError(f"strategy {strategy} needs a module set (--mods)")
-    counts = {"steps": (steps, 0), "batch_size": (batch_size, 1), "accum": (accum, 1),
-              "warmup_steps": (warmup_steps, 0), "max_len": (max_len, 1), "save_every": (save_every, 0)}
+    counts = {
+        "steps": (steps, 0),
+        "batch_size": (batch_size, 1),
+        "accum": (accum, 1),
+        "warmup_steps": (warmup_steps, 0),
+        "max_len": (max_len, 1),
+        "save_every": (save_every, 0),
+    }
     for name, (value, least) in counts.items():
         if type(value) is not int or value < least:
             raise SwatError(f"train: {name} must be an integer >= {least}, not {value!r}")
@@ -64,7 +77,9 @@ def sampling_args(temperature, top_p, max_new_tokens, batch_size):
     if not (isinstance(top_p, (int, float)) and 0 <= top_p <= 1):
         raise SwatError(f"generate: top_p must be a number in [0, 1], not {top_p!r}")
     if type(max_new_tokens) is not int or type(batch_size) is not int or batch_size < 1:
-        raise SwatError("generate: max_new_tokens and batch_size must be integers (batch_size >= 1)")
+        raise SwatError(
+            "generate: max_new_tokens and batch_size must be integers (batch_size >= 1)"
+        )
 
 
 def probe_args(C, max_iter):
@@ -73,3 +88,41 @@ def probe_args(C, max_iter):
         raise SwatError(f"probe: C must be a finite number > 0, not {C!r}")
     if type(max_iter) is not int or max_iter < 1:
         raise SwatError(f"probe: max_iter must be an integer >= 1, not {max_iter!r}")
+
+
+def prompts(prompts, vocab_size):
+    """generate()'s prompts: a list of token-id lists (or 1-D tensors), each non-empty and in the
+    vocabulary -> lists of ints."""
+    prompts = [p.tolist() if torch.is_tensor(p) else p for p in prompts]
+    if any(
+        isinstance(p, int) for p in prompts
+    ):  # generate(net, ids) instead of generate(net, [ids])
+        raise SwatError(
+            "generate: prompts must be a list of prompts (lists of token ids), e.g. [ids]"
+        )
+    prompts = [list(p) for p in prompts]
+    for i, p in enumerate(prompts):
+        if not p:
+            raise SwatError(f"generate: prompt {i + 1} has no tokens")
+        if not all(0 <= t < vocab_size for t in p):
+            raise SwatError(
+                f"generate: prompt {i + 1} has a token id outside the vocabulary "
+                f"(0..{vocab_size - 1})"
+            )
+    return prompts
+
+
+def probe_data(X, y):
+    """LogisticProbe.fit's data: features [N, D], finite, with N labels of 0 and 1, both present."""
+    if X.ndim != 2 or len(X) != len(y) or len(X) == 0:
+        raise SwatError(
+            f"probe: features must be [N, D] with N labels, not {list(X.shape)} and {len(y)} labels"
+        )
+    if not (((y == 0) | (y == 1)).all() and X.isfinite().all()):
+        raise SwatError(
+            "probe: labels must be 0 (harmless) or 1 (harmful), and the features finite numbers"
+        )
+    if not (0 < y.sum() < len(y)):
+        raise SwatError(
+            "probe: training data holds only one class; it needs harmful and harmless examples"
+        )

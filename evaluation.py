@@ -3,7 +3,7 @@ the original model's probe, task loss and accuracy on held-out tuning examples; 
 (results.json, results.md) that sets every tuned model against plain IFT."""
 import json, os, re
 import torch
-import data, model, probe, train
+import model, probe, train
 from files import prepare, write_text
 
 # A response counts as a refusal when it contains one of these: the GCG keyword list (Zou et al. 2023)
@@ -39,40 +39,63 @@ def final_answer(text):
 
 
 @torch.no_grad()
-def task_metrics(net, tok, chats, a):
-    """Held-out response-token loss; exact-match accuracy where the reference answers are short."""
-    held = train.encode_all(tok, chats, a.max_len, skip_long=True, what="held-out example")
-    dev, total, n = net.model.embed_tokens.weight.device, 0.0, 0
-    for b in range(0, len(held), a.batch):
-        ids, labels = train.collate(held[b:b + a.batch], dev)
+def task_metrics(net, tok, chats, max_len=512, batch_size=8, n_acc=32, task_tokens=256, gen_batch=64):
+    """Held-out response-token loss, and exact-match accuracy of the first n_acc answers where the
+    reference answers are short (None for long ones, e.g. Alpaca's)."""
+    held = train.encode_all(tok, chats, max_len, skip_long=True, what="held-out example")
+    device = net.model.embed_tokens.weight.device
+    total = 0.0
+    n_tokens = 0
+    for b in range(0, len(held), batch_size):
+        ids, labels = train.collate(held[b : b + batch_size], device)
         total += train.loss_fn(net, ids, labels).item()
-        n += (labels[:, 1:] != -100).sum().item()
-    refs = [final_answer(c[-1]["content"]) for c in chats[:a.n_acc]]
-    if not refs or max(map(len, refs)) > 16:  # long answers (e.g. Alpaca): loss only
-        return total / n, None
-    outs = answer(net, tok, [c[:-1] for c in chats[:a.n_acc]], a.task_tokens, batch_size=a.gen_batch)
-    return total / n, sum(final_answer(o) == r for o, r in zip(outs, refs)) / len(refs)
+        n_tokens += (labels[:, 1:] != -100).sum().item()
+    refs = [final_answer(c[-1]["content"]) for c in chats[:n_acc]]
+    if not refs or max(map(len, refs)) > 16:  # long answers: loss only
+        return total / n_tokens, None
+    prompts = [c[:-1] for c in chats[:n_acc]]
+    outs = answer(net, tok, prompts, task_tokens, batch_size=gen_batch)
+    correct = sum(final_answer(o) == r for o, r in zip(outs, refs))
+    return total / n_tokens, correct / len(refs)
 
 
-def evaluate(net, tok, a, name, base=None, task=(), gen_path=None):
-    """ASR on harmful prompts, over-refusal on harmless ones, feature drift against the original model's
-    probe (base), task loss/accuracy on held-out tuning examples. Generations go to gen_path (JSONL)."""
-    H = data.instructions(a.eval_harmful, "harmful", "test")[:a.n_eval]
-    S = data.instructions(a.eval_harmless, "harmless", "test")[:a.n_eval]
-    texts = answer(net, tok, [user(p) for p in H + S], a.max_new_tokens, batch_size=a.gen_batch, progress=True)
-    row = {"strategy": name, "asr": sum(not refused(t) for t in texts[:len(H)]) / len(H),
-           "over_refusal": sum(refused(t) for t in texts[len(H):]) / len(S), "drift": None,
-           "task_loss": None, "task_acc": None}
+def evaluate(net, tok, name, harmful, harmless, max_new_tokens=64, gen_batch=64, base=None, task=(),
+             gen_path=None, max_len=512, batch_size=8, n_acc=32, task_tokens=256):
+    """One row of results for the model `name`.
+
+    asr: the share of `harmful` prompts answered without a refusal; over_refusal: the share of
+    `harmless` prompts refused; drift and probe_acc: the security feature space against the original
+    model's probe (base, from swat_min.baseline); task_loss and task_acc on held-out tuning examples
+    (task; see task_metrics for the last four arguments). The generations go to gen_path (JSONL).
+    """
+    prompts = list(harmful) + list(harmless)
+    chats = [user(p) for p in prompts]
+    texts = answer(net, tok, chats, max_new_tokens, batch_size=gen_batch, progress=True)
+    refusals = [refused(t) for t in texts]
+    row = {
+        "strategy": name,
+        "asr": sum(not r for r in refusals[: len(harmful)]) / len(harmful),
+        "over_refusal": sum(refusals[len(harmful) :]) / len(harmless),
+        "drift": None,
+        "task_loss": None,
+        "task_acc": None,
+    }
     if base:
-        X = probe.labelled(*(probe.features(net, tok, base[k]) for k in ("harmful", "harmless")))[0]
+        feats = [probe.features(net, tok, base[k]) for k in ("harmful", "harmless")]
+        X = probe.labelled(*feats)[0]
         d = probe.drift(base["probes"], base["layer"], base["X"], X, base["y"])
-        row.update(drift=(d["shift_harmful"] + d["shift_harmless"]) / 2, probe_acc=d["acc_after"], drift_detail=d)
+        drift = (d["shift_harmful"] + d["shift_harmless"]) / 2
+        row.update(drift=drift, probe_acc=d["acc_after"], drift_detail=d)
     if task:
-        row["task_loss"], row["task_acc"] = task_metrics(net, tok, task, a)
+        row["task_loss"], row["task_acc"] = task_metrics(
+            net, tok, task, max_len, batch_size, n_acc, task_tokens, gen_batch
+        )
     if gen_path:
-        lines = (json.dumps({"prompt": p, "harmful": i < len(H), "response": t, "refused": refused(t)}) + "\n"
-                 for i, (p, t) in enumerate(zip(H + S, texts)))
-        write_text(gen_path, "".join(lines))
+        records = []
+        for i, (p, t) in enumerate(zip(prompts, texts)):
+            record = {"prompt": p, "harmful": i < len(harmful), "response": t, "refused": refused(t)}
+            records.append(json.dumps(record) + "\n")
+        write_text(gen_path, "".join(records))
     return row
 
 

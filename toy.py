@@ -5,7 +5,7 @@ addition. A toy: its numbers show the pipeline working, not the method's merit."
 import json, os, random
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-import checkpoint, data, model, tokenizer, train
+import data, model, tokenizer, train
 from files import claim, write_text
 
 
@@ -37,7 +37,7 @@ def build(out, seed=0, steps=400):
            "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu"}
     write_text(os.path.join(tdir, "config.json"), json.dumps(cfg))
     torch.manual_seed(seed)
-    net, tok = model.LLaMA(checkpoint.read_config(os.path.join(tdir, "config.json"))), tokenizer.Tok(tdir)
+    net, tok = model.LLaMA(model.read_config(os.path.join(tdir, "config.json"))), tokenizer.Tok(tdir)
     for p in net.parameters():
         torch.nn.init.normal_(p, std=0.02) if p.ndim == 2 else torch.nn.init.ones_(p)
     train.train(net, tok, chats, mdir, "ift", steps=steps, lr=3e-3, batch_size=32, max_len=96, seed=seed)

@@ -23,8 +23,8 @@ def main():
     batches = []
     with torch.no_grad():
         for b in range(0, n, 64):  # the same cached inputs as rb.prefix builds, from random prompts
-            rope, attn = net.context(48, None, dev)
-            _, hs = net(ids[b:b + 64], hidden=True, last=True)
+            rope, attn = net.context(48)
+            hs = net.hidden_states(ids[b:b + 64])
             batches.append((hs[:-1], rope, attn))
         X = rb.features_from(net, batches, 0)
     X[:, : n // 2] += 0.05 * X.std()  # a separable "harmful" direction, so the probes have something to lose

@@ -12,8 +12,8 @@ OUT/results.md holds the table (with the cut of the ASR rise and the task loss a
 """
 import argparse, json, os, sys, time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import data, evaluation, files, swat_min, train
-from model import SwatError
+import data, evaluation, files, options, swat_min, train
+from files import SwatError
 
 
 def parse(setting):
@@ -37,45 +37,48 @@ def parse(setting):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=swat_min.Help)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=options.Help)
     ap.add_argument("settings", nargs="+", help="strategy[:key=value,...] of train.train, e.g. ift, "
                     "mllr:ratio=0.5, swat:warmup_steps=40 (swat's warm-up defaults to 20%% of --steps)")
-    for o in ("model", "data", "mods", "out", "device", "dtype", "chat-format", "cache", "steps", "lr", "batch",
-              "max-len", "seed", "n-eval", "max-new-tokens", "gen-batch", "n-task"):
-        ap.add_argument("--" + o, required=o in ("model", "data", "mods", "out"), **swat_min.OPTIONS[o])
+    names = ("model", "data", "mods", "out", "device", "dtype", "chat-format", "cache", "steps", "lr", "batch",
+             "max-len", "seed", "n-eval", "max-new-tokens", "gen-batch", "n-task")
+    options.add_options(ap, names, required=("model", "data", "mods", "out"))
     ap.add_argument("--dev-harmful", required=True, help="harmful prompts (CSV, JSON/JSONL, text)")
     ap.add_argument("--dev-start", type=int, default=200, help="first row of --dev-harmful to use")
     ap.add_argument("--n-dev", type=int, default=64, help="tuning examples held out for the dev task loss")
     a = ap.parse_args(argv)
     settings = [parse(s) for s in a.settings]
+    harmful = data.read_instructions(a.dev_harmful)[a.dev_start :]
+    if not harmful:
+        raise SwatError(f"{a.dev_harmful}: no prompts from row {a.dev_start} on")
     for entry in ("dev_harmful.jsonl", "sweep.jsonl"):  # OUT is swat-min's: nothing of the user's is replaced
         files.claim(a.out, entry)
-    H = data.read_instructions(a.dev_harmful)[a.dev_start:]
-    if not H:
-        raise SwatError(f"{a.dev_harmful}: no prompts from row {a.dev_start} on")
-    a.eval_harmful = os.path.join(a.out, "dev_harmful.jsonl")  # evaluate() reads its prompts from a file
-    files.write_text(a.eval_harmful, "".join(json.dumps(h) + "\n" for h in H))
-    a.harmful = a.harmless = a.eval_harmless = None
-    a.n_acc = 0  # task loss only
+    # a record of the prompts scored (evaluate takes them as a list)
+    files.write_text(os.path.join(a.out, "dev_harmful.jsonl"), "".join(json.dumps(h) + "\n" for h in harmful))
     _, tune = data.split(data.read_examples(a.data), a.n_task)  # the first part is `run`'s held-out set
-    dev, tune = tune[-a.n_dev:], tune[:-a.n_dev]
+    dev, tune = tune[-a.n_dev :], tune[: -a.n_dev]
     net, tok = swat_min.load(a)
-    base = swat_min.baseline(a, net, tok)
+    base = swat_min.baseline(net, tok, cache_dir=a.cache)
     mods = train.parse_mods(a.mods, net.cfg.n_layers)
+    scoring = dict(harmful=harmful[: a.n_eval], harmless=data.builtin("harmless", "test")[: a.n_eval],
+                   max_new_tokens=a.max_new_tokens, gen_batch=a.gen_batch, max_len=a.max_len,
+                   batch_size=a.batch, n_acc=0)  # task loss only
     rows = []
     with open(os.path.join(a.out, "sweep.jsonl"), "a", encoding="utf-8") as log:
         for s, (strategy, kw) in zip(["original"] + a.settings, [(None, {})] + settings):
-            name, t0 = s.replace(":", "-").replace(",", "-"), time.time()
+            name = s.replace(":", "-").replace(",", "-")
+            start = time.time()
             for entry in (name, name + ".jsonl"):
                 files.claim(a.out, entry)
             if strategy:  # every setting starts again from the original weights ("original" scores them as loaded)
                 net, tok = swat_min.load(a)
-                kw.setdefault("warmup_steps", round(0.2 * a.steps))
+                kw.setdefault("warmup_steps", train.warmup_length(strategy, a.steps))
                 train.train(net, tok, tune, os.path.join(a.out, name), strategy, set() if strategy == "ift" else mods,
                             steps=a.steps, lr=a.lr, batch_size=a.batch, max_len=a.max_len, seed=a.seed,
                             skip_long=True, **kw)
-            row = evaluation.evaluate(net, tok, a, s, base, dev, os.path.join(a.out, name + ".jsonl"))
-            rows.append(dict(row, seed=a.seed if strategy else None, train_time_s=round(time.time() - t0, 1)))
+            gen_path = os.path.join(a.out, name + ".jsonl")
+            row = evaluation.evaluate(net, tok, s, base=base, task=dev, gen_path=gen_path, **scoring)
+            rows.append(dict(row, seed=a.seed if strategy else None, train_time_s=round(time.time() - start, 1)))
             evaluation.report(a.out, rows, vars(a))  # OUT/results.md: the table, against ift
             line = json.dumps({k: v for k, v in rows[-1].items() if k != "drift_detail"})
             print(line, flush=True)

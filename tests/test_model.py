@@ -284,7 +284,7 @@ def test_sampling_matches_transformers_warpers():
     for t, top_p in ((0.7, 0.8), (1.3, 0.5), (1.0, 1.0)):
         ref = torch.softmax(TopPLogitsWarper(top_p)(None, TemperatureLogitsWarper(t)(None, logits.clone())), -1)[0]
         gen = torch.Generator().manual_seed(1)
-        draws = torch.stack([model._pick(logits.expand(500, -1), t, top_p, gen) for _ in range(20)]).flatten()
+        draws = torch.stack([model.sample(logits.expand(500, -1), t, top_p, gen) for _ in range(20)]).flatten()
         freq = torch.bincount(draws, minlength=12).float() / len(draws)
         assert set(draws.tolist()) <= set(ref.nonzero().flatten().tolist())
         assert (freq - ref).abs().max() < 0.015, (t, top_p, freq, ref)

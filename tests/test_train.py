@@ -9,8 +9,9 @@ CHATS = [[{"role": "user", "content": f"What is {a} plus {b}?"}, {"role": "assis
          for a in range(6) for b in range(4)]
 
 
-@pytest.mark.parametrize("fused", [False, True])  # fused: the one-kernel path GPUs take by default
-def test_adamw_matches_torch(tiny, fused):
+@pytest.mark.parametrize("impl", ["reference", "foreach", "fused"])  # fused: the GPU default
+def test_adamw_matches_torch(tiny, impl):
+    fused = impl == "fused"
     torch.manual_seed(0)
     nets = [model.load(tiny)[0] for _ in range(3)]
 
@@ -18,7 +19,7 @@ def test_adamw_matches_torch(tiny, fused):
         ps = list(net.named_parameters())
         return [{"params": [p for n, p in ps if p.ndim >= 2], "weight_decay": 0.1},
                 {"params": [p for n, p in ps if p.ndim < 2], "lr": 3e-3, "weight_decay": 0.0, "betas": (0.8, 0.99), "eps": 1e-6}]
-    ours = train.AdamW(groups(nets[0]), lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, fused=fused)
+    ours = train.AdamW(groups(nets[0]), lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, impl=impl)
     # against torch's implementation of the same kind: its fused and foreach AdamW themselves differ by
     # over 1e-6 here (rows of the embedding that rarely get a gradient, where eps dominates)
     ref = torch.optim.AdamW(groups(nets[1]), lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, fused=fused)
@@ -32,6 +33,24 @@ def test_adamw_matches_torch(tiny, fused):
         assert not torch.equal(a, nets[2].state_dict()[n])  # it did move
         rel = ((a - b).norm() / b.norm()).item()
         assert rel <= 1e-6, (n, rel)
+
+
+def test_adamw_speedups_equal_the_reference_update(tiny):
+    """foreach computes the reference's lines over all tensors at once: the same numbers, bit for
+    bit on a CPU; fused is torch's kernel of the same update, equal to rounding."""
+    torch.manual_seed(0)
+    nets = {impl: model.load(tiny)[0] for impl in ("reference", "foreach", "fused")}
+    opts = {impl: train.AdamW(net.parameters(), lr=1e-2, weight_decay=0.1, impl=impl) for impl, net in nets.items()}
+    for step in range(5):
+        x = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(step))
+        for impl, net in nets.items():
+            net(x).float().logsumexp(-1).mean().backward()
+            opts[impl].step()
+            opts[impl].zero_grad()
+    for (name, ref), fe, fu in zip(nets["reference"].named_parameters(), nets["foreach"].parameters(),
+                                   nets["fused"].parameters()):
+        assert torch.equal(ref, fe), name
+        assert ((ref - fu).norm() / ref.norm()).item() <= 1e-5, name
 
 
 def test_adamw_plain_list_and_lr_change_match_torch(tiny):

@@ -1,0 +1,178 @@
+"""The command line's options: each declared once, with its type, default and help; swat_min.py
+says which command takes which. A number out of range, NaN or inf is a usage error before any work."""
+
+import argparse
+import math
+
+import torch
+
+import tokenizer
+
+
+def number(kind, lo, hi=None):
+    """An argparse type: a number in [lo, hi], so that a bad value is a usage error before any work."""
+
+    def parse(text):
+        value = kind(text)
+        # NaN passes "value < lo": it is refused by name, with inf
+        if not math.isfinite(value) or value < lo or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"{text} is not in [{lo}, {hi or '...'}]")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse's message for "abc": invalid int value
+    return parse
+
+
+class Help(argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends with its default, where it has one."""
+
+    def _get_help_string(self, action):
+        default = action.default
+        if default is None or default is False or default == argparse.SUPPRESS:
+            return action.help
+        return action.help + " (default: %(default)s)"
+
+
+def add_options(parser, names, required=()):
+    """Add the named options (keys of OPTIONS) to parser; those in `required` must be given."""
+    for name in names:
+        parser.add_argument("--" + name, required=name in required, **OPTIONS[name])
+
+
+# Every option once, by name; swat_min.COMMANDS names the ones each command takes.
+OPTIONS = {
+    "model": dict(help="HF-format model directory, or a hub id org/name"),
+    "device": dict(default="cuda" if torch.cuda.is_available() else "cpu", help="torch device"),
+    "dtype": dict(choices=["fp32", "bf16"], default="fp32", help="dtype of the weights"),
+    "chat-format": dict(
+        choices=tokenizer.Tok.FORMATS, help="override the chat format read off the checkpoint"
+    ),
+    "cache": dict(help="directory to cache probe features in (safetensors)"),
+    "harmful": dict(
+        help="harmful instructions to fit the probe on (default: built-in train split)"
+    ),
+    "harmless": dict(
+        help="harmless instructions to fit the probe on (default: built-in train split)"
+    ),
+    "test-harmful": dict(
+        help="held-out harmful file, e.g. AdvBench CSV (default: built-in test split)"
+    ),
+    "n": dict(type=number(int, 1), default=64, help="prompts per class in the scan"),
+    "modules": dict(default="q,k,v,o", help="modules to scan (also gate,up,down)"),
+    "scale": dict(
+        type=number(float, 0), default=0.5, help="scan noise std, as a multiple of the weight's std"
+    ),
+    "repeats": dict(type=number(int, 1), default=1, help="noise draws per module"),
+    "k": dict(
+        type=number(int, 1), help="size of Mods_Rob (default: --frac of the scanned modules)"
+    ),
+    "frac": dict(
+        type=number(float, 0, 1),
+        default=0.5,
+        help="size of Mods_Rob as a fraction of the scanned modules",
+    ),
+    "data": dict(
+        help="benign tuning data: Alpaca, GSM8K, Dolly, prompt/completion or chat (messages, "
+        "ShareGPT) JSON/JSONL; --n-task examples of it are held out for the task metrics"
+    ),
+    "strategy": dict(
+        choices=["ift", "swat", "mllr"],
+        default="ift",
+        help="ift: all parameters; swat: warm-up "
+        "of --mods, then all; mllr: --mods at --lr, the rest at --lr x --ratio",
+    ),
+    "mods": dict(help="Mods_Rob: scan JSON, or a selector like 'q,k' or '0-11:q,k;12-29:v'"),
+    "steps": dict(type=number(int, 0), default=100, help="optimizer steps of normal training"),
+    "warmup-frac": dict(
+        type=number(float, 0), default=0.2, help="swat phase 1 length, as a fraction of --steps"
+    ),
+    "warmup-steps": dict(type=number(int, 0), help="swat phase 1 steps (overrides --warmup-frac)"),
+    "ratio": dict(
+        type=number(float, 0),
+        default=0.1,
+        help="mllr: lr multiplier of the modules outside Mods_Rob",
+    ),
+    "scope": dict(
+        choices=["all", "modules"],
+        default="all",
+        help="mllr: what runs at --lr x --ratio: every "
+        "parameter outside Mods_Rob, or only the other modules of its kinds (MLPs, embeddings, norms keep --lr)",
+    ),
+    "lr": dict(type=number(float, 0), default=2e-5, help="peak learning rate"),
+    "batch": dict(
+        type=number(int, 1), default=8, help="examples per step (and per task-loss batch)"
+    ),
+    "accum": dict(type=number(int, 1), default=1, help="gradient accumulation steps"),
+    "max-len": dict(type=number(int, 1), default=512, help="tokens per example"),
+    "limit": dict(type=number(int, 1), help="use only the first N examples"),
+    "weight-decay": dict(
+        type=number(float, 0), default=0.0, help="AdamW weight decay of the matrices"
+    ),
+    "save-every": dict(
+        type=number(int, 0), default=0, help="checkpoint every N steps (0: only at the end)"
+    ),
+    "resume": dict(
+        action="store_true",
+        help="continue from the checkpoint in --out (same model, data and settings)",
+    ),
+    "grad-ckpt": dict(action="store_true", help="activation checkpointing (less memory, slower)"),
+    "compile": dict(
+        action="store_true", help="torch.compile each block (faster on GPU after warm-up)"
+    ),
+    "skip-long": dict(
+        action="store_true", help="leave out examples whose prompt exceeds --max-len"
+    ),
+    "seed": dict(type=number(int, 0, 2**32 - 1), default=0, help="random seed"),
+    "seeds": dict(
+        type=number(int, 0, 2**32 - 1),
+        nargs="+",
+        default=[0],
+        help="tuning seeds: one model per strategy and seed",
+    ),
+    "strategies": dict(
+        nargs="+",
+        choices=["ift", "swat", "mllr", "control"],
+        default=["ift", "swat", "mllr", "control"],
+        help="the tuned models to make, per seed",
+    ),
+    "control": dict(choices=["swat", "mllr"], default="swat", help="scheme of the control row"),
+    "toy-steps": dict(type=number(int, 1), default=400, help="training steps of the toy model"),
+    "eval-harmful": dict(
+        help="harmful prompts for ASR, e.g. AdvBench CSV (default: built-in test split)"
+    ),
+    "eval-harmless": dict(
+        help="harmless prompts for over-refusal, e.g. XSTest's safe ones (default: built-in test split)"
+    ),
+    "n-eval": dict(
+        type=number(int, 1), default=100, help="prompts per class for ASR and over-refusal"
+    ),
+    "max-new-tokens": dict(type=number(int, 1), default=64, help="new tokens per answer"),
+    "gen-batch": dict(type=number(int, 1), default=64, help="prompts per generation batch"),
+    "n-task": dict(
+        type=number(int, 0), default=64, help="tuning examples held out for the task metrics"
+    ),
+    "n-acc": dict(
+        type=number(int, 0), default=32, help="of which scored by exact match (short answers only)"
+    ),
+    "task-tokens": dict(
+        type=number(int, 1), default=256, help="new tokens for exact-match answers"
+    ),
+    "base": dict(help="the original model, for feature-space drift"),
+    "generations": dict(help="write the generations here (JSONL)"),
+    "prompt": dict(action="append", help="a prompt (repeatable)"),
+    "file": dict(help="prompts from a file (CSV, JSON/JSONL, text)"),
+    "temperature": dict(
+        type=number(float, 0), default=0.0, help="sampling temperature (0: greedy)"
+    ),
+    "top-p": dict(
+        type=number(float, 0, 1),
+        default=1.0,
+        help="nucleus sampling: keep this much probability mass",
+    ),
+    "answer-tokens": dict(
+        type=number(int, 1), default=128, help="length of the model's own harmless answers"
+    ),
+    "out": dict(
+        help="where to write: a scan JSON, a checkpoint or a results folder (new, or one swat-min wrote)"
+    ),
+}
