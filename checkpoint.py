@@ -1,17 +1,28 @@
-"""The Hugging Face checkpoint format: what config.json says (anything swat-min does not implement is
-refused), which safetensors files hold the weights, and writing a directory that transformers loads."""
-import hashlib, json, os, shutil, sys, tempfile
+"""The Hugging Face checkpoint format: what config.json says (anything swat-min does not implement
+is refused), which safetensors files hold the weights, and writing a directory that transformers
+loads."""
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from files import MARK, SwatError, check_folder, manifest, read_json, remove_ours
 
 
 def read_config(path):
     """config.json -> the settings the model needs; anything it does not implement is refused."""
+
     def bad(key, val):
-        raise SwatError(f"{path}: unsupported {key}={val!r} (swat-min implements llama, mistral, qwen2 "
-                        "with default or llama3 rope)")
+        raise SwatError(
+            f"{path}: unsupported {key}={val!r} (swat-min implements llama, mistral, qwen2 "
+            "with default or llama3 rope)"
+        )
+
     c = read_json(path)
     mt = c.get("model_type")
     if mt not in ("llama", "mistral", "qwen2"):
@@ -31,15 +42,31 @@ def read_config(path):
     if rtype not in ("default", "llama3"):
         bad("rope_type", rtype)
     window = c.get("sliding_window") if (mt == "mistral" or c.get("use_sliding_window")) else None
-    for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-              "num_key_value_heads", "head_dim"):
+    for k in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+    ):
         if c.get(k) is not None and (type(c[k]) is not int or c[k] <= 0):
             raise SwatError(f"{path}: {k} must be a positive integer, not {c[k]!r}")
-    num = {"rms_norm_eps": c.get("rms_norm_eps", 1e-6),
-           "rope_theta": c.get("rope_theta", rope.get("rope_theta", 10000.0))}
+    num = {
+        "rms_norm_eps": c.get("rms_norm_eps", 1e-6),
+        "rope_theta": c.get("rope_theta", rope.get("rope_theta", 10000.0)),
+    }
     if rtype == "llama3":
-        num.update((k, rope.get(k)) for k in ("factor", "low_freq_factor", "high_freq_factor",
-                                              "original_max_position_embeddings"))
+        num.update(
+            (k, rope.get(k))
+            for k in (
+                "factor",
+                "low_freq_factor",
+                "high_freq_factor",
+                "original_max_position_embeddings",
+            )
+        )
     for k, v in num.items():
         if type(v) not in (int, float) or v <= 0:
             raise SwatError(f"{path}: {k} must be a positive number, not {v!r}")
@@ -68,7 +95,12 @@ def read_config(path):
         raise SwatError(f"{path}: missing key {e}") from None
 
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+}
 
 
 def parse_dtype(dtype):
@@ -94,8 +126,10 @@ def check_vocabulary(path, tok, vocab_size):
     """A tokenizer whose ids all have an embedding."""
     n_tokens = tok.tk.get_vocab_size(with_added_tokens=True)
     if n_tokens > vocab_size:
-        raise SwatError(f"{path}: tokenizer.json has {n_tokens} tokens, more than the model's "
-                        f"vocab_size {vocab_size}")
+        raise SwatError(
+            f"{path}: tokenizer.json has {n_tokens} tokens, more than the model's "
+            f"vocab_size {vocab_size}"
+        )
 
 
 @torch.no_grad()
@@ -111,30 +145,41 @@ def load_weights(net, path, shards):
         try:
             with safe_open(file_path, framework="pt") as f:
                 for name in f.keys():
-                    if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and net.cfg.tie):
+                    if name.endswith("rotary_emb.inv_freq") or (
+                        name == "lm_head.weight" and net.cfg.tie
+                    ):
                         continue
                     if name not in params:
                         raise SwatError(f"{file_path}: unexpected tensor {name}")
                     tensor = f.get_tensor(name)
                     if tensor.shape != params[name].shape:
-                        raise SwatError(f"{file_path}: tensor {name} has shape {list(tensor.shape)}, "
-                                        f"expected {list(params[name].shape)}")
+                        raise SwatError(
+                            f"{file_path}: tensor {name} has shape {list(tensor.shape)}, "
+                            f"expected {list(params[name].shape)}"
+                        )
                     params[name].copy_(tensor)
                     seen.add(name)
         except SwatError:
             raise
         except Exception as e:  # a truncated or corrupt file, a missing shard
-            raise SwatError(f"{file_path}: cannot read safetensors ({str(e).splitlines()[0]})") from None
+            raise SwatError(
+                f"{file_path}: cannot read safetensors ({str(e).splitlines()[0]})"
+            ) from None
     missing = set(params) - seen
     if missing == {"lm_head.weight"}:  # no output head in the file: tie it to the embeddings
         net.cfg.tie = True
         net.lm_head = None
     elif missing:
-        raise SwatError(f"{path}: missing tensors, e.g. {sorted(missing)[0]} ({len(missing)} in all)")
+        raise SwatError(
+            f"{path}: missing tensors, e.g. {sorted(missing)[0]} ({len(missing)} in all)"
+        )
     broken = [name for name, p in net.state_dict().items() if not p.isfinite().all()]
     if broken:  # it would generate empty or random answers without a word
-        print(f"warning: {path}: {len(broken)} weight tensors hold NaN or inf (e.g. {broken[0]}); "
-              "this model's outputs are garbage", file=sys.stderr)
+        print(
+            f"warning: {path}: {len(broken)} weight tensors hold NaN or inf (e.g. {broken[0]}); "
+            "this model's outputs are garbage",
+            file=sys.stderr,
+        )
 
 
 def generation_eos(path, eos):
@@ -149,7 +194,8 @@ def generation_eos(path, eos):
 
 @torch.no_grad()
 def fingerprint(net):
-    """A short hash of the weights (each tensor's name, shape, first values and sum): the same for the
+    """A short hash of the weights (each tensor's name, shape, first values and sum): the same for
+    the
     same weights, and, in practice, different for any other model, of the same shapes too."""
     digest = hashlib.sha256()
     for name, p in net.state_dict().items():
@@ -165,7 +211,9 @@ def eos_ids(path, c):
     eos = c.get("eos_token_id")
     eos = [] if eos is None else eos if isinstance(eos, list) else [eos]
     if not all(type(e) is int and e >= 0 for e in eos):
-        raise SwatError(f"{path}: eos_token_id must be a token id or a list of them, not {c['eos_token_id']!r}")
+        raise SwatError(
+            f"{path}: eos_token_id must be a token id or a list of them, not {c['eos_token_id']!r}"
+        )
     return eos
 
 
@@ -177,20 +225,28 @@ def weight_files(d):
         if not shards or not isinstance(shards, dict):
             raise SwatError(f"{index}: no weight_map of tensor names to files")
         files = sorted(set(map(str, shards.values())))
-        if not all(os.path.basename(f) == f and f.endswith(".safetensors") for f in files):  # e.g. ../x: the hub
-            raise SwatError(f"{index}: a shard that is not a .safetensors file of this folder")  # would write there
+        if not all(
+            os.path.basename(f) == f and f.endswith(".safetensors") for f in files
+        ):  # e.g. ../x: the hub
+            raise SwatError(
+                f"{index}: a shard that is not a .safetensors file of this folder"
+            )  # would write there
         return files
     if os.path.exists(os.path.join(d, "model.safetensors")):
         return ["model.safetensors"]
-    raise SwatError(f"{d}: no model.safetensors or model.safetensors.index.json (swat-min never reads pickles)")
+    raise SwatError(
+        f"{d}: no model.safetensors or model.safetensors.index.json (swat-min never reads pickles)"
+    )
 
 
 def save(net, tok, out, extra=None):
     """Write an HF-format directory that transformers loads: config.json, model.safetensors, the
     tokenizer files, and `extra` ({filename: tensors, text or JSON}; a trainer's state and log).
 
-    The directory is written whole into a temporary sibling, its manifest last, then swapped into place
-    (see swap). A fault at any moment leaves the previous checkpoint or the new one, never half of one.
+    The directory is written whole into a temporary sibling, its manifest last, then swapped into
+    place
+    (see swap). A fault at any moment leaves the previous checkpoint or the new one, never half of
+    one.
     """
     out = os.path.abspath(os.fspath(out))
     recover(out)
@@ -198,7 +254,9 @@ def save(net, tok, out, extra=None):
     state = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
     bad = [k for k, v in state.items() if not v.isfinite().all()]
     if bad:
-        raise SwatError(f"{out}: not saved: non-finite weights ({bad[0]}, {len(bad)} tensors in all)")
+        raise SwatError(
+            f"{out}: not saved: non-finite weights ({bad[0]}, {len(bad)} tensors in all)"
+        )
     parent, name = os.path.split(out)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".{name}.swat-new-")
@@ -210,13 +268,16 @@ def save(net, tok, out, extra=None):
             raise
         # an OSError, or safetensors' own error for a full disk
         reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
-        raise SwatError(f"{out}: could not save ({reason}); the previous checkpoint stays") from None
+        raise SwatError(
+            f"{out}: could not save ({reason}); the previous checkpoint stays"
+        ) from None
     swap(tmp, out)
     return out
 
 
 def write_files(net, state, tok, folder, extra):
-    """Every file of the checkpoint into folder; the manifest (MARK) last, as the mark of a whole one."""
+    """Every file of the checkpoint into folder; the manifest (MARK) last, as the mark of a whole
+    one."""
     save_file(state, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
     dtype = str(next(net.parameters()).dtype).removeprefix("torch.")
     config = dict(net.cfg.raw, tie_word_embeddings=net.cfg.tie, torch_dtype=dtype)
@@ -280,7 +341,9 @@ def recover(out):
     parent, name = os.path.split(os.path.abspath(out))
     if not os.path.isdir(parent):
         return
-    siblings = [os.path.join(parent, e) for e in os.listdir(parent) if e.startswith(f".{name}.swat-")]
+    siblings = [
+        os.path.join(parent, e) for e in os.listdir(parent) if e.startswith(f".{name}.swat-")
+    ]
     if not siblings:
         return
     new = [s for s in siblings if ".swat-new-" in s and is_whole(s)]
@@ -310,11 +373,18 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
 )
 # the files a checkpoint of swat-min's holds besides the tokenizer's
-CHECKPOINT_FILES = ("model.safetensors", "config.json", "trainer.safetensors", "trainer.json", "log.jsonl")
+CHECKPOINT_FILES = (
+    "model.safetensors",
+    "config.json",
+    "trainer.safetensors",
+    "trainer.json",
+    "log.jsonl",
+)
 
 
 def read_log(path, step):
-    """The rows of a training log up to `step`. A damaged last line (a kill while it was appended) is
+    """The rows of a training log up to `step`. A damaged last line (a kill while it was appended)
+    is
     a step after the checkpoint, done again: it is left out; damage elsewhere is an error."""
     if not os.path.exists(path):
         return []
@@ -326,7 +396,76 @@ def read_log(path, step):
             rows.append(json.loads(line))
         except ValueError:
             if number < len(lines):
-                raise SwatError(f"{path}: line {number} is damaged; resume needs the log whole "
-                                "(train into a new folder)") from None
+                raise SwatError(
+                    f"{path}: line {number} is damaged; resume needs the log whole "
+                    "(train into a new folder)"
+                ) from None
             print(f"{path}: left out its damaged last line (a step after the checkpoint)")
     return [r for r in rows if isinstance(r, dict) and r.get("step", 0) <= step]
+
+
+# ---- a training checkpoint: the model, plus the optimizer state resume needs ----
+
+
+def save_trainer(net, tok, opt, out, step, rows):
+    """The checkpoint: weights, Adam moments and step counts, what resume checks, and the log."""
+    names = {p: n for g in opt.param_groups for p, n in zip(g["params"], g["names"])}
+    tensors = {}
+    for p, (m, v) in opt.state.items():
+        tensors[f"m.{names[p]}"] = m
+        tensors[f"v.{names[p]}"] = v
+    meta = {
+        "step": step,
+        "group_steps": [g["step"] for g in opt.param_groups],
+        "groups": [g["names"] for g in opt.param_groups],
+        "settings": opt.settings,
+    }
+    log = "".join(
+        json.dumps(r) + "\n" for r in rows
+    )  # save() replaces the folder: the log goes too
+    extra = {"trainer.safetensors": tensors, "trainer.json": meta, "log.jsonl": log}
+    save(net, tok, out, extra=extra)
+
+
+def load_trainer(opt, net, out):
+    """Put the checkpoint in out back into net and opt -> its step. A checkpoint of another run, or
+    a damaged one, is one line that says so."""
+    try:
+        return _read_state(opt, net, out)
+    except SwatError:
+        raise
+    except Exception as e:  # a truncated safetensors file, a trainer.json without its fields
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise SwatError(
+            f"{out}: its checkpoint is damaged ({reason}); it cannot be resumed: train "
+            "without --resume, into a new folder"
+        ) from None
+
+
+def _read_state(opt, net, out):
+    meta = read_json(os.path.join(out, "trainer.json"))
+    other = SwatError(
+        f"{out}: its checkpoint was trained with another strategy, module set, number "
+        "of steps, model, data or settings; resume with the same ones, or train into "
+        "a new folder"
+    )
+    names = [g["names"] for g in opt.param_groups]
+    if (meta.get("groups"), meta.get("settings")) != (names, opt.settings):
+        raise other
+    if type(meta.get("step")) is not int or len(meta.get("group_steps", ())) != len(names):
+        raise ValueError("trainer.json has no step or group_steps")
+    device = str(net.model.embed_tokens.weight.device)
+    params = net.state_dict()
+    tensors = load_file(os.path.join(out, "trainer.safetensors"), device=device)
+    with safe_open(os.path.join(out, "model.safetensors"), framework="pt", device=device) as f:
+        for name in f.keys():  # our own save: the same names; one tensor at a time, no second copy
+            t = f.get_tensor(name)
+            if name not in params or t.shape != params[name].shape:
+                raise other
+            params[name].copy_(t)
+    for g, group_step in zip(opt.param_groups, meta["group_steps"]):
+        g["step"] = group_step
+        for p, n in zip(g["params"], g["names"]):
+            opt.state[p][0].copy_(tensors[f"m.{n}"])
+            opt.state[p][1].copy_(tensors[f"v.{n}"])
+    return meta["step"]

@@ -1,6 +1,7 @@
 """The argument checks of swat-min's public Python entry points, in one place: what a caller passes
-to AdamW, train, generate and LogisticProbe (the CLI's numbers are checked in options.py). A mistake is one clear line (SwatError)
-before any work, so the maths behind these entry points can trust its inputs."""
+to AdamW, train, generate and LogisticProbe (the CLI's numbers are checked in options.py). A mistake
+is one clear line (SwatError) before any work, so the maths behind these entry points can trust its
+inputs."""
 
 import math
 
@@ -48,7 +49,8 @@ def train_args(
     max_len,
     save_every,
 ):
-    """train()'s arguments, checked where a user passes them, so that a mistake is one line, not garbage."""
+    """train()'s arguments, checked where a user passes them, so that a mistake is one line, not
+    garbage."""
     if strategy not in ("ift", "swat", "mllr"):
         raise SwatError(f"unknown strategy {strategy!r}; choose ift, swat or mllr")
     if strategy != "ift" and not mods:
@@ -71,7 +73,8 @@ def train_args(
 
 
 def sampling_args(temperature, top_p, max_new_tokens, batch_size):
-    """generate()'s numbers, checked where a user passes them: NaN or a negative top_p is no sampling."""
+    """generate()'s numbers, checked where a user passes them: NaN or a negative top_p is no
+    sampling."""
     if not finite(temperature):
         raise SwatError(f"generate: temperature must be a finite number >= 0, not {temperature!r}")
     if not (isinstance(top_p, (int, float)) and 0 <= top_p <= 1):

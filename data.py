@@ -1,23 +1,28 @@
 """Data: the project's own instructions (data/), and readers for users' files: harmful or harmless
 instruction lists (AdvBench, HarmBench, JailbreakBench, StrongREJECT, JSON/JSONL, plain text) and
-instruction-tuning data (Alpaca, GSM8K, Dolly, prompt/completion, chat). Bad records get one clear line
-naming the file and the record."""
-import csv, json, os, random
+instruction-tuning data (Alpaca, GSM8K, Dolly, prompt/completion, chat). Bad records get one clear
+line naming the file and the record."""
+
+import csv
+import json
+import os
+import random
 from files import SwatError
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
 
 def builtin(kind, split=None):
-    """The project's own instructions: kind 'harmful' or 'harmless'; split 'train', 'test' or None (all).
-    The split is fixed: every fourth line of data/<kind>.tsv is held out for testing."""
+    """The project's own instructions: kind 'harmful' or 'harmless'; split 'train', 'test' or None
+    (all). The split is fixed: every fourth line of data/<kind>.tsv is held out for testing."""
     with open(os.path.join(DATA, f"{kind}.tsv"), encoding="utf-8") as f:
         rows = [line.rstrip("\n").split("\t")[1] for line in f if line.strip()]
     return [r for i, r in enumerate(rows) if split is None or (i % 4 == 3) == (split == "test")]
 
 
-# the instruction's field, in this order, any case: AdvBench and JailbreakBench (goal; JailbreakBench's
-# "Behavior" is a short label), HarmBench (Behavior), StrongREJECT (forbidden_prompt), the common names
+# the instruction's field, in this order, any case: AdvBench and JailbreakBench (goal;
+# JailbreakBench's "Behavior" is a short label), HarmBench (Behavior), StrongREJECT
+# (forbidden_prompt), the common names
 KEYS = ("goal", "behavior", "forbidden_prompt", "instruction", "prompt", "question", "query")
 
 
@@ -27,7 +32,8 @@ def _field(names):
 
 
 def _text(r):
-    """A record -> its instruction. HarmBench puts a contextual behaviour's context first, so do we; Alpaca's
+    """A record -> its instruction. HarmBench puts a contextual behaviour's context first, so do we;
+    Alpaca's
     input and Dolly's context follow their instruction, as in read_examples."""
     key = _field(r)
     v, ctx = r.get(key), r.get("ContextString")
@@ -57,11 +63,13 @@ def _records(path, f):
 
 
 def read_instructions(path):
-    """A CSV, JSON or JSONL with one of the KEYS fields (JSON may also be a list of strings), or plain text,
-    one per line."""
+    """A CSV, JSON or JSONL with one of the KEYS fields (JSON may also be a list of strings), or
+    plain text, one per line."""
     path = os.fspath(path)  # a str or a pathlib.Path
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark
+        with open(
+            path, newline="", encoding="utf-8-sig"
+        ) as f:  # -sig: a spreadsheet's byte-order mark
             if path.endswith(".csv"):
                 rows = csv.DictReader(f)
                 if _field(rows.fieldnames or []) is None:
@@ -69,20 +77,33 @@ def read_instructions(path):
                 out = [t for t in map(_text, rows) if t]
             elif path.endswith((".json", ".jsonl")):
                 recs = _records(path, f)
-                out = [r if isinstance(r, str) and r.strip() else _text(r) if isinstance(r, dict) else None for r in recs]
+                out = [
+                    r
+                    if isinstance(r, str) and r.strip()
+                    else _text(r)
+                    if isinstance(r, dict)
+                    else None
+                    for r in recs
+                ]
                 if None in out:
-                    raise SwatError(f"{path}: record {out.index(None) + 1} has no text in any of the fields {', '.join(KEYS)}")
+                    raise SwatError(
+                        f"{path}: record {out.index(None) + 1} has no text in any of the fields "
+                        f"{', '.join(KEYS)}"
+                    )
             else:
                 out = [l.strip() for l in f if l.strip()]
     except (OSError, UnicodeDecodeError, ValueError, AttributeError, TypeError) as e:
-        raise SwatError(f"{path}: unreadable ({e.strerror if isinstance(e, OSError) else e})") from None
+        raise SwatError(
+            f"{path}: unreadable ({e.strerror if isinstance(e, OSError) else e})"
+        ) from None
     if not out:
         raise SwatError(f"{path}: no instructions found")
     return out
 
 
 def instructions(path, kind, split):
-    """The user's file if one is given, else the built-in split of kind ('harmful' or 'harmless')."""
+    """The user's file if one is given, else the built-in split of kind ('harmful' or
+    'harmless')."""
     return read_instructions(path) if path else builtin(kind, split)
 
 
@@ -98,12 +119,19 @@ def chats(pairs):
 
 ASK, REPLY = ("instruction", "question", "prompt"), ("output", "answer", "response", "completion")
 ROLES = ("system", "user", "assistant")
-SHAREGPT = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
+SHAREGPT = {
+    "human": "user",
+    "gpt": "assistant",
+    "system": "system",
+    "user": "user",
+    "assistant": "assistant",
+}
 
 
 def read_examples(path):
     """Alpaca JSON/JSONL (instruction, input, output), GSM8K (question, answer), Dolly (instruction,
-    context, response), prompt/completion, or chat JSONL (messages, or ShareGPT's conversations) -> chats
+    context, response), prompt/completion, or chat JSONL (messages, or ShareGPT's conversations) ->
+    chats
     ending with the answer."""
     path = os.fspath(path)
     try:
@@ -121,11 +149,20 @@ def read_examples(path):
         if key in r:
             ms = r[key] if isinstance(r[key], list) else []
             if key == "conversations":  # ShareGPT: turns of {from: human|gpt|system, value}
-                ms = [{"role": SHAREGPT.get(t.get("from")), "content": t.get("value")} if isinstance(t, dict) else t
-                      for t in ms]
-            if not all(isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in ms):
-                raise SwatError(f"{path}: record {i}: '{key}' must be turns with a role "
-                                f"({', '.join(ROLES)}, or ShareGPT's human, gpt) and a text content")
+                ms = [
+                    {"role": SHAREGPT.get(t.get("from")), "content": t.get("value")}
+                    if isinstance(t, dict)
+                    else t
+                    for t in ms
+                ]
+            if not all(
+                isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)
+                for m in ms
+            ):
+                raise SwatError(
+                    f"{path}: record {i}: '{key}' must be turns with a role "
+                    f"({', '.join(ROLES)}, or ShareGPT's human, gpt) and a text content"
+                )
             if not ms or ms[-1]["role"] != "assistant":
                 raise SwatError(f"{path}: record {i}: '{key}' must end with an assistant turn")
             out.append(ms)
@@ -138,7 +175,9 @@ def read_examples(path):
         extra = r.get("input") or r.get("context")  # Alpaca's input, Dolly's context
         if extra and not isinstance(extra, str):  # a list would be trained on as its Python repr
             field = "input" if r.get("input") else "context"
-            raise SwatError(f"{path}: record {i}: {field!r} must be text, not {type(extra).__name__}")
+            raise SwatError(
+                f"{path}: record {i}: {field!r} must be text, not {type(extra).__name__}"
+            )
         q = f"{q}\n\n{extra}" if extra else q
         out.append([{"role": "user", "content": q}, {"role": "assistant", "content": a}])
     if not out:
@@ -147,7 +186,8 @@ def read_examples(path):
 
 
 def split(chats, n):
-    """One fixed split of tuning data: n held-out examples for the task metrics, the rest for tuning."""
+    """One fixed split of tuning data: n held-out examples for the task metrics, the rest for
+    tuning."""
     chats = list(chats)
     random.Random(0).shuffle(chats)
     return chats[:n], chats[n:]

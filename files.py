@@ -2,13 +2,14 @@
 
 Three rules hold for everything swat-min writes:
 - a problem with a file is one line (SwatError) naming it;
-- an output is written whole or not at all: into a temporary sibling with a unique name, then renamed;
+- an output is written whole or not at all: into a temporary sibling with a unique name, then
+renamed;
 - nothing swat-min did not write is ever replaced or deleted.
 
-A folder swat-min writes (a checkpoint, a run's results, a training log) holds a manifest, MARK, that
-lists every entry swat-min put there. Such a folder may be written into again, or replaced, only while
-every entry in it is one the manifest lists. A single output file (a scan, generations) may be replaced
-only when its folder's manifest lists it or its own contents mark it as swat-min's.
+A folder swat-min writes (a checkpoint, a run's results, a training log) holds a manifest, MARK,
+that lists every entry swat-min put there. Such a folder may be written into again, or replaced,
+only while every entry in it is one the manifest lists. A single output file (a scan, generations)
+may be replaced only when its folder's manifest lists it or its own contents mark it as swat-min's.
 """
 
 import json
@@ -95,7 +96,8 @@ def is_temporary(entry, listed):
 
 
 def foreign_entry(folder):
-    """The first entry in folder that its manifest does not list (None: every entry is swat-min's)."""
+    """The first entry in folder that its manifest does not list (None: every entry is
+    swat-min's)."""
     entries = sorted(os.listdir(folder))
     listed = manifest(folder)
     if listed is None:
@@ -122,14 +124,16 @@ def check_folder(folder, tok=None):
     foreign = foreign_entry(folder)
     if foreign is not None:
         raise SwatError(
-            f"{folder}: exists and holds {foreign}, which swat-min did not write; refusing to write there "
+            f"{folder}: exists and holds {foreign}, which swat-min did not write; refusing to "
+            "write there "
             "(choose a new folder)"
         )
     return folder
 
 
 def claim(folder, entry=None):
-    """Make folder swat-min's (created if new) and list entry in its manifest before it is written."""
+    """Make folder swat-min's (created if new) and list entry in its manifest before it is
+    written."""
     check_folder(folder)
     os.makedirs(folder, exist_ok=True)
     had = manifest(folder)
@@ -144,7 +148,8 @@ def claim(folder, entry=None):
 
 
 def prepare(path):
-    """Make path ready to be written: listed in its folder's manifest where the folder is swat-min's,
+    """Make path ready to be written: listed in its folder's manifest where the folder is
+    swat-min's,
     else checked to be new or a file swat-min wrote."""
     folder, name = os.path.split(os.path.abspath(path))
     if os.path.isdir(folder) and manifest(folder) is not None:

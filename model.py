@@ -1,11 +1,11 @@
 """A LLaMA-family causal language model written from scratch (llama, mistral, qwen2): the network,
 loading an HF directory into it, and batched generation with a preallocated KV cache.
 
-Parameter names are exactly those of Hugging Face checkpoints (model.layers.3.self_attn.q_proj.weight),
-so loading and saving are identity mappings, and the robustness scan and the trainer can address Q, K,
-V and O of every layer as separate modules (MODULES). What config.json means, which files hold the
-weights and how a directory is written are in checkpoint.py; the tokenizer and chat formats are in
-tokenizer.py.
+Parameter names are exactly those of Hugging Face checkpoints
+(model.layers.3.self_attn.q_proj.weight), so loading and saving are identity mappings, and the
+robustness scan and the trainer can address Q, K, V and O of every layer as separate modules
+(MODULES). What config.json means, which files hold the weights and how a directory is written are
+in checkpoint.py; the tokenizer and chat formats are in tokenizer.py.
 """
 
 import math
@@ -92,7 +92,8 @@ class RMSNorm(nn.Module):
 
 
 def rotate(x, cos, sin):
-    """Rotary embedding in HF's "rotate half" layout: pairs are (i, i + d/2), so no weight permutation."""
+    """Rotary embedding in HF's "rotate half" layout: pairs are (i, i + d/2), so no weight
+    permutation."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
@@ -185,14 +186,16 @@ class LLaMA(nn.Module):
         """Rotary (cos, sin) and attention mask for n_new tokens.
 
         mask: None for plain causal attention (training, one unpadded prompt: sdpa's fast path), or
-        [B, S] True at real tokens (left padding; the other columns are in a cache). cols: the columns
-        of the new tokens (default: the last n_new). Positions count real tokens only, so padding shifts
-        nothing.
+        [B, S] True at real tokens (left padding; the other columns are in a cache). cols: the
+        columns of the new tokens (default: the last n_new). Positions count real tokens only, so
+        padding shifts nothing.
         """
         device = self.model.embed_tokens.weight.device
         width = n_new if mask is None else mask.shape[1]
         if self.cfg.window and width > self.cfg.window:
-            raise SwatError(f"sequence of {width} tokens exceeds the sliding window {self.cfg.window}")
+            raise SwatError(
+                f"sequence of {width} tokens exceeds the sliding window {self.cfg.window}"
+            )
         if mask is None:
             positions = torch.arange(n_new, device=device)[None]
             attn = None
@@ -209,8 +212,9 @@ class LLaMA(nn.Module):
         return (angles.cos().to(dtype), angles.sin().to(dtype)), attn
 
     def hidden_states(self, ids, mask=None, cache=None, start=None):
-        """ids [B, T] -> [embeddings, block 1, ..., block L-1, final-normed block L], each [B, T, dim],
-        as transformers' output_hidden_states. cache: generate's per-layer (K, V) buffers, used with a
+        """ids [B, T] -> [embeddings, block 1, ..., block L-1, final-normed block L], each [B, T,
+        dim], as transformers' output_hidden_states. cache: generate's per-layer (K, V) buffers,
+        used with a
         mask; the T tokens go to columns start.. of it (an int or a tensor)."""
         n_new = ids.shape[1]
         cols = None
@@ -274,8 +278,8 @@ def load(path, device="cpu", dtype=torch.float32, chat_format=None):
 
 
 def pad_left(rows, device):
-    """Token lists -> ids [B, L] padded on the left, and the mask of real tokens: every row then ends
-    at position -1, where generation continues and the probe reads its features."""
+    """Token lists -> ids [B, L] padded on the left, and the mask of real tokens: every row then
+    ends at position -1, where generation continues and the probe reads its features."""
     width = max(map(len, rows))
     ids = torch.tensor([[0] * (width - len(r)) + r for r in rows], device=device)
     mask = [[False] * (width - len(r)) + [True] * len(r) for r in rows]
@@ -293,7 +297,8 @@ def sample(logits, temperature, top_p, generator):
 
 
 def prefill(net, ids, mask, cache):
-    """Run the prompts [B, L] into the cache's first L columns -> logits of their last tokens [B, V]."""
+    """Run the prompts [B, L] into the cache's first L columns -> logits of their last tokens [B,
+    V]."""
     h = net.hidden_states(ids, mask, cache, start=0)[-1]
     return net.head(h[:, -1:])[:, -1]
 
@@ -331,12 +336,22 @@ def record_cuda_graph(fn):
 # not cuDNN's attention: it plans every new shape anew (1.5 ms of CPU a call on an H200)
 @sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 @torch.no_grad()
-def generate(net, prompts, max_new_tokens=64, temperature=0.0, top_p=1.0, stop_ids=None,
-             batch_size=64, seed=0, progress=False, cuda_graph=None):
+def generate(
+    net,
+    prompts,
+    max_new_tokens=64,
+    temperature=0.0,
+    top_p=1.0,
+    stop_ids=None,
+    batch_size=64,
+    seed=0,
+    progress=False,
+    cuda_graph=None,
+):
     """Prompts (lists of ids) -> lists of new ids, each cut before its first stop token.
 
-    Greedy unless temperature > 0. Prompts are sorted by length and run in left-padded batches with a
-    KV cache. On a GPU each decoding step is replayed from a CUDA graph (cuda_graph=False: not): a
+    Greedy unless temperature > 0. Prompts are sorted by length and run in left-padded batches with
+    a KV cache. On a GPU each decoding step is replayed from a CUDA graph (cuda_graph=False: not): a
     small model's step is mostly the CPU launching kernels.
     """
     prompts = checks.prompts(prompts, net.cfg.vocab_size)
@@ -352,7 +367,9 @@ def generate(net, prompts, max_new_tokens=64, temperature=0.0, top_p=1.0, stop_i
     outs = [None] * len(prompts)
     for b in tqdm(range(0, len(order), batch_size), disable=not progress, desc="generate"):
         rows = [prompts[i] for i in order[b : b + batch_size]]
-        new = generate_batch(net, rows, max_new_tokens, temperature, top_p, generator, stop, use_graph)
+        new = generate_batch(
+            net, rows, max_new_tokens, temperature, top_p, generator, stop, use_graph
+        )
         for r, row in enumerate(new):
             # each answer ends before its first stop token
             cut = next((j for j, t in enumerate(row) if t in stops), len(row))
@@ -361,7 +378,8 @@ def generate(net, prompts, max_new_tokens=64, temperature=0.0, top_p=1.0, stop_i
 
 
 def generate_batch(net, rows, max_new_tokens, temperature, top_p, generator, stop, use_graph):
-    """One left-padded batch: prefill, then decode until every row has stopped -> new ids per row."""
+    """One left-padded batch: prefill, then decode until every row has stopped -> new ids per
+    row."""
     device = net.model.embed_tokens.weight.device
     dtype = net.model.embed_tokens.weight.dtype
     ids, mask = pad_left(rows, device)
@@ -371,7 +389,10 @@ def generate_batch(net, rows, max_new_tokens, temperature, top_p, generator, sto
     shape = (B, net.cfg.n_kv_heads, L + max_new_tokens, net.cfg.head_dim)
     # K and V of every layer, allocated once; zeros, as masked-out NaN would still poison the sums
     cache = [
-        (torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+        (
+            torch.zeros(shape, device=device, dtype=dtype),
+            torch.zeros(shape, device=device, dtype=dtype),
+        )
         for _ in net.model.layers
     ]
     logits = prefill(net, ids, mask, cache)

@@ -1,5 +1,6 @@
 """The command line's options: each declared once, with its type, default and help; swat_min.py
-says which command takes which. A number out of range, NaN or inf is a usage error before any work."""
+says which command takes which. A number out of range, NaN or inf is a usage error before any
+work."""
 
 import argparse
 import math
@@ -10,7 +11,8 @@ import tokenizer
 
 
 def number(kind, lo, hi=None):
-    """An argparse type: a number in [lo, hi], so that a bad value is a usage error before any work."""
+    """An argparse type: a number in [lo, hi], so that a bad value is a usage error before any
+    work."""
 
     def parse(text):
         value = kind(text)
@@ -96,7 +98,8 @@ OPTIONS = {
         choices=["all", "modules"],
         default="all",
         help="mllr: what runs at --lr x --ratio: every "
-        "parameter outside Mods_Rob, or only the other modules of its kinds (MLPs, embeddings, norms keep --lr)",
+        "parameter outside Mods_Rob, or only the other modules of its kinds (MLPs, embeddings, "
+        "norms keep --lr)",
     ),
     "lr": dict(type=number(float, 0), default=2e-5, help="peak learning rate"),
     "batch": dict(
@@ -141,7 +144,8 @@ OPTIONS = {
         help="harmful prompts for ASR, e.g. AdvBench CSV (default: built-in test split)"
     ),
     "eval-harmless": dict(
-        help="harmless prompts for over-refusal, e.g. XSTest's safe ones (default: built-in test split)"
+        help="harmless prompts for over-refusal, e.g. XSTest's safe ones (default: built-in test "
+        "split)"
     ),
     "n-eval": dict(
         type=number(int, 1), default=100, help="prompts per class for ASR and over-refusal"
@@ -173,6 +177,7 @@ OPTIONS = {
         type=number(int, 1), default=128, help="length of the model's own harmless answers"
     ),
     "out": dict(
-        help="where to write: a scan JSON, a checkpoint or a results folder (new, or one swat-min wrote)"
+        help="where to write: a scan JSON, a checkpoint or a results folder (new, or one swat-min "
+        "wrote)"
     ),
 }

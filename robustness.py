@@ -35,7 +35,8 @@ def noise_seed(seed, layer, name, repeat):
 
 @torch.no_grad()
 def prefix(net, tok, instructions, batch_size=32):
-    """Per batch of prompts: the input of every layer at every position, the rotary table and mask."""
+    """Per batch of prompts: the input of every layer at every position, the rotary table and
+    mask."""
     device = net.model.embed_tokens.weight.device
     prompts = [tok.encode_chat([{"role": "user", "content": s}]) for s in instructions]
     batches = []
@@ -71,9 +72,11 @@ def perturb(params, generator, scale):
         p.add_(noise * (scale * p.float().std().item()))
 
 
-def scan(net, probes, batches, y, modules=("q", "k", "v", "o"), scale=0.5, repeats=1, seed=0,
-         naive=False):
-    """-> {module: [change per layer]}. naive=True recomputes every layer (to check the prefix reuse)."""
+def scan(
+    net, probes, batches, y, modules=("q", "k", "v", "o"), scale=0.5, repeats=1, seed=0, naive=False
+):
+    """-> {module: [change per layer]}. naive=True recomputes every layer (to check the prefix
+    reuse)."""
     n_layers = net.cfg.n_layers
     clean = features_from(net, batches, 0)
     base = [p.score(x, y)["loss"] for p, x in zip(probes, clean)]
@@ -98,7 +101,8 @@ def scan(net, probes, batches, y, modules=("q", "k", "v", "o"), scale=0.5, repea
 
 
 def choose(table, k):
-    """Mods_Rob: the k modules with the smallest change; also the k with the largest (the control)."""
+    """Mods_Rob: the k modules with the smallest change; also the k with the largest (the
+    control)."""
     ranked = sorted((v, layer, m) for m, row in table.items() for layer, v in enumerate(row))
     if not 0 < k <= len(ranked):
         raise SwatError(f"k={k} must be between 1 and {len(ranked)}")

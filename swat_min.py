@@ -1,8 +1,8 @@
-"""swat-min: secure instruction tuning (SWAT / ML-LR) from scratch: the command line and the pipeline
-(the metrics are in evaluation.py, the options in options.py). `python swat_min.py --help` lists the
-commands; `run` does everything (probe, scan, tune with each strategy, evaluate, report), `demo` does
-it offline on a toy model. Every command takes --help; --model takes a model directory or a hub id
-org/name. Errors in the user's input are printed as one line.
+"""swat-min: secure instruction tuning (SWAT / ML-LR) from scratch: the command line and the
+pipeline (the metrics are in evaluation.py, the options in options.py). `python swat_min.py --help`
+lists the commands; `run` does everything (probe, scan, tune with each strategy, evaluate, report),
+`demo` does it offline on a toy model. Every command takes --help; --model takes a model directory
+or a hub id org/name. Errors in the user's input are printed as one line.
 """
 
 import argparse
@@ -60,11 +60,24 @@ def baseline(net, tok, harmful=None, harmless=None, test_harmful=None, cache_dir
     }
 
 
-def scan_modules(net, tok, harmful, harmless, probes, kinds=("q", "k", "v", "o"), n=64, k=None,
-                 frac=0.5, scale=0.5, repeats=1, seed=0):
+def scan_modules(
+    net,
+    tok,
+    harmful,
+    harmless,
+    probes,
+    kinds=("q", "k", "v", "o"),
+    n=64,
+    k=None,
+    frac=0.5,
+    scale=0.5,
+    repeats=1,
+    seed=0,
+):
     """The robustness scan on n prompts per class -> (table, Mods_Rob, control set, settings).
 
-    Mods_Rob: the k most robust modules (default: frac of the scanned ones); the control: the k least.
+    Mods_Rob: the k most robust modules (default: frac of the scanned ones); the control: the k
+    least.
     """
     n = min(n, len(harmful), len(harmless))
     k = k or round(frac * len(kinds) * net.cfg.n_layers)
@@ -114,8 +127,10 @@ def cmd_probe(args):
     test = data.read_instructions(args.test_harmful) if args.test_harmful else None
     b = baseline(net, tok, *probe_sets(args), test_harmful=test, cache_dir=args.cache)
     source = args.test_harmful or "built-in harmful test split"
-    print(f"held-out: {source} ({len(b['harmful'])}) vs built-in harmless test split "
-          f"({len(b['harmless'])})")
+    print(
+        f"held-out: {source} ({len(b['harmful'])}) vs built-in harmless test split "
+        f"({len(b['harmless'])})"
+    )
     print("layer  acc    auc")
     for layer, s in enumerate(b["scores"]):
         print(f"{layer:5d}  {s['acc']:.3f}  {s['auc']:.3f}")
@@ -130,15 +145,28 @@ def do_scan(args, net, tok, base, out, folder=None):
     kinds = args.modules.split(",")
     unknown = [m for m in kinds if m not in MODULES]
     if unknown:
-        raise SwatError(f"--modules: unknown module {unknown[0]!r}; choose from {', '.join(MODULES)}")
+        raise SwatError(
+            f"--modules: unknown module {unknown[0]!r}; choose from {', '.join(MODULES)}"
+        )
     k = args.k or round(args.frac * len(kinds) * net.cfg.n_layers)
     if not 1 <= k <= len(kinds) * net.cfg.n_layers:  # checked before the scan's minutes
-        raise SwatError(f"Mods_Rob of {k} modules: there are {len(kinds) * net.cfg.n_layers} to "
-                        "choose from")
+        raise SwatError(
+            f"Mods_Rob of {k} modules: there are {len(kinds) * net.cfg.n_layers} to choose from"
+        )
     harmful, harmless = base["train"]
     table, rob, fragile, settings = scan_modules(
-        net, tok, harmful, harmless, base["probes"], kinds, args.n, k, args.frac, args.scale,
-        args.repeats, args.seed,
+        net,
+        tok,
+        harmful,
+        harmless,
+        base["probes"],
+        kinds,
+        args.n,
+        k,
+        args.frac,
+        args.scale,
+        args.repeats,
+        args.seed,
     )
     print(rb.heatmap(table))
     print(f"Mods_Rob ({k} most robust): " + " ".join(f"{l}.{m}" for l, m in sorted(rob)))
@@ -151,9 +179,11 @@ def do_scan(args, net, tok, base, out, folder=None):
     shared = rob & fragile
     if shared:  # the control is meant to be modules the scan did not pick
         n_modules = len(table) * net.cfg.n_layers
-        print(f"note: k={k} is over half of the {n_modules} modules, so the control set (the {k} "
-              f"least robust) shares {len(shared)} modules with Mods_Rob; choose a smaller --k or "
-              "--frac")
+        print(
+            f"note: k={k} is over half of the {n_modules} modules, so the control set (the {k} "
+            f"least robust) shares {len(shared)} modules with Mods_Rob; choose a smaller --k or "
+            "--frac"
+        )
     return rob, fragile
 
 
@@ -183,8 +213,9 @@ def cmd_eval(args):
     task = ()
     if args.data:
         task = data.split(data.read_examples(args.data), args.n_task)[0]
-    row = evaluate(net, tok, "eval", base=base, task=task, gen_path=args.generations,
-                   **eval_options(args))
+    row = evaluate(
+        net, tok, "eval", base=base, task=task, gen_path=args.generations, **eval_options(args)
+    )
     print(json.dumps(row, indent=1))
     if args.generations:
         print(f"wrote {args.generations}")
@@ -195,11 +226,29 @@ def cmd_train(args):
     chats = data.read_examples(args.data)[: args.limit or None]
     mods = train.parse_mods(args.mods, net.cfg.n_layers) if args.mods else set()
     warmup = train.warmup_length("swat", args.steps, args.warmup_frac, args.warmup_steps)
-    train.train(net, tok, chats, args.out, args.strategy, mods, steps=args.steps, lr=args.lr,
-                batch_size=args.batch, accum=args.accum, warmup_steps=warmup, ratio=args.ratio,
-                weight_decay=args.weight_decay, max_len=args.max_len, seed=args.seed,
-                save_every=args.save_every, resume=args.resume, grad_ckpt=args.grad_ckpt,
-                compile=args.compile, skip_long=args.skip_long, scope=args.scope)
+    train.train(
+        net,
+        tok,
+        chats,
+        args.out,
+        args.strategy,
+        mods,
+        steps=args.steps,
+        lr=args.lr,
+        batch_size=args.batch,
+        accum=args.accum,
+        warmup_steps=warmup,
+        ratio=args.ratio,
+        weight_decay=args.weight_decay,
+        max_len=args.max_len,
+        seed=args.seed,
+        save_every=args.save_every,
+        resume=args.resume,
+        grad_ckpt=args.grad_ckpt,
+        compile=args.compile,
+        skip_long=args.skip_long,
+        scope=args.scope,
+    )
     print(f"wrote {args.out} (log: {os.path.join(args.out, 'log.jsonl')})")
 
 
@@ -208,28 +257,53 @@ def cmd_generate(args):
         raise SwatError("generate: give --prompt TEXT (repeatable) or --file FILE")
     net, tok = load(args)
     prompts = args.prompt or data.read_instructions(args.file)
-    texts = answer(net, tok, [user(p) for p in prompts], args.max_new_tokens,
-                   temperature=args.temperature, top_p=args.top_p, progress=len(prompts) > 64)
+    texts = answer(
+        net,
+        tok,
+        [user(p) for p in prompts],
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        progress=len(prompts) > 64,
+    )
     for prompt, text in zip(prompts, texts):
         print(f"### {prompt}\n{text}\n")
 
 
 def cmd_align(args):
-    """Short SFT: harmful train-split instructions -> refusals, harmless -> the model's own answers."""
+    """Short SFT: harmful train-split instructions -> refusals, harmless -> the model's own
+    answers."""
     net, tok = load(args)
     check_folder(args.out, tok)
     options = eval_options(args)
     before = evaluate(net, tok, "before", **options)
     harmful = data.builtin("harmful", "train")
     harmless = data.builtin("harmless", "train")
-    own = answer(net, tok, [user(s) for s in harmless], args.answer_tokens,
-                 batch_size=args.gen_batch, progress=True)
+    own = answer(
+        net,
+        tok,
+        [user(s) for s in harmless],
+        args.answer_tokens,
+        batch_size=args.gen_batch,
+        progress=True,
+    )
     rng = random.Random(args.seed)
     refusals = data.lines("refusals.txt")
     chats = data.chats([(h, rng.choice(refusals)) for h in harmful] + list(zip(harmless, own)))
     # as run does: a prompt too long for --max-len is left out, and counted
-    train.train(net, tok, chats, args.out, "ift", steps=args.steps, lr=args.lr,
-                batch_size=args.batch, max_len=args.max_len, seed=args.seed, skip_long=True)
+    train.train(
+        net,
+        tok,
+        chats,
+        args.out,
+        "ift",
+        steps=args.steps,
+        lr=args.lr,
+        batch_size=args.batch,
+        max_len=args.max_len,
+        seed=args.seed,
+        skip_long=True,
+    )
     after = evaluate(net, tok, "after", **options)
     for r in (before, after):
         print(f"{r['strategy']:>6}: ASR {r['asr']:.1%}  over-refusal {r['over_refusal']:.1%}")
@@ -240,7 +314,9 @@ def cmd_align(args):
 def cmd_run(args):
     """Original model -> probes -> scan -> Mods_Rob -> ift / swat / mllr / control from the same
     start, data, steps and seeds -> evaluation -> results.json, results.md."""
-    check_folder(args.out)  # not among the user's other files; made when its first result is written
+    check_folder(
+        args.out
+    )  # not among the user's other files; made when its first result is written
     net, tok = load(args)
     task, tune = data.split(data.read_examples(args.data), args.n_task)
     tune = tune[: args.limit or None]
@@ -252,10 +328,18 @@ def cmd_run(args):
     settings = {k: v for k, v in vars(args).items() if k != "fn"}
     options = eval_options(args)
     gens = os.path.join(claim(args.out, "original.jsonl"), "original.jsonl")
-    rows = [dict(evaluate(net, tok, "original", base=base, task=task, gen_path=gens, **options),
-                 seed=None)]
-    plan = [("ift", "ift", set()), ("swat", "swat", rob), ("mllr", "mllr", rob),
-            ("control", args.control, fragile)]
+    rows = [
+        dict(
+            evaluate(net, tok, "original", base=base, task=task, gen_path=gens, **options),
+            seed=None,
+        )
+    ]
+    plan = [
+        ("ift", "ift", set()),
+        ("swat", "swat", rob),
+        ("mllr", "mllr", rob),
+        ("control", args.control, fragile),
+    ]
     plan = [p for p in plan if p[0] in args.strategies]
     for seed in dict.fromkeys(args.seeds):  # each seed once, in the order given
         for name, strategy, mods in plan:
@@ -263,18 +347,39 @@ def cmd_run(args):
             folder = os.path.join(claim(args.out, f"{name}-seed{seed}"), f"{name}-seed{seed}")
             start = time.time()
             warmup = train.warmup_length(strategy, args.steps, args.warmup_frac)
-            train.train(net, tok, tune, folder, strategy, mods, steps=args.steps, lr=args.lr,
-                        batch_size=args.batch, warmup_steps=warmup, ratio=args.ratio,
-                        max_len=args.max_len, seed=seed, skip_long=True, scope=args.scope)
+            train.train(
+                net,
+                tok,
+                tune,
+                folder,
+                strategy,
+                mods,
+                steps=args.steps,
+                lr=args.lr,
+                batch_size=args.batch,
+                warmup_steps=warmup,
+                ratio=args.ratio,
+                max_len=args.max_len,
+                seed=seed,
+                skip_long=True,
+                scope=args.scope,
+            )
             gens = os.path.join(claim(folder, "generations.jsonl"), "generations.jsonl")
             row = evaluate(net, tok, name, base=base, task=task, gen_path=gens, **options)
-            row.update(seed=seed, train_time_s=round(time.time() - start, 1), scheme=strategy,
-                       n_mods=len(mods), warmup_steps=warmup)
+            row.update(
+                seed=seed,
+                train_time_s=round(time.time() - start, 1),
+                scheme=strategy,
+                n_mods=len(mods),
+                warmup_steps=warmup,
+            )
             rows.append(row)
             report(args.out, rows, settings)  # after every model: an interrupted run keeps them
     print(open(os.path.join(args.out, "results.md"), encoding="utf-8").read())
-    print(f"wrote {args.out}/results.json, results.md, scan.json and one checkpoint per strategy "
-          "and seed")
+    print(
+        f"wrote {args.out}/results.json, results.md, scan.json and one checkpoint per strategy "
+        "and seed"
+    )
     return rows
 
 
@@ -304,33 +409,90 @@ COMMON = ("model", "device", "dtype", "chat-format", "cache")
 PROBE = ("harmful", "harmless")
 SCAN = ("n", "modules", "scale", "repeats", "k", "frac")
 TRAIN = ("steps", "warmup-frac", "ratio", "scope", "lr", "batch", "max-len", "limit")
-EVAL = ("eval-harmful", "eval-harmless", "n-eval", "max-new-tokens", "gen-batch", "n-task", "n-acc",
-        "task-tokens")
-TRAIN_ONLY = ("data", "strategy", "mods", "out", "warmup-steps", "accum", "weight-decay", "seed",
-              "save-every", "resume", "grad-ckpt", "compile", "skip-long")
+EVAL = (
+    "eval-harmful",
+    "eval-harmless",
+    "n-eval",
+    "max-new-tokens",
+    "gen-batch",
+    "n-task",
+    "n-acc",
+    "task-tokens",
+)
+TRAIN_ONLY = (
+    "data",
+    "strategy",
+    "mods",
+    "out",
+    "warmup-steps",
+    "accum",
+    "weight-decay",
+    "seed",
+    "save-every",
+    "resume",
+    "grad-ckpt",
+    "compile",
+    "skip-long",
+)
 RUN = PROBE + SCAN + TRAIN + EVAL + ("data", "out", "seeds", "strategies", "control")
 # name: (function, what it does, its options, the required ones, its own defaults)
 COMMANDS = {
-    "probe": (cmd_probe, "fit a probe per layer on harmful vs harmless features; print held-out "
-              "accuracy", COMMON + PROBE + ("test-harmful",), ("model",), {}),
-    "scan": (cmd_scan, "module robustness scan: perturb each module, measure the probes, pick "
-             "Mods_Rob", COMMON + PROBE + SCAN + ("out", "seed"), ("model",), {"out": "scan.json"}),
-    "train": (cmd_train, "instruction fine-tuning: plain ift, swat (warm-up of Mods_Rob) or mllr",
-              COMMON + TRAIN + TRAIN_ONLY, ("model", "data", "out"), {}),
-    "eval": (cmd_eval, "ASR, over-refusal, feature drift against --base, task loss on --data",
-             COMMON + EVAL + PROBE + ("base", "data", "batch", "max-len", "generations"),
-             ("model",), {}),
-    "generate": (cmd_generate, "generate answers to prompts with the model's chat format",
-                 COMMON + ("prompt", "file", "max-new-tokens", "temperature", "top-p"), ("model",),
-                 {"max_new_tokens": 128}),
-    "align": (cmd_align, "make an aligned start: short SFT of refusals + the model's own harmless "
-              "answers", COMMON + EVAL + TRAIN + ("out", "answer-tokens", "seed"),
-              ("model", "out"), {"steps": 150, "lr": 5e-5}),
-    "run": (cmd_run, "the pipeline: probe, scan, tune with ift/swat/mllr/control, evaluate, report",
-            COMMON + RUN, ("model", "data", "out"), {}),
-    "demo": (cmd_demo, "the pipeline offline: on a toy model trained here unless --model is given",
-             COMMON + RUN + ("toy-steps",), ("out",),
-             {"steps": 150, "lr": 3e-4, "batch": 16, "n_eval": 52, "max_new_tokens": 24}),
+    "probe": (
+        cmd_probe,
+        "fit a probe per layer on harmful vs harmless features; print held-out accuracy",
+        COMMON + PROBE + ("test-harmful",),
+        ("model",),
+        {},
+    ),
+    "scan": (
+        cmd_scan,
+        "module robustness scan: perturb each module, measure the probes, pick Mods_Rob",
+        COMMON + PROBE + SCAN + ("out", "seed"),
+        ("model",),
+        {"out": "scan.json"},
+    ),
+    "train": (
+        cmd_train,
+        "instruction fine-tuning: plain ift, swat (warm-up of Mods_Rob) or mllr",
+        COMMON + TRAIN + TRAIN_ONLY,
+        ("model", "data", "out"),
+        {},
+    ),
+    "eval": (
+        cmd_eval,
+        "ASR, over-refusal, feature drift against --base, task loss on --data",
+        COMMON + EVAL + PROBE + ("base", "data", "batch", "max-len", "generations"),
+        ("model",),
+        {},
+    ),
+    "generate": (
+        cmd_generate,
+        "generate answers to prompts with the model's chat format",
+        COMMON + ("prompt", "file", "max-new-tokens", "temperature", "top-p"),
+        ("model",),
+        {"max_new_tokens": 128},
+    ),
+    "align": (
+        cmd_align,
+        "make an aligned start: short SFT of refusals + the model's own harmless answers",
+        COMMON + EVAL + TRAIN + ("out", "answer-tokens", "seed"),
+        ("model", "out"),
+        {"steps": 150, "lr": 5e-5},
+    ),
+    "run": (
+        cmd_run,
+        "the pipeline: probe, scan, tune with ift/swat/mllr/control, evaluate, report",
+        COMMON + RUN,
+        ("model", "data", "out"),
+        {},
+    ),
+    "demo": (
+        cmd_demo,
+        "the pipeline offline: on a toy model trained here unless --model is given",
+        COMMON + RUN + ("toy-steps",),
+        ("out",),
+        {"steps": 150, "lr": 3e-4, "batch": 16, "n_eval": 52, "max_new_tokens": 24},
+    ),
 }
 
 
@@ -361,12 +523,24 @@ def main(argv=None):
         sys.exit(130)
     except SwatError as e:
         sys.exit(f"error: {e}")
-    except OSError as e:  # an output that cannot be written (inputs are checked where they are read)
+    except (
+        OSError
+    ) as e:  # an output that cannot be written (inputs are checked where they are read)
         sys.exit(f"error: {e.filename}: {e.strerror or e}" if e.filename else f"error: {e}")
 
 
-INPUTS = ("model", "base", "data", "harmful", "harmless", "test_harmful", "eval_harmful",
-          "eval_harmless", "file", "mods")
+INPUTS = (
+    "model",
+    "base",
+    "data",
+    "harmful",
+    "harmless",
+    "test_harmful",
+    "eval_harmful",
+    "eval_harmless",
+    "file",
+    "mods",
+)
 
 
 def check_paths(args):

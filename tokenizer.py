@@ -1,15 +1,22 @@
-"""The tokenizer (tokenizer.json) and the chat format, written by hand for four families, so that a chat
-becomes exactly the token ids transformers' apply_chat_template gives: chatml (SmolLM2, Qwen2), llama3,
-llama2 and mistral ([INST]). Each family has quirks (a default system prompt, Llama 3.1's dated system
-turn, Mistral's versions); they are read off the checkpoint's own chat_template string."""
-import os, re, sys, time
+"""The tokenizer (tokenizer.json) and the chat format, written by hand for four families, so that a
+chat becomes exactly the token ids transformers' apply_chat_template gives: chatml (SmolLM2, Qwen2),
+llama3, llama2 and mistral ([INST]). Each family has quirks (a default system prompt, Llama 3.1's
+dated system turn, Mistral's versions); they are read off the checkpoint's own chat_template
+string."""
+
+import os
+import re
+import sys
+import time
 from tokenizers import Tokenizer
 from files import SwatError, read_json
 
 
 class Tok:
     """tokenizer.json plus the chat format of the checkpoint in `path`: the family is read off its
-    chat_template string (tokenizer_config.json or chat_template.jinja), or forced with chat_format=."""
+    chat_template string (tokenizer_config.json or chat_template.jinja), or forced with
+    chat_format=."""
+
     FORMATS = ("chatml", "llama3", "llama2", "mistral")
 
     def __init__(self, path, chat_format=None):
@@ -28,9 +35,18 @@ class Tok:
             raise SwatError(f"{tcp}: bos_token and eos_token must be token strings")
         t = tc.get("chat_template") or ""
         if isinstance(t, list):  # named templates: take the default one
-            t = next((x.get("template") for x in t if isinstance(x, dict) and x.get("name") == "default"), "")
+            t = next(
+                (
+                    x.get("template")
+                    for x in t
+                    if isinstance(x, dict) and x.get("name") == "default"
+                ),
+                "",
+            )
         if not isinstance(t, str):
-            raise SwatError(f"{tcp}: chat_template must be a template string or a list of named ones")
+            raise SwatError(
+                f"{tcp}: chat_template must be a template string or a list of named ones"
+            )
         jinja = os.path.join(path, "chat_template.jinja")
         if not t and os.path.exists(jinja):
             try:
@@ -39,13 +55,25 @@ class Tok:
             except (OSError, UnicodeDecodeError) as e:
                 raise SwatError(f"{jinja}: unreadable ({e})") from None
         if not t and not chat_format:  # a base model: no template to read the format off
-            print(f"{path}: no chat template; formatting chats as ChatML (choose with chat_format=)", file=sys.stderr)
+            print(
+                f"{path}: no chat template; formatting chats as ChatML (choose with chat_format=)",
+                file=sys.stderr,
+            )
         if chat_format and chat_format not in self.FORMATS:
-            raise SwatError(f"unknown chat format {chat_format!r}; choose one of {', '.join(self.FORMATS)}")
-        self.format = chat_format or ("llama3" if "<|start_header_id|>" in t else "llama2" if "<<SYS>>" in t
-                                      else "mistral" if "[INST]" in t and "[SYSTEM_PROMPT]" not in t
-                                      else "chatml" if "<|im_start|>" in t or not t
-                                      else None)  # another family's (Zephyr's, Mistral v7's): render() refuses
+            raise SwatError(
+                f"unknown chat format {chat_format!r}; choose one of {', '.join(self.FORMATS)}"
+            )
+        self.format = chat_format or (
+            "llama3"
+            if "<|start_header_id|>" in t
+            else "llama2"
+            if "<<SYS>>" in t
+            else "mistral"
+            if "[INST]" in t and "[SYSTEM_PROMPT]" not in t
+            else "chatml"
+            if "<|im_start|>" in t or not t
+            else None
+        )  # another family's (Zephyr's, Mistral v7's): render() refuses
         # the family's default system prompt, as the template writes it when the user gives none
         # (the text may not hold "<|im_": so each match attempt stops at the next tag, and a long
         # template is read in linear time, not quadratic)
@@ -53,16 +81,25 @@ class Tok:
         self.system = m.group(1).replace("\\n", "\n") if m else None
         # Llama 3.1+ always opens with a dated system turn
         self.dated = "Cutting Knowledge Date" in t
-        m = re.search(r'date_string = "([^"]+)"', t)  # 3.1 fixes a date; 3.2 takes today's (strftime_now)
+        m = re.search(
+            r'date_string = "([^"]+)"', t
+        )  # 3.1 fixes a date; 3.2 takes today's (strftime_now)
         self.date = m.group(1) if m and "strftime_now" not in t else None
-        # Mistral's templates differ by version: spaces around [INST] and before the reply, a trimmed reply,
-        # the system prompt in the first or the last user turn. Read them off the template.
+        # Mistral's templates differ by version: spaces around [INST] and before the reply, a
+        # trimmed reply, the system prompt in the first or the last user turn. Read them off the
+        # template.
         lit = lambda pat, default: (re.findall(r"['\"](%s)['\"]" % pat, t) or [default])[0]
-        self.inst = (lit(r" ?\[INST\] ?", "[INST] "), lit(r" ?\[/INST\]", " [/INST]"),
-                     re.search(r"['\"] ['\"] *\+ *message\[['\"]content", t) is not None,
-                     re.search(r"content['\"]\] *\| *trim *\+ *eos_token", t) is not None,
-                     "loop.last and system_message" in t)
-        ids = [self.tk.token_to_id(s) for s in (self.eos, "<|im_end|>", "<|eot_id|>", "<|end_of_text|>")]
+        self.inst = (
+            lit(r" ?\[INST\] ?", "[INST] "),
+            lit(r" ?\[/INST\]", " [/INST]"),
+            re.search(r"['\"] ['\"] *\+ *message\[['\"]content", t) is not None,
+            re.search(r"content['\"]\] *\| *trim *\+ *eos_token", t) is not None,
+            "loop.last and system_message" in t,
+        )
+        ids = [
+            self.tk.token_to_id(s)
+            for s in (self.eos, "<|im_end|>", "<|eot_id|>", "<|end_of_text|>")
+        ]
         self.stop_ids = {i for i in ids if i is not None}
 
     def encode(self, text, special=True):
@@ -76,13 +113,19 @@ class Tok:
 
     def render(self, messages, add_generation_prompt=True):
         """The chat as text, exactly as the family's template renders it."""
-        if not isinstance(messages, (list, tuple)) or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                                                              and isinstance(m.get("content"), str) for m in messages):
+        if not isinstance(messages, (list, tuple)) or not all(
+            isinstance(m, dict)
+            and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str)
+            for m in messages
+        ):
             raise SwatError("chat: messages must be a list of {'role': ..., 'content': text} dicts")
         msgs, f = list(messages), self.format
         if f is None:
-            raise SwatError(f"{self.path}: its chat template is of none of the families swat-min writes "
-                            f"({', '.join(self.FORMATS)}); choose one with chat_format= (--chat-format)")
+            raise SwatError(
+                f"{self.path}: its chat template is of none of the families swat-min writes "
+                f"({', '.join(self.FORMATS)}); choose one with chat_format= (--chat-format)"
+            )
         sys = msgs.pop(0)["content"] if msgs and msgs[0]["role"] == "system" else None
         if f == "chatml":
             sys = sys if sys is not None else self.system
@@ -94,23 +137,42 @@ class Tok:
             s = self.bos
             if self.dated:
                 date = self.date or time.strftime("%d %b %Y")
-                s += turn("system", f"Cutting Knowledge Date: December 2023\nToday Date: {date}\n\n"
-                                    + (sys or "").strip())
+                s += turn(
+                    "system",
+                    f"Cutting Knowledge Date: December 2023\nToday Date: {date}\n\n"
+                    + (sys or "").strip(),
+                )
             elif sys is not None:
                 s += turn("system", sys.strip())
             s += "".join(turn(m["role"], m["content"].strip()) for m in msgs)
-            return s + ("<|start_header_id|>assistant<|end_header_id|>\n\n" if add_generation_prompt else "")
-        if f == "llama2":  # the system prompt goes into the first user turn; each user turn opens with bos
+            return s + (
+                "<|start_header_id|>assistant<|end_header_id|>\n\n" if add_generation_prompt else ""
+            )
+        if (
+            f == "llama2"
+        ):  # the system prompt goes into the first user turn; each user turn opens with bos
             if sys is not None and msgs:
-                msgs[0] = dict(msgs[0], content=f"<<SYS>>\n{sys}\n<</SYS>>\n\n" + msgs[0]["content"])
-            return "".join(f"{self.bos}[INST] {m['content'].strip()} [/INST]" if m["role"] == "user"
-                           else f" {m['content'].strip()} {self.eos}" for m in msgs)
+                msgs[0] = dict(
+                    msgs[0], content=f"<<SYS>>\n{sys}\n<</SYS>>\n\n" + msgs[0]["content"]
+                )
+            return "".join(
+                f"{self.bos}[INST] {m['content'].strip()} [/INST]"
+                if m["role"] == "user"
+                else f" {m['content'].strip()} {self.eos}"
+                for m in msgs
+            )
         start, end, space, trim, last = self.inst  # mistral
-        i = -1 if last else 0  # the system prompt joins that turn when it is the user's (else it is dropped)
+        i = (
+            -1 if last else 0
+        )  # the system prompt joins that turn when it is the user's (else it is dropped)
         if sys is not None and msgs and msgs[i]["role"] == "user":
             msgs[i] = dict(msgs[i], content=f"{sys}\n\n" + msgs[i]["content"])
-        return self.bos + "".join(f"{start}{m['content']}{end}" if m["role"] == "user" else
-                                  " " * space + (m["content"].strip() if trim else m["content"]) + self.eos for m in msgs)
+        return self.bos + "".join(
+            f"{start}{m['content']}{end}"
+            if m["role"] == "user"
+            else " " * space + (m["content"].strip() if trim else m["content"]) + self.eos
+            for m in msgs
+        )
 
     def encode_chat(self, messages, add_generation_prompt=True):
         return self.encode(self.render(messages, add_generation_prompt), special=False)

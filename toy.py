@@ -1,44 +1,105 @@
-"""The offline demo's model organism: a BPE tokenizer and a 4-layer LLaMA trained from scratch, in a few
-minutes on a CPU, to refuse the built-in harmful train split and answer the harmless one, so that it
-starts aligned and SWAT has something to protect. Also a benign tuning task it never saw: two-digit
-addition. A toy: its numbers show the pipeline working, not the method's merit."""
-import json, os, random
+"""The offline demo's model organism: a BPE tokenizer and a 4-layer LLaMA trained from scratch, in a
+few minutes on a CPU, to refuse the built-in harmful train split and answer the harmless one, so
+that it starts aligned and SWAT has something to protect. Also a benign tuning task it never saw:
+two-digit addition. A toy: its numbers show the pipeline working, not the method's merit."""
+
+import json
+import os
+import random
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-import data, model, tokenizer, train
+import data
+import model
+import tokenizer
+import train
 from files import claim, write_text
 
 
 def build(out, seed=0, steps=400):
-    """-> (model directory, tuning data file) under out. Deterministic for a seed and library versions."""
-    rng, refusals, helpful = random.Random(seed), data.lines("refusals.txt"), data.lines("helpful_toy.txt")
+    """-> (model directory, tuning data file) under out. Deterministic for a seed and library
+    versions."""
+    rng, refusals, helpful = (
+        random.Random(seed),
+        data.lines("refusals.txt"),
+        data.lines("helpful_toy.txt"),
+    )
     H, S = data.builtin("harmful", "train"), data.builtin("harmless", "train")
-    chats = data.chats([(h, rng.choice(refusals)) for h in H] + [(s, rng.choice(helpful)) for s in S])
+    chats = data.chats(
+        [(h, rng.choice(refusals)) for h in H] + [(s, rng.choice(helpful)) for s in S]
+    )
     sums = [(rng.randint(1, 99), rng.randint(1, 99)) for _ in range(1200)]
-    task = [{"instruction": f"What is {x} plus {y}?", "output": f"Sure! {x} plus {y} is {x + y}."} for x, y in sums]
+    task = [
+        {"instruction": f"What is {x} plus {y}?", "output": f"Sure! {x} plus {y} is {x + y}."}
+        for x, y in sums
+    ]
     tdir, mdir = os.path.join(out, "toy-tokenizer"), os.path.join(out, "toy-model")
     for entry in ("toy-tokenizer", "toy-task.jsonl", "toy-model"):  # listed in out's manifest first
         claim(out, entry)
     os.makedirs(tdir, exist_ok=True)
     write_text(os.path.join(out, "toy-task.jsonl"), "".join(json.dumps(t) + "\n" for t in task))
     tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer, tk.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    texts = data.builtin("harmful") + data.builtin("harmless") + refusals + helpful + [t["output"] for t in task]
-    tk.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=1024, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tk.pre_tokenizer, tk.decoder = (
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+        decoders.ByteLevel(),
+    )
+    texts = (
+        data.builtin("harmful")
+        + data.builtin("harmless")
+        + refusals
+        + helpful
+        + [t["output"] for t in task]
+    )
+    tk.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=1024,
+            special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     tk.save(os.path.join(tdir, "tokenizer.json"))
-    template = ("{% for m in messages %}{{'<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n'}}{% endfor %}"
-                "{% if add_generation_prompt %}{{'<|im_start|>assistant\\n'}}{% endif %}")
-    write_text(os.path.join(tdir, "tokenizer_config.json"), json.dumps(
-        {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>", "chat_template": template}))
-    cfg = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": tk.get_vocab_size(),
-           "hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 4, "num_attention_heads": 4,
-           "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 256,
-           "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu"}
+    template = (
+        "{% for m in messages %}{{'<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+        "'<|im_end|>\\n'}}{% endfor %}"
+        "{% if add_generation_prompt %}{{'<|im_start|>assistant\\n'}}{% endif %}"
+    )
+    write_text(
+        os.path.join(tdir, "tokenizer_config.json"),
+        json.dumps(
+            {
+                "bos_token": "<|im_start|>",
+                "eos_token": "<|im_end|>",
+                "pad_token": "<|im_end|>",
+                "chat_template": template,
+            }
+        ),
+    )
+    cfg = {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": tk.get_vocab_size(),
+        "hidden_size": 128,
+        "intermediate_size": 352,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 256,
+        "tie_word_embeddings": True,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "hidden_act": "silu",
+    }
     write_text(os.path.join(tdir, "config.json"), json.dumps(cfg))
     torch.manual_seed(seed)
-    net, tok = model.LLaMA(model.read_config(os.path.join(tdir, "config.json"))), tokenizer.Tok(tdir)
+    net, tok = (
+        model.LLaMA(model.read_config(os.path.join(tdir, "config.json"))),
+        tokenizer.Tok(tdir),
+    )
     for p in net.parameters():
         torch.nn.init.normal_(p, std=0.02) if p.ndim == 2 else torch.nn.init.ones_(p)
-    train.train(net, tok, chats, mdir, "ift", steps=steps, lr=3e-3, batch_size=32, max_len=96, seed=seed)
+    train.train(
+        net, tok, chats, mdir, "ift", steps=steps, lr=3e-3, batch_size=32, max_len=96, seed=seed
+    )
     return mdir, os.path.join(out, "toy-task.jsonl")

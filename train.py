@@ -6,9 +6,9 @@
         module of Mods_Rob's kinds) at base * ratio.
 
 SWAT's switch to phase 2 is one named step of the loop (enter_phase): the Mods_Rob groups keep their
-Adam moments (their optimisation just goes on), the released groups start from zero moments and their
-own bias correction (as if just created), and the learning-rate schedule starts again, so phase 2 is
-plain IFT from a better start.
+Adam moments (their optimisation just goes on), the released groups start from zero moments and
+their own bias correction (as if just created), and the learning-rate schedule starts again, so
+phase 2 is plain IFT from a better start.
 """
 
 import hashlib
@@ -22,8 +22,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import checks
-import model
-from checkpoint import fingerprint, read_log, recover
+from checkpoint import fingerprint, load_trainer, read_log, recover, save_trainer
 from files import SwatError, check_folder, claim, read_json, write_text
 from model import MODULES
 
@@ -32,10 +31,10 @@ class AdamW:
     """AdamW (decoupled weight decay) over parameter groups.
 
     Each group may carry its own lr, betas, eps, weight_decay and a "trainable" flag, and counts its
-    own steps (for the bias correction). The trainer scales every group's lr by .scale (the schedule).
-    impl: "reference" (the update below, tensor by tensor), or two speed-ups computing the same:
-    "foreach" (each line over all tensors at once) and "fused" (torch's one-kernel AdamW, the default
-    on a GPU: one pass over the state instead of seven).
+    own steps (for the bias correction). The trainer scales every group's lr by .scale (the
+    schedule). impl: "reference" (the update below, tensor by tensor), or two speed-ups computing
+    the same: "foreach" (each line over all tensors at once) and "fused" (torch's one-kernel AdamW,
+    the default on a GPU: one pass over the state instead of seven).
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, impl=None):
@@ -44,7 +43,9 @@ class AdamW:
             raise SwatError("AdamW: no parameters to optimise")
         groups = params if isinstance(params[0], dict) else [{"params": params}]
         checks.optimizer_args(groups, lr, betas, eps, weight_decay, impl)
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, trainable=True, step=0)
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, trainable=True, step=0
+        )
         self.param_groups = [{**defaults, **g, "params": list(g["params"])} for g in groups]
         self.scale = 1.0
         on_gpu = all(p.is_cuda for g in self.param_groups for p in g["params"])
@@ -72,12 +73,23 @@ class AdamW:
             if self.impl == "reference":
                 for p in params:
                     m, v = self.state[p]
-                    adamw_update(p, p.grad, m, v, lr, *g["betas"], g["eps"], g["weight_decay"], g["step"])
+                    adamw_update(
+                        p, p.grad, m, v, lr, *g["betas"], g["eps"], g["weight_decay"], g["step"]
+                    )
             else:
                 update = adamw_fused if self.impl == "fused" else adamw_foreach
                 moments = [self.state[p] for p in params]
-                update(params, [p.grad for p in params], [m for m, _ in moments],
-                       [v for _, v in moments], lr, *g["betas"], g["eps"], g["weight_decay"], g["step"])
+                update(
+                    params,
+                    [p.grad for p in params],
+                    [m for m, _ in moments],
+                    [v for _, v in moments],
+                    lr,
+                    *g["betas"],
+                    g["eps"],
+                    g["weight_decay"],
+                    g["step"],
+                )
         return loss
 
     def zero_grad(self, set_to_none=True):
@@ -119,15 +131,29 @@ def adamw_foreach(ps, grads, ms, vs, lr, beta1, beta2, eps, weight_decay, step):
 def adamw_fused(ps, grads, ms, vs, lr, beta1, beta2, eps, weight_decay, step):
     """Speed-up: adamw_update as torch's fused kernel, one pass over the state (GPU)."""
     steps = [torch.tensor(float(step), device=ps[0].device)] * len(ps)
-    torch._fused_adamw_(ps, grads, ms, vs, [], steps, lr=lr, beta1=beta1, beta2=beta2,
-                        weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False)
+    torch._fused_adamw_(
+        ps,
+        grads,
+        ms,
+        vs,
+        [],
+        steps,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        weight_decay=weight_decay,
+        eps=eps,
+        amsgrad=False,
+        maximize=False,
+    )
 
 
 # ---- examples -> batches ----
 
 
 def encode(tok, chat, max_len, where="example"):
-    """-> (ids, labels): labels are -100 on the prompt, so the loss counts only the response tokens."""
+    """-> (ids, labels): labels are -100 on the prompt, so the loss counts only the response
+    tokens."""
     full = tok.encode_chat(chat, add_generation_prompt=False)
     # the reply starts where the same chat with an empty reply stops agreeing (not where the
     # generation prompt ends: some templates rearrange a chat that ends with a reply, e.g. Mistral
@@ -142,7 +168,8 @@ def encode(tok, chat, max_len, where="example"):
 
 
 def encode_all(tok, chats, max_len, skip_long=False, what="example"):
-    """Encode every chat; one whose prompt does not fit max_len is an error, or, with skip_long, left
+    """Encode every chat; one whose prompt does not fit max_len is an error, or, with skip_long,
+    left
     out (and counted, so nothing is dropped silently)."""
     out = []
     for i, chat in enumerate(chats):
@@ -160,7 +187,8 @@ def encode_all(tok, chats, max_len, skip_long=False, what="example"):
 
 
 def collate(rows, device):
-    """Right padding: causal attention never looks ahead, so pads need no mask and sdpa stays fast."""
+    """Right padding: causal attention never looks ahead, so pads need no mask and sdpa stays
+    fast."""
     width = max(len(ids) for ids, _ in rows)
     ids = [i + [0] * (width - len(i)) for i, _ in rows]
     labels = [l + [-100] * (width - len(l)) for _, l in rows]
@@ -171,11 +199,14 @@ def loss_fn(net, ids, labels):
     """The summed cross-entropy of the response tokens (the prompt's labels are -100)."""
     logits = net(ids[:, :-1])
     targets = labels[:, 1:].flatten()
-    return F.cross_entropy(logits.float().flatten(0, 1), targets, ignore_index=-100, reduction="sum")
+    return F.cross_entropy(
+        logits.float().flatten(0, 1), targets, ignore_index=-100, reduction="sum"
+    )
 
 
 def order(n, seed, epoch):
-    """The data order of an epoch: a pure function of (seed, epoch), so a resumed run sees the same."""
+    """The data order of an epoch: a pure function of (seed, epoch), so a resumed run sees the
+    same."""
     generator = torch.Generator().manual_seed(seed * 1000 + epoch)
     return torch.randperm(n, generator=generator).tolist()
 
@@ -184,7 +215,8 @@ def order(n, seed, epoch):
 
 
 def parse_mods(spec, n_layers, key="mods_rob"):
-    """'q,k' (all layers), '0-11:q,k;12-29:v', or a scan JSON (its mods_rob list) -> {(layer, m)}."""
+    """'q,k' (all layers), '0-11:q,k;12-29:v', or a scan JSON (its mods_rob list) -> {(layer,
+    m)}."""
     spec = os.fspath(spec)
     if spec.endswith(".json"):
         try:
@@ -199,7 +231,9 @@ def parse_mods(spec, n_layers, key="mods_rob"):
             try:
                 layers = range(int(lo), int(hi or lo) + 1)
             except ValueError:
-                raise SwatError(f"module selector {part!r}: bad layer range {layers_text!r}") from None
+                raise SwatError(
+                    f"module selector {part!r}: bad layer range {layers_text!r}"
+                ) from None
             where = f"module selector {part!r}"
             pairs += [(layer, m, where) for m in names.split(",") for layer in layers]
     for layer, m, where in pairs:  # a scan of another model is caught here too
@@ -214,7 +248,8 @@ def parse_mods(spec, n_layers, key="mods_rob"):
 
 def param_groups(net, strategy, mods, lr, ratio, weight_decay, scope="all"):
     """Groups by (selected, slowed, matrix): the selected modules and the rest, matrices decayed,
-    norms and biases not. mllr gives the rest lr * ratio: every other parameter (scope "all") or only
+    norms and biases not. mllr gives the rest lr * ratio: every other parameter (scope "all") or
+    only
     the other modules of Mods_Rob's kinds, e.g. the other q/k/v/o (scope "modules": MLPs, embeddings
     and norms keep lr). swat starts with the rest frozen."""
     if scope not in ("all", "modules"):
@@ -270,21 +305,56 @@ def schedule(step, total, warmup_frac=0.1):
 # ---- the loop ----
 
 
-def train(net, tok, chats, out, strategy="ift", mods=(), steps=100, lr=2e-5, batch_size=8, accum=1,
-          warmup_steps=0, ratio=0.1, weight_decay=0.0, clip=1.0, max_len=512, seed=0, save_every=0,
-          resume=False, grad_ckpt=False, compile=False, skip_long=False, scope="all"):
+def train(
+    net,
+    tok,
+    chats,
+    out,
+    strategy="ift",
+    mods=(),
+    steps=100,
+    lr=2e-5,
+    batch_size=8,
+    accum=1,
+    warmup_steps=0,
+    ratio=0.1,
+    weight_decay=0.0,
+    clip=1.0,
+    max_len=512,
+    seed=0,
+    save_every=0,
+    resume=False,
+    grad_ckpt=False,
+    compile=False,
+    skip_long=False,
+    scope="all",
+):
     """Tune net on chats; write an HF checkpoint (plus optimizer state) to out. -> the log rows.
 
     steps: of normal training; swat adds warmup_steps of phase 1 before them.
     """
-    checks.train_args(strategy, mods, steps, lr, batch_size, accum, warmup_steps, ratio,
-                      weight_decay, clip, max_len, save_every)
+    checks.train_args(
+        strategy,
+        mods,
+        steps,
+        lr,
+        batch_size,
+        accum,
+        warmup_steps,
+        ratio,
+        weight_decay,
+        clip,
+        max_len,
+        save_every,
+    )
     out = os.path.abspath(os.fspath(out))
     recover(out)  # a save that a fault interrupted is finished (or rolled back) first
     check_folder(out, tok)  # checked now, not after the training
     device = net.model.embed_tokens.weight.device
     if net.model.embed_tokens.weight.dtype != torch.float32:
-        print("training low-precision weights: small updates are rounded away; load with dtype fp32")
+        print(
+            "training low-precision weights: small updates are rounded away; load with dtype fp32"
+        )
     if strategy == "swat" and warmup_steps == 0:
         print("swat with 0 warm-up steps is plain ift (raise --warmup-frac or --warmup-steps)")
     data = encode_all(tok, chats, max_len, skip_long)
@@ -300,15 +370,26 @@ def train(net, tok, chats, out, strategy="ift", mods=(), steps=100, lr=2e-5, bat
     # what the updates depend on besides the groups: saved with every checkpoint and checked by
     # resume, so that a run is never continued with another model, data or settings unsaid
     data_hash = hashlib.sha256(json.dumps(data).encode()).hexdigest()[:16]
-    opt.settings = dict(phases=[phase1, steps], lr=lr, batch_size=batch_size, accum=accum,
-                        ratio=ratio, weight_decay=weight_decay, clip=clip, seed=seed,
-                        model=source, data=data_hash)
+    opt.settings = dict(
+        phases=[phase1, steps],
+        lr=lr,
+        batch_size=batch_size,
+        accum=accum,
+        ratio=ratio,
+        weight_decay=weight_decay,
+        clip=clip,
+        seed=seed,
+        model=source,
+        data=data_hash,
+    )
     log = os.path.join(out, "log.jsonl")
     step = 0
     rows = []
     if resume and os.path.exists(os.path.join(out, "trainer.safetensors")):
-        step = _load_state(opt, net, out)
-        rows = read_log(log, step)  # the log up to the checkpoint: the steps after it are done again
+        step = load_trainer(opt, net, out)
+        rows = read_log(
+            log, step
+        )  # the log up to the checkpoint: the steps after it are done again
     elif resume:
         print(f"{out}: no checkpoint to resume from; starting afresh")
     claim(out, "log.jsonl")  # the folder is swat-min's from now on; the log grows at every step
@@ -333,7 +414,9 @@ def train(net, tok, chats, out, strategy="ift", mods=(), steps=100, lr=2e-5, bat
         # the micro-batches of this step: k-th slice of the seeded order of its epoch
         micro = []
         for k in range(step * accum, (step + 1) * accum):
-            idx = order(len(data), seed, k // per_epoch)[(k % per_epoch) * batch_size :][:batch_size]
+            idx = order(len(data), seed, k // per_epoch)[(k % per_epoch) * batch_size :][
+                :batch_size
+            ]
             micro.append([data[i] for i in idx])
         # the loss is a mean over every response token of the step
         n_resp = sum(sum(t != -100 for t in labels[1:]) for mb in micro for _, labels in mb)
@@ -350,9 +433,15 @@ def train(net, tok, chats, out, strategy="ift", mods=(), steps=100, lr=2e-5, bat
         grad_norm = torch.nn.utils.clip_grad_norm_(with_grad, clip)
         if not (math.isfinite(loss_sum) and grad_norm.isfinite()):
             # stopped before the update: the weights and the checkpoint stay whole
-            kept = f"{out} keeps the checkpoint of step {saved}" if saved else "no checkpoint was saved"
-            raise SwatError(f"non-finite loss or gradient at step {step + 1} (lr too high?); stopped "
-                            f"before updating the weights; {kept}")
+            kept = (
+                f"{out} keeps the checkpoint of step {saved}"
+                if saved
+                else "no checkpoint was saved"
+            )
+            raise SwatError(
+                f"non-finite loss or gradient at step {step + 1} (lr too high?); stopped "
+                f"before updating the weights; {kept}"
+            )
         opt.step()
         opt.zero_grad()
         row = {
@@ -368,72 +457,11 @@ def train(net, tok, chats, out, strategy="ift", mods=(), steps=100, lr=2e-5, bat
         with open(log, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
         if save_every and (step + 1) % save_every == 0 and step + 1 < total:
-            _save(net, tok, opt, out, step + 1, rows)
+            save_trainer(net, tok, opt, out, step + 1, rows)
             saved = step + 1
     for p in net.parameters():
         p.requires_grad_(True)
-    _save(net, tok, opt, out, total, rows)
+    save_trainer(net, tok, opt, out, total, rows)
     net.eval()
     net.grad_ckpt = False
     return rows
-
-
-def _save(net, tok, opt, out, step, rows):
-    """The checkpoint: weights, Adam moments and step counts, what resume checks, and the log."""
-    names = {p: n for g in opt.param_groups for p, n in zip(g["params"], g["names"])}
-    tensors = {}
-    for p, (m, v) in opt.state.items():
-        tensors[f"m.{names[p]}"] = m
-        tensors[f"v.{names[p]}"] = v
-    meta = {
-        "step": step,
-        "group_steps": [g["step"] for g in opt.param_groups],
-        "groups": [g["names"] for g in opt.param_groups],
-        "settings": opt.settings,
-    }
-    log = "".join(json.dumps(r) + "\n" for r in rows)  # save() replaces the folder: the log goes too
-    extra = {"trainer.safetensors": tensors, "trainer.json": meta, "log.jsonl": log}
-    model.save(net, tok, out, extra=extra)
-
-
-def _load_state(opt, net, out):
-    """Put the checkpoint in out back into net and opt -> its step. A checkpoint of another run, or
-    a damaged one, is one line that says so."""
-    try:
-        return _read_state(opt, net, out)
-    except SwatError:
-        raise
-    except Exception as e:  # a truncated safetensors file, a trainer.json without its fields
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise SwatError(f"{out}: its checkpoint is damaged ({reason}); it cannot be resumed: train "
-                        "without --resume, into a new folder") from None
-
-
-def _read_state(opt, net, out):
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    meta = read_json(os.path.join(out, "trainer.json"))
-    other = SwatError(f"{out}: its checkpoint was trained with another strategy, module set, number "
-                      "of steps, model, data or settings; resume with the same ones, or train into "
-                      "a new folder")
-    names = [g["names"] for g in opt.param_groups]
-    if (meta.get("groups"), meta.get("settings")) != (names, opt.settings):
-        raise other
-    if type(meta.get("step")) is not int or len(meta.get("group_steps", ())) != len(names):
-        raise ValueError("trainer.json has no step or group_steps")
-    device = str(net.model.embed_tokens.weight.device)
-    params = net.state_dict()
-    tensors = load_file(os.path.join(out, "trainer.safetensors"), device=device)
-    with safe_open(os.path.join(out, "model.safetensors"), framework="pt", device=device) as f:
-        for name in f.keys():  # our own save: the same names; one tensor at a time, no second copy
-            t = f.get_tensor(name)
-            if name not in params or t.shape != params[name].shape:
-                raise other
-            params[name].copy_(t)
-    for g, group_step in zip(opt.param_groups, meta["group_steps"]):
-        g["step"] = group_step
-        for p, n in zip(g["params"], g["names"]):
-            opt.state[p][0].copy_(tensors[f"m.{n}"])
-            opt.state[p][1].copy_(tensors[f"v.{n}"])
-    return meta["step"]

@@ -1,11 +1,13 @@
-"""Training-step throughput: swat-min's loop pieces (train.loss_fn + train.AdamW) against transformers
-LlamaForCausalLM (sdpa) + torch.optim.AdamW(fused=True), same weights, shapes, dtype and device.
-bf16 autocast with fp32 weights on CUDA, fp32 on CPU. One JSON line per case.
+"""Training-step throughput: swat-min's loop pieces (train.loss_fn + train.AdamW) against
+transformers LlamaForCausalLM (sdpa) + torch.optim.AdamW(fused=True), same weights, shapes, dtype
+and device. bf16 autocast with fp32 weights on CUDA, fp32 on CPU. One JSON line per case.
 
     python bench/bench_train.py            # the GPU cases
     python bench/bench_train.py --tiny     # a CPU smoke test in seconds
-    --compile also measures swat-min with every block compiled (train --compile), against the same reference
+    --compile also measures swat-min with every block compiled (train --compile), against the same
+    reference
 """
+
 import gc
 import torch
 from common import args, emit, ours, peak_gb, peak_reset, reference, timed, SHAPES
@@ -13,7 +15,8 @@ import train
 
 CASES = [("smollm2-135m", 16, 512), ("smollm2-135m", 32, 1024), ("llama-3.2-1b", 8, 1024)]
 TINY = [("tiny", 4, 64), ("tiny", 8, 128)]
-PEAK = 989.4e12  # dense bf16 FLOP/s of an H100 SXM or H200 (NVIDIA's spec; twice that is with sparsity)
+# dense bf16 FLOP/s of an H100 SXM or H200 (NVIDIA's spec; twice that is with sparsity)
+PEAK = 989.4e12
 
 
 def flops_per_token(shape, T):
@@ -32,9 +35,16 @@ def measure(step, device, steps):
 
 
 def main():
-    a = args(lambda ap: (ap.add_argument("--steps", type=int, default=10), ap.add_argument("--compile", action="store_true")))
+    a = args(
+        lambda ap: (
+            ap.add_argument("--steps", type=int, default=10),
+            ap.add_argument("--compile", action="store_true"),
+        )
+    )
     cuda = a.device.startswith("cuda")
-    amp = lambda: torch.autocast("cuda", torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    amp = lambda: (
+        torch.autocast("cuda", torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    )
     for shape, B, T in TINY if a.tiny else CASES:
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(0, SHAPES[shape]["vocab_size"], (B, T), generator=g).to(a.device)
@@ -49,9 +59,10 @@ def main():
             torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
             ropt.step()
             ropt.zero_grad(set_to_none=True)
+
         ref_s, ref_mem = measure(ref_step, a.device, a.steps)
         net = ours(ref, a.device).train()
-        del ref, ropt
+        ref = ropt = None  # frees the reference's memory (its step closure sees None now)
         gc.collect()
         opt = train.AdamW(net.parameters(), lr=1e-5)
 
@@ -62,18 +73,27 @@ def main():
             torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
             opt.step()
             opt.zero_grad()
+
         tok, fpt = B * T, flops_per_token(shape, T)
         for compiled in (False, True) if a.compile else (False,):  # the same reference for both
             if compiled:
                 for layer in net.model.layers:
                     layer.compile()
             our_s, our_mem = measure(our_step, a.device, a.steps)
-            emit(bench="train", case=f"{shape} {B}x{T}", device=a.device, compile=compiled,
-                 swat_tok_s=round(tok / our_s), ref_tok_s=round(tok / ref_s), ratio=round(ref_s / our_s, 3),
-                 swat_mfu=round(tok / our_s * fpt / PEAK, 3) if cuda else None,
-                 ref_mfu=round(tok / ref_s * fpt / PEAK, 3) if cuda else None,
-                 swat_peak_gb=our_mem, ref_peak_gb=ref_mem)
-        del net, opt
+            emit(
+                bench="train",
+                case=f"{shape} {B}x{T}",
+                device=a.device,
+                compile=compiled,
+                swat_tok_s=round(tok / our_s),
+                ref_tok_s=round(tok / ref_s),
+                ratio=round(ref_s / our_s, 3),
+                swat_mfu=round(tok / our_s * fpt / PEAK, 3) if cuda else None,
+                ref_mfu=round(tok / ref_s * fpt / PEAK, 3) if cuda else None,
+                swat_peak_gb=our_mem,
+                ref_peak_gb=ref_mem,
+            )
+        net = opt = None  # frees this case's model before the next one
         gc.collect()
 
 

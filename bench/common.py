@@ -1,30 +1,73 @@
-"""Shared by the benchmarks: random-weight models of real shapes, built with transformers, and the same
-weights in swat-min's model. Both sides always run in the same process, on the same device and dtype."""
-import argparse, json, os, sys, time
+"""Shared by the benchmarks: random-weight models of real shapes, built with transformers, and the
+same weights in swat-min's model. Both sides always run in the same process, on the same device and
+dtype."""
+
+import argparse
+import json
+import os
+import sys
+import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import model  # noqa: E402
 
 SHAPES = {  # name: transformers LlamaConfig keywords
-    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                         num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True, rope_theta=1e5),
-    "llama-3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                         num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True, rope_theta=5e5,
-                         rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
-    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+    "smollm2-135m": dict(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        tie_word_embeddings=True,
+        rope_theta=1e5,
+    ),
+    "llama-3.2-1b": dict(
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        tie_word_embeddings=True,
+        rope_theta=5e5,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    ),
+    "tiny": dict(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    ),
 }
 
 
 def reference(shape, device, dtype=torch.float32, seed=0):
-    """A transformers LlamaForCausalLM (sdpa attention) of the given shape with seeded random weights."""
+    """A transformers LlamaForCausalLM (sdpa attention) of the given shape with seeded random
+    weights."""
     import transformers as tf
+
     torch.manual_seed(seed)
-    cfg = tf.LlamaConfig(max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, attn_implementation="sdpa",
-                         **SHAPES[shape])
-    with torch.device(device):  # initialised where it runs: a 1B model's random init on the CPU takes long
+    cfg = tf.LlamaConfig(
+        max_position_embeddings=4096,
+        bos_token_id=1,
+        eos_token_id=2,
+        attn_implementation="sdpa",
+        **SHAPES[shape],
+    )
+    with torch.device(
+        device
+    ):  # initialised where it runs: a 1B model's random init on the CPU takes long
         return tf.LlamaForCausalLM(cfg).to(dtype=dtype).eval()
 
 
@@ -61,7 +104,11 @@ def peak_reset(device):
 
 
 def peak_gb(device):
-    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.device(device).type == "cuda" else None
+    return (
+        round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        if torch.device(device).type == "cuda"
+        else None
+    )
 
 
 def args(extra=None):
@@ -76,6 +123,10 @@ def args(extra=None):
 
 
 def emit(**row):
-    row["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() and row.get("device") != "cpu" else "cpu"
+    row["device"] = (
+        torch.cuda.get_device_name()
+        if torch.cuda.is_available() and row.get("device") != "cpu"
+        else "cpu"
+    )
     row["date"] = time.strftime("%Y-%m-%d")
     print(json.dumps(row), flush=True)

@@ -1,24 +1,39 @@
-"""The dev-set sweep behind the chosen settings (SWAT's warm-up length, ML-LR's ratio; RESULTS.md has its runs).
+"""The dev-set sweep behind the chosen settings (SWAT's warm-up length, ML-LR's ratio; RESULTS.md
+has its runs).
 
-Every setting tunes the same start on the same data, steps and seed, and is scored only on data that the
-reported results never use: the harmful prompts of --dev-harmful from row --dev-start on (the README's
-tables report the first 100 of the same file), and --n-dev tuning examples held out from tuning as well as
-from `run`'s task metrics. One JSON line per setting goes to stdout and to OUT/sweep.jsonl, and
-OUT/results.md holds the table (with the cut of the ASR rise and the task loss against ift).
+Every setting tunes the same start on the same data, steps and seed, and is scored only on data that
+the reported results never use: the harmful prompts of --dev-harmful from row --dev-start on (the
+README's tables report the first 100 of the same file), and --n-dev tuning examples held out from
+tuning as well as from `run`'s task metrics. One JSON line per setting goes to stdout and to
+OUT/sweep.jsonl, and OUT/results.md holds the table (with the cut of the ASR rise and the task loss
+against ift).
 
   python experiments/dev_sweep.py --model aligned --data ../shared/data/gsm8k/train.jsonl \\
-      --mods gsm8k/scan.json --dev-harmful ../shared/data/advbench/harmful_behaviors_dev.csv --out sweep \\
+      --mods gsm8k/scan.json --dev-harmful ../shared/data/advbench/harmful_behaviors_dev.csv --out
+      sweep \\
       ift mllr:ratio=0.5 mllr:ratio=0.1,scope=modules swat:warmup_steps=40
 """
-import argparse, json, os, sys, time
+
+import argparse
+import json
+import os
+import sys
+import time
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import data, evaluation, files, options, swat_min, train
+import data
+import evaluation
+import files
+import options
+import swat_min
+import train
 from files import SwatError
 
 
 def parse(setting):
     """'mllr:ratio=0.5,scope=modules' -> ('mllr', {'ratio': 0.5, 'scope': 'modules'})"""
     strategy, _, opts = setting.partition(":")
+
     def num(v):  # "40" -> 40, "0.1" / "1e-5" / "-1" -> numbers, "modules" stays a string
         for cast in (int, float):
             try:
@@ -26,43 +41,86 @@ def parse(setting):
             except ValueError:
                 pass
         return v
+
     try:
         kw = {k: num(v) for k, v in (o.split("=") for o in opts.split(",") if o)}
     except ValueError:
         kw = None
-    if strategy not in ("ift", "swat", "mllr") or kw is None or not set(kw) <= {"ratio", "warmup_steps", "weight_decay", "accum", "scope"}:
-        raise SwatError(f"setting {setting!r}: expected ift, swat or mllr[:key=value,...] with keys ratio, "
-                        "warmup_steps, weight_decay, accum, scope")
+    if (
+        strategy not in ("ift", "swat", "mllr")
+        or kw is None
+        or not set(kw) <= {"ratio", "warmup_steps", "weight_decay", "accum", "scope"}
+    ):
+        raise SwatError(
+            f"setting {setting!r}: expected ift, swat or mllr[:key=value,...] with keys ratio, "
+            "warmup_steps, weight_decay, accum, scope"
+        )
     return strategy, kw
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=options.Help)
-    ap.add_argument("settings", nargs="+", help="strategy[:key=value,...] of train.train, e.g. ift, "
-                    "mllr:ratio=0.5, swat:warmup_steps=40 (swat's warm-up defaults to 20%% of --steps)")
-    names = ("model", "data", "mods", "out", "device", "dtype", "chat-format", "cache", "steps", "lr", "batch",
-             "max-len", "seed", "n-eval", "max-new-tokens", "gen-batch", "n-task")
+    ap.add_argument(
+        "settings",
+        nargs="+",
+        help="strategy[:key=value,...] of train.train, e.g. ift, "
+        "mllr:ratio=0.5, swat:warmup_steps=40 (swat's warm-up defaults to 20%% of --steps)",
+    )
+    names = (
+        "model",
+        "data",
+        "mods",
+        "out",
+        "device",
+        "dtype",
+        "chat-format",
+        "cache",
+        "steps",
+        "lr",
+        "batch",
+        "max-len",
+        "seed",
+        "n-eval",
+        "max-new-tokens",
+        "gen-batch",
+        "n-task",
+    )
     options.add_options(ap, names, required=("model", "data", "mods", "out"))
     ap.add_argument("--dev-harmful", required=True, help="harmful prompts (CSV, JSON/JSONL, text)")
     ap.add_argument("--dev-start", type=int, default=200, help="first row of --dev-harmful to use")
-    ap.add_argument("--n-dev", type=int, default=64, help="tuning examples held out for the dev task loss")
+    ap.add_argument(
+        "--n-dev", type=int, default=64, help="tuning examples held out for the dev task loss"
+    )
     a = ap.parse_args(argv)
     settings = [parse(s) for s in a.settings]
     harmful = data.read_instructions(a.dev_harmful)[a.dev_start :]
     if not harmful:
         raise SwatError(f"{a.dev_harmful}: no prompts from row {a.dev_start} on")
-    for entry in ("dev_harmful.jsonl", "sweep.jsonl"):  # OUT is swat-min's: nothing of the user's is replaced
+    for entry in (
+        "dev_harmful.jsonl",
+        "sweep.jsonl",
+    ):  # OUT is swat-min's: nothing of the user's is replaced
         files.claim(a.out, entry)
     # a record of the prompts scored (evaluate takes them as a list)
-    files.write_text(os.path.join(a.out, "dev_harmful.jsonl"), "".join(json.dumps(h) + "\n" for h in harmful))
-    _, tune = data.split(data.read_examples(a.data), a.n_task)  # the first part is `run`'s held-out set
+    files.write_text(
+        os.path.join(a.out, "dev_harmful.jsonl"), "".join(json.dumps(h) + "\n" for h in harmful)
+    )
+    _, tune = data.split(
+        data.read_examples(a.data), a.n_task
+    )  # the first part is `run`'s held-out set
     dev, tune = tune[-a.n_dev :], tune[: -a.n_dev]
     net, tok = swat_min.load(a)
     base = swat_min.baseline(net, tok, cache_dir=a.cache)
     mods = train.parse_mods(a.mods, net.cfg.n_layers)
-    scoring = dict(harmful=harmful[: a.n_eval], harmless=data.builtin("harmless", "test")[: a.n_eval],
-                   max_new_tokens=a.max_new_tokens, gen_batch=a.gen_batch, max_len=a.max_len,
-                   batch_size=a.batch, n_acc=0)  # task loss only
+    scoring = dict(
+        harmful=harmful[: a.n_eval],
+        harmless=data.builtin("harmless", "test")[: a.n_eval],
+        max_new_tokens=a.max_new_tokens,
+        gen_batch=a.gen_batch,
+        max_len=a.max_len,
+        batch_size=a.batch,
+        n_acc=0,
+    )  # task loss only
     rows = []
     with open(os.path.join(a.out, "sweep.jsonl"), "a", encoding="utf-8") as log:
         for s, (strategy, kw) in zip(["original"] + a.settings, [(None, {})] + settings):
@@ -70,15 +128,36 @@ def main(argv=None):
             start = time.time()
             for entry in (name, name + ".jsonl"):
                 files.claim(a.out, entry)
-            if strategy:  # every setting starts again from the original weights ("original" scores them as loaded)
+            # every setting starts again from the original weights ("original": them as loaded)
+            if strategy:
                 net, tok = swat_min.load(a)
                 kw.setdefault("warmup_steps", train.warmup_length(strategy, a.steps))
-                train.train(net, tok, tune, os.path.join(a.out, name), strategy, set() if strategy == "ift" else mods,
-                            steps=a.steps, lr=a.lr, batch_size=a.batch, max_len=a.max_len, seed=a.seed,
-                            skip_long=True, **kw)
+                train.train(
+                    net,
+                    tok,
+                    tune,
+                    os.path.join(a.out, name),
+                    strategy,
+                    set() if strategy == "ift" else mods,
+                    steps=a.steps,
+                    lr=a.lr,
+                    batch_size=a.batch,
+                    max_len=a.max_len,
+                    seed=a.seed,
+                    skip_long=True,
+                    **kw,
+                )
             gen_path = os.path.join(a.out, name + ".jsonl")
-            row = evaluation.evaluate(net, tok, s, base=base, task=dev, gen_path=gen_path, **scoring)
-            rows.append(dict(row, seed=a.seed if strategy else None, train_time_s=round(time.time() - start, 1)))
+            row = evaluation.evaluate(
+                net, tok, s, base=base, task=dev, gen_path=gen_path, **scoring
+            )
+            rows.append(
+                dict(
+                    row,
+                    seed=a.seed if strategy else None,
+                    train_time_s=round(time.time() - start, 1),
+                )
+            )
             evaluation.report(a.out, rows, vars(a))  # OUT/results.md: the table, against ift
             line = json.dumps({k: v for k, v in rows[-1].items() if k != "drift_detail"})
             print(line, flush=True)

@@ -1,14 +1,22 @@
-"""Smoke test of the benchmarks: each script runs its tiny CPU case and prints well-formed JSON lines with
-both figures; the scan and generation cases must also agree with their reference."""
-import json, os, subprocess, sys
+"""Smoke test of the benchmarks: each script runs its tiny CPU case and prints well-formed JSON
+lines with both figures; the scan and generation cases must also agree with their reference."""
+
+import json
+import os
+import subprocess
+import sys
 import pytest
 from conftest import ROOT
 
 
 @pytest.mark.parametrize("script", ["bench_train.py", "bench_generate.py", "bench_scan.py"])
 def test_bench_tiny(script):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", script), "--tiny", "--device", "cpu"],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", script), "--tiny", "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [json.loads(l) for l in r.stdout.splitlines() if l.startswith("{")]
     assert rows and all(row["ratio"] > 0 and row["date"] and row["device"] == "cpu" for row in rows)

@@ -1,16 +1,35 @@
-"""model.py against transformers: logits, hidden states, padded batches, generation, save/load, errors."""
-import json, os, shutil
-import pytest, torch
+"""model.py against transformers: logits, hidden states, padded batches, generation, save/load,
+errors."""
+
+import json
+import os
+import shutil
+import pytest
+import torch
 from conftest import SMOLLM2, tiny_hf
 import model
 
 FAMILIES = {
     "llama_gqa_untied": ("llama", dict(tie_word_embeddings=False)),
-    "llama_rope3_bias": ("llama", dict(attention_bias=True, rope_theta=5000.0, rope_scaling={
-        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 16})),
+    "llama_rope3_bias": (
+        "llama",
+        dict(
+            attention_bias=True,
+            rope_theta=5000.0,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
+        ),
+    ),
     "mistral": ("mistral", dict(sliding_window=None)),
-    "mistral_headdim_window": ("mistral", dict(head_dim=32, sliding_window=4096)),  # head_dim != hidden / heads
+    "mistral_headdim_window": (
+        "mistral",
+        dict(head_dim=32, sliding_window=4096),
+    ),  # head_dim != hidden / heads
     "qwen2_tied": ("qwen2", dict(tie_word_embeddings=True)),
 }
 
@@ -23,7 +42,9 @@ def batch(rows):
     return ids, mask
 
 
-def hf_padded(ref, ids, mask):  # positions counted from the first real token, as transformers' generate does
+def hf_padded(
+    ref, ids, mask
+):  # positions counted from the first real token, as transformers' generate does
     return ref(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
 
 
@@ -32,7 +53,9 @@ def test_tiny_parity(tmp_path, name):
     kind, kw = FAMILIES[name]
     ref = tiny_hf(str(tmp_path), kind, **kw)
     net, tok = model.load(str(tmp_path))
-    assert net.cfg.tie == (kind == "qwen2") and net.cfg.qkv_bias == (kind == "qwen2" or "attention_bias" in kw)
+    assert net.cfg.tie == (kind == "qwen2") and net.cfg.qkv_bias == (
+        kind == "qwen2" or "attention_bias" in kw
+    )
     g = torch.Generator().manual_seed(1)
     x = torch.randint(3, 512, (2, 40), generator=g)
     with torch.no_grad():
@@ -48,22 +71,40 @@ def test_tiny_parity(tmp_path, name):
     real = mask.bool()
     assert (ours[real] - theirs[real]).abs().max() <= 1e-4
     outs = model.generate(net, rows, max_new_tokens=12, stop_ids=[])
-    ref_out = ref.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, min_new_tokens=12)
-    assert outs == ref_out[:, ids.shape[1]:].tolist()
+    ref_out = ref.generate(
+        ids, attention_mask=mask, max_new_tokens=12, do_sample=False, min_new_tokens=12
+    )
+    assert outs == ref_out[:, ids.shape[1] :].tolist()
 
 
 def test_rope_config_spellings(tmp_path):
     from transformers import AutoConfig
-    scaling = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
-    base = {"model_type": "llama", "vocab_size": 8, "hidden_size": 64, "intermediate_size": 8,
-            "num_hidden_layers": 1, "num_attention_heads": 4}
+
+    scaling = {
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16,
+    }
+    base = {
+        "model_type": "llama",
+        "vocab_size": 8,
+        "hidden_size": 64,
+        "intermediate_size": 8,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 4,
+    }
     freqs = []
-    for extra in ({"rope_theta": 5e3, "rope_scaling": dict(scaling, type="llama3")},
-                  {"rope_theta": 5e3, "rope_scaling": dict(scaling, rope_type="llama3")},
-                  {"rope_parameters": dict(scaling, rope_type="llama3", rope_theta=5e3)},
-                  # both (a hand-edited or mixed file): rope_scaling's type wins, as transformers reads it
-                  {"rope_parameters": {"rope_type": "default", "rope_theta": 5e3},
-                   "rope_scaling": dict(scaling, type="llama3")}):
+    for extra in (
+        {"rope_theta": 5e3, "rope_scaling": dict(scaling, type="llama3")},
+        {"rope_theta": 5e3, "rope_scaling": dict(scaling, rope_type="llama3")},
+        {"rope_parameters": dict(scaling, rope_type="llama3", rope_theta=5e3)},
+        # both (a hand-edited or mixed file): rope_scaling's type wins, as transformers reads it
+        {
+            "rope_parameters": {"rope_type": "default", "rope_theta": 5e3},
+            "rope_scaling": dict(scaling, type="llama3"),
+        },
+    ):
         p = tmp_path / "config.json"
         p.write_text(json.dumps(dict(base, **extra)))
         freqs.append(model.rope_inv_freq(model.read_config(str(p))))
@@ -76,6 +117,7 @@ def test_rope_config_spellings(tmp_path):
 
 def test_save_roundtrip_and_sharded(tmp_path):
     from transformers import AutoModelForCausalLM
+
     ref = tiny_hf(str(tmp_path / "a"), "llama", tie_word_embeddings=False)
     ref.save_pretrained(str(tmp_path / "sharded"), max_shard_size="100KB")
     shutil.copy(tmp_path / "a" / "tokenizer.json", tmp_path / "sharded")
@@ -102,25 +144,41 @@ def test_bf16_load(tiny):
 
 def _smollm2():
     if not os.path.exists(os.path.join(SMOLLM2, "model.safetensors")):
-        pytest.skip(f"no SmolLM2 checkpoint at {SMOLLM2}: run ../shared/tools/get_smollm2.sh to build it")
+        pytest.skip(
+            f"no SmolLM2 checkpoint at {SMOLLM2}: run ../shared/tools/get_smollm2.sh to build it"
+        )
     return SMOLLM2
 
 
-PROMPTS = ["What is the capital of France?", "Write a haiku about rain.", "Tell me a joke about cats.",
-           "How many legs does a spider have?", "Give me three tips for sleeping better.",
-           "Translate 'good morning' into Spanish.", "What is 12 times 7?", "Name a famous painter."]
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about rain.",
+    "Tell me a joke about cats.",
+    "How many legs does a spider have?",
+    "Give me three tips for sleeping better.",
+    "Translate 'good morning' into Spanish.",
+    "What is 12 times 7?",
+    "Name a famous painter.",
+]
 
 
 def test_smollm2_parity_and_generation():
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     d = _smollm2()
     net, tok = model.load(d)
     ref = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
     hf_tok = AutoTokenizer.from_pretrained(d)
     prompts = [tok.encode_chat([{"role": "user", "content": p}]) for p in PROMPTS]
     for p, ids in zip(PROMPTS, prompts):
-        assert ids == list(hf_tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                                      tokenize=True, return_dict=True)["input_ids"])
+        assert ids == list(
+            hf_tok.apply_chat_template(
+                [{"role": "user", "content": p}],
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=True,
+            )["input_ids"]
+        )
     ids, mask = batch(prompts)
     with torch.no_grad():
         ours, theirs = net(ids, mask.bool()), hf_padded(ref, ids, mask)
@@ -130,8 +188,8 @@ def test_smollm2_parity_and_generation():
         assert (net(one) - ref(one).logits).abs().max() <= 1e-4
     outs = model.generate(net, prompts, max_new_tokens=24)
     ref_out = ref.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False)
-    for o, r in zip(outs, ref_out[:, ids.shape[1]:].tolist()):
-        assert o == (r[:r.index(2)] if 2 in r else r)
+    for o, r in zip(outs, ref_out[:, ids.shape[1] :].tolist()):
+        assert o == (r[: r.index(2)] if 2 in r else r)
     assert "Paris" in tok.decode(outs[0])
 
 
@@ -141,7 +199,9 @@ def test_sampling_is_seeded_and_varies(tiny):
     a = model.generate(net, p, 10, temperature=1.0, seed=3, stop_ids=[])
     assert a == model.generate(net, p, 10, temperature=1.0, seed=3, stop_ids=[])
     assert a != model.generate(net, p, 10, temperature=1.0, seed=4, stop_ids=[])
-    assert model.generate(net, p, 10, temperature=1.0, top_p=1e-6, stop_ids=[]) == model.generate(net, p, 10, stop_ids=[])
+    assert model.generate(net, p, 10, temperature=1.0, top_p=1e-6, stop_ids=[]) == model.generate(
+        net, p, 10, stop_ids=[]
+    )
 
 
 def test_generation_stops_per_row(tiny):
@@ -150,11 +210,13 @@ def test_generation_stops_per_row(tiny):
     free = model.generate(net, p, 8, stop_ids=[])
     stop = free[0][2]
     cut = model.generate(net, p, 8, stop_ids=[stop])
-    assert cut[0] == free[0][:free[0].index(stop)]
-    assert cut[1] == (free[1][:free[1].index(stop)] if stop in free[1] else free[1])
+    assert cut[0] == free[0][: free[0].index(stop)]
+    assert cut[1] == (free[1][: free[1].index(stop)] if stop in free[1] else free[1])
     with pytest.raises(model.SwatError, match="generate: prompt 2 has no tokens"):
         model.generate(net, [[5], []], 4)
-    with pytest.raises(model.SwatError, match="generate: prompt 1 has a token id outside the vocabulary"):
+    with pytest.raises(
+        model.SwatError, match="generate: prompt 1 has a token id outside the vocabulary"
+    ):
         model.generate(net, [[5, net.cfg.vocab_size]], 4)
     for flat in ([5, 6, 7], torch.tensor([5, 6, 7])):  # one prompt, not a list of them
         with pytest.raises(model.SwatError, match=r"a list of prompts .*e.g. \[ids\]"):
@@ -162,9 +224,11 @@ def test_generation_stops_per_row(tiny):
 
 
 def test_generation_config_eos_and_plain_inputs(tmp_path):
-    """transformers' generate stops at generation_config.json's eos_token_id; so must ours. Tensors and
+    """transformers' generate stops at generation_config.json's eos_token_id; so must ours. Tensors
+    and
     dtype names are accepted as inputs, and zero new tokens give empty answers."""
     from transformers import AutoModelForCausalLM
+
     d = str(tmp_path)
     tiny_hf(d)
     net, _ = model.load(d)
@@ -176,7 +240,9 @@ def test_generation_config_eos_and_plain_inputs(tmp_path):
     net, _ = model.load(d)
     ref = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
     ids, mask = batch(p)
-    ref_out = ref.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)[:, ids.shape[1]:].tolist()
+    ref_out = ref.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)[
+        :, ids.shape[1] :
+    ].tolist()
     ours = model.generate(net, p, 10)
     assert ours[1] == free[1][:3]
     assert ours == [next((r[:i] for i, x in enumerate(r) if x in (stop, 2)), r) for r in ref_out]
@@ -188,6 +254,7 @@ def test_generation_config_eos_and_plain_inputs(tmp_path):
 
 
 # ---- bad input: one clear SwatError naming the file ----
+
 
 def test_bad_inputs(tmp_path, tiny):
     with pytest.raises(model.SwatError, match="not a model directory"):
@@ -206,9 +273,12 @@ def test_bad_inputs(tmp_path, tiny):
 
     def set_cfg(**kv):
         def edit(d):
-            c = json.loads((d / "config.json").read_text()); c.update(kv)
+            c = json.loads((d / "config.json").read_text())
+            c.update(kv)
             (d / "config.json").write_text(json.dumps(c))
+
         return edit
+
     with pytest.raises(model.SwatError, match="model_type='gpt2'"):
         model.load(broken(set_cfg(model_type="gpt2")))
     with pytest.raises(model.SwatError, match="rope_type='yarn'"):
@@ -220,7 +290,8 @@ def test_bad_inputs(tmp_path, tiny):
 
     def truncate(d):
         b = (d / "model.safetensors").read_bytes()
-        (d / "model.safetensors").write_bytes(b[:len(b) // 2])
+        (d / "model.safetensors").write_bytes(b[: len(b) // 2])
+
     with pytest.raises(model.SwatError, match="model.safetensors: cannot read"):
         model.load(broken(truncate))
     with pytest.raises(model.SwatError, match="has shape"):
@@ -231,60 +302,108 @@ def test_bad_inputs(tmp_path, tiny):
         model.load(broken(lambda d: (d / "config.json").write_text("{oops")))
     with pytest.raises(model.SwatError, match="config.json: not a JSON object"):
         model.load(broken(lambda d: (d / "config.json").write_text("[1, 2]")))
-    with pytest.raises(model.SwatError, match="config.json: num_hidden_layers must be a positive integer, not '3'"):
+    with pytest.raises(
+        model.SwatError, match="config.json: num_hidden_layers must be a positive integer, not '3'"
+    ):
         model.load(broken(set_cfg(num_hidden_layers="3")))
-    with pytest.raises(model.SwatError, match="config.json: eos_token_id must be a token id or a list of them, not '2'"):
+    with pytest.raises(
+        model.SwatError,
+        match="config.json: eos_token_id must be a token id or a list of them, not '2'",
+    ):
         model.load(broken(set_cfg(eos_token_id="2")))
     with pytest.raises(model.SwatError, match="generation_config.json: eos_token_id must be"):
-        model.load(broken(lambda d: (d / "generation_config.json").write_text('{"eos_token_id": [2, null]}')))
+        model.load(
+            broken(
+                lambda d: (d / "generation_config.json").write_text('{"eos_token_id": [2, null]}')
+            )
+        )
     with pytest.raises(model.SwatError, match="model.safetensors.index.json: no weight_map"):
-        model.load(broken(lambda d: (d / "model.safetensors.index.json").write_text('{"metadata": {}}')))
-    with pytest.raises(model.SwatError, match="index.json: a shard that is not a .safetensors file of this folder"):
-        model.load(broken(lambda d: (d / "model.safetensors.index.json").write_text('{"weight_map": {"a": "../x.safetensors"}}')))
+        model.load(
+            broken(lambda d: (d / "model.safetensors.index.json").write_text('{"metadata": {}}'))
+        )
+    with pytest.raises(
+        model.SwatError, match="index.json: a shard that is not a .safetensors file of this folder"
+    ):
+        model.load(
+            broken(
+                lambda d: (d / "model.safetensors.index.json").write_text(
+                    '{"weight_map": {"a": "../x.safetensors"}}'
+                )
+            )
+        )
+
     def bad_jinja(d):
         (d / "tokenizer_config.json").write_text('{"eos_token": "<|im_end|>"}')
         (d / "chat_template.jinja").write_bytes(b"\xff\xfe\x81")
+
     with pytest.raises(model.SwatError, match="chat_template.jinja: unreadable"):
         model.load(broken(bad_jinja))
-    with pytest.raises(model.SwatError, match="tokenizer_config.json: chat_template must be a template string"):
-        model.load(broken(lambda d: (d / "tokenizer_config.json").write_text('{"chat_template": 5}')))
-    with pytest.raises(model.SwatError, match="tokenizer_config.json: bos_token and eos_token must be token strings"):
-        model.load(broken(lambda d: (d / "tokenizer_config.json").write_text('{"eos_token": ["</s>"]}')))
+    with pytest.raises(
+        model.SwatError, match="tokenizer_config.json: chat_template must be a template string"
+    ):
+        model.load(
+            broken(lambda d: (d / "tokenizer_config.json").write_text('{"chat_template": 5}'))
+        )
+    with pytest.raises(
+        model.SwatError,
+        match="tokenizer_config.json: bos_token and eos_token must be token strings",
+    ):
+        model.load(
+            broken(lambda d: (d / "tokenizer_config.json").write_text('{"eos_token": ["</s>"]}'))
+        )
     llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
-    for kv, bad in (({"rope_theta": "1e4", "rope_parameters": None}, "rope_theta must be a positive number, not '1e4'"),
-                    ({"rms_norm_eps": None}, "rms_norm_eps must be a positive number, not None"),
-                    ({"rope_parameters": llama3}, "original_max_position_embeddings must be a positive number, not None")):
+    for kv, bad in (
+        (
+            {"rope_theta": "1e4", "rope_parameters": None},
+            "rope_theta must be a positive number, not '1e4'",
+        ),
+        ({"rms_norm_eps": None}, "rms_norm_eps must be a positive number, not None"),
+        (
+            {"rope_parameters": llama3},
+            "original_max_position_embeddings must be a positive number, not None",
+        ),
+    ):
         with pytest.raises(model.SwatError, match="config.json: " + bad):
             model.load(broken(set_cfg(**kv)))
 
 
 def test_readme_api_example_runs(tiny, tmp_path):
-    """The README's Python API block, run as written on a tiny checkpoint (only the paths and the probe's
-    training data filled in), so that the documented calls cannot drift from the code."""
+    """The README's Python API block, run as written on a tiny checkpoint (only the paths and the
+    probe's training data filled in), so that the documented calls cannot drift from the code."""
     from conftest import ROOT
+
     text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
     block = text.split("## Python API", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
     assert "model.load(" in block and "model.generate(" in block and "LogisticProbe" in block
     out = str(tmp_path / "saved")
     code = block.replace('"ckpt_dir"', repr(tiny)).replace('"out_dir"', repr(out))
-    ns = {"X_train": torch.cat([torch.randn(8, 64) + 1, torch.randn(8, 64) - 1]),
-          "y_train": torch.cat([torch.ones(8), torch.zeros(8)])}
+    ns = {
+        "X_train": torch.cat([torch.randn(8, 64) + 1, torch.randn(8, 64) - 1]),
+        "y_train": torch.cat([torch.ones(8), torch.zeros(8)]),
+    }
     exec(compile(code, "README.md (Python API)", "exec"), ns)
     assert ns["logits"].shape[-1] == 512 and len(ns["hidden"]) == 4 and len(ns["outs"]) == 2
     assert ns["X"].shape == (4, 1, 64) and ns["p"].predict_proba(ns["X_train"]).shape == (16,)
-    assert torch.equal(model.load(out)[0](torch.tensor([[5, 6]])), ns["net"](torch.tensor([[5, 6]])))
+    assert torch.equal(
+        model.load(out)[0](torch.tensor([[5, 6]])), ns["net"](torch.tensor([[5, 6]]))
+    )
 
 
 def test_sampling_matches_transformers_warpers():
-    """Temperature + top-p sampling draws from the distribution transformers' warpers define: only their
-    kept tokens, at their renormalised probabilities."""
+    """Temperature + top-p sampling draws from the distribution transformers' warpers define: only
+    their kept tokens, at their renormalised probabilities."""
     from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
     torch.manual_seed(0)
     logits = torch.randn(1, 12) * 2
     for t, top_p in ((0.7, 0.8), (1.3, 0.5), (1.0, 1.0)):
-        ref = torch.softmax(TopPLogitsWarper(top_p)(None, TemperatureLogitsWarper(t)(None, logits.clone())), -1)[0]
+        ref = torch.softmax(
+            TopPLogitsWarper(top_p)(None, TemperatureLogitsWarper(t)(None, logits.clone())), -1
+        )[0]
         gen = torch.Generator().manual_seed(1)
-        draws = torch.stack([model.sample(logits.expand(500, -1), t, top_p, gen) for _ in range(20)]).flatten()
+        draws = torch.stack(
+            [model.sample(logits.expand(500, -1), t, top_p, gen) for _ in range(20)]
+        ).flatten()
         freq = torch.bincount(draws, minlength=12).float() / len(draws)
         assert set(draws.tolist()) <= set(ref.nonzero().flatten().tolist())
         assert (freq - ref).abs().max() < 0.015, (t, top_p, freq, ref)

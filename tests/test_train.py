@@ -1,12 +1,23 @@
-"""train.py: AdamW against torch.optim.AdamW, the loss and its gradients against transformers, frozen
-modules, activation checkpointing, resume, masked loss, data readers, errors."""
-import json, os
-import pytest, torch
-from conftest import SHARED, SMOLLM2, tiny_hf
-import data, model, train
+"""train.py: AdamW against torch.optim.AdamW, the loss and its gradients against transformers,
+frozen modules, activation checkpointing, resume, masked loss, data readers, errors."""
 
-CHATS = [[{"role": "user", "content": f"What is {a} plus {b}?"}, {"role": "assistant", "content": f"{a + b}"}]
-         for a in range(6) for b in range(4)]
+import json
+import os
+import pytest
+import torch
+from conftest import SHARED, SMOLLM2, tiny_hf
+import data
+import model
+import train
+
+CHATS = [
+    [
+        {"role": "user", "content": f"What is {a} plus {b}?"},
+        {"role": "assistant", "content": f"{a + b}"},
+    ]
+    for a in range(6)
+    for b in range(4)
+]
 
 
 @pytest.mark.parametrize("impl", ["reference", "foreach", "fused"])  # fused: the GPU default
@@ -17,12 +28,25 @@ def test_adamw_matches_torch(tiny, impl):
 
     def groups(net):
         ps = list(net.named_parameters())
-        return [{"params": [p for n, p in ps if p.ndim >= 2], "weight_decay": 0.1},
-                {"params": [p for n, p in ps if p.ndim < 2], "lr": 3e-3, "weight_decay": 0.0, "betas": (0.8, 0.99), "eps": 1e-6}]
-    ours = train.AdamW(groups(nets[0]), lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, impl=impl)
-    # against torch's implementation of the same kind: its fused and foreach AdamW themselves differ by
-    # over 1e-6 here (rows of the embedding that rarely get a gradient, where eps dominates)
-    ref = torch.optim.AdamW(groups(nets[1]), lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, fused=fused)
+        return [
+            {"params": [p for n, p in ps if p.ndim >= 2], "weight_decay": 0.1},
+            {
+                "params": [p for n, p in ps if p.ndim < 2],
+                "lr": 3e-3,
+                "weight_decay": 0.0,
+                "betas": (0.8, 0.99),
+                "eps": 1e-6,
+            },
+        ]
+
+    ours = train.AdamW(
+        groups(nets[0]), lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, impl=impl
+    )
+    # against torch's implementation of the same kind: its fused and foreach AdamW themselves differ
+    # by over 1e-6 here (rows of the embedding that rarely get a gradient, where eps dominates)
+    ref = torch.optim.AdamW(
+        groups(nets[1]), lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, fused=fused
+    )
     for step in range(20):
         x = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(step))
         for net, opt in ((nets[0], ours), (nets[1], ref)):
@@ -40,24 +64,33 @@ def test_adamw_speedups_equal_the_reference_update(tiny):
     bit on a CPU; fused is torch's kernel of the same update, equal to rounding."""
     torch.manual_seed(0)
     nets = {impl: model.load(tiny)[0] for impl in ("reference", "foreach", "fused")}
-    opts = {impl: train.AdamW(net.parameters(), lr=1e-2, weight_decay=0.1, impl=impl) for impl, net in nets.items()}
+    opts = {
+        impl: train.AdamW(net.parameters(), lr=1e-2, weight_decay=0.1, impl=impl)
+        for impl, net in nets.items()
+    }
     for step in range(5):
         x = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(step))
         for impl, net in nets.items():
             net(x).float().logsumexp(-1).mean().backward()
             opts[impl].step()
             opts[impl].zero_grad()
-    for (name, ref), fe, fu in zip(nets["reference"].named_parameters(), nets["foreach"].parameters(),
-                                   nets["fused"].parameters()):
+    for (name, ref), fe, fu in zip(
+        nets["reference"].named_parameters(),
+        nets["foreach"].parameters(),
+        nets["fused"].parameters(),
+    ):
         assert torch.equal(ref, fe), name
         assert ((ref - fu).norm() / ref.norm()).item() <= 1e-5, name
 
 
 def test_adamw_plain_list_and_lr_change_match_torch(tiny):
-    """torch-style use: a plain parameter list, a learning rate changed through param_groups, and a step
-    given a closure that computes the loss and its gradients (every other step)."""
+    """torch-style use: a plain parameter list, a learning rate changed through param_groups, and a
+    step given a closure that computes the loss and its gradients (every other step)."""
     nets = [model.load(tiny)[0] for _ in range(2)]
-    opts = train.AdamW(nets[0].parameters(), lr=1e-3, weight_decay=0.01), torch.optim.AdamW(nets[1].parameters(), lr=1e-3)
+    opts = (
+        train.AdamW(nets[0].parameters(), lr=1e-3, weight_decay=0.01),
+        torch.optim.AdamW(nets[1].parameters(), lr=1e-3),
+    )
     for step in range(10):
         x = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(step))
         losses = []
@@ -69,10 +102,17 @@ def test_adamw_plain_list_and_lr_change_match_torch(tiny):
                 loss = net(x).float().logsumexp(-1).mean()
                 loss.backward()
                 return loss
+
             losses.append(opt.step(closure) if step % 2 else (closure(), opt.step())[0])
             opt.zero_grad()
         assert losses[0].item() == pytest.approx(losses[1].item(), rel=1e-5)
-    assert max(((a - b).norm() / b.norm()).item() for a, b in zip(nets[0].parameters(), nets[1].parameters())) <= 1e-6
+    assert (
+        max(
+            ((a - b).norm() / b.norm()).item()
+            for a, b in zip(nets[0].parameters(), nets[1].parameters())
+        )
+        <= 1e-6
+    )
     nets[0](x).float().logsumexp(-1).mean().backward()
     opts[0].zero_grad(set_to_none=False)  # torch's other way: gradients kept, as zeros
     assert all(p.grad is not None and not p.grad.any() for p in nets[0].parameters())
@@ -84,7 +124,18 @@ def test_swat_warmup_freezes_the_rest(tiny, tmp_path):
     net, tok = model.load(tiny)
     before = {n: p.detach().clone() for n, p in net.named_parameters()}
     mods = train.parse_mods("0-1:q,k", net.cfg.n_layers)
-    train.train(net, tok, CHATS, str(tmp_path / "o"), "swat", mods, steps=0, warmup_steps=3, lr=1e-3, batch_size=4)
+    train.train(
+        net,
+        tok,
+        CHATS,
+        str(tmp_path / "o"),
+        "swat",
+        mods,
+        steps=0,
+        warmup_steps=3,
+        lr=1e-3,
+        batch_size=4,
+    )
     for n, p in net.named_parameters():
         sel = any(n.startswith(f"model.layers.{l}.self_attn.{m}_proj") for l, m in mods)
         assert torch.equal(p, before[n]) != sel, n
@@ -92,8 +143,8 @@ def test_swat_warmup_freezes_the_rest(tiny, tmp_path):
 
 @pytest.mark.parametrize("scope", ["all", "modules"])
 def test_mllr_rates(tiny, scope):
-    """Mods_Rob at lr; the rest at lr * ratio: every other parameter, or (scope "modules") only the other
-    modules of Mods_Rob's kinds, here v and o of every layer."""
+    """Mods_Rob at lr; the rest at lr * ratio: every other parameter, or (scope "modules") only the
+    other modules of Mods_Rob's kinds, here v and o of every layer."""
     net, _ = model.load(tiny)
     mods = {(0, "v"), (1, "o")}
     gs = train.param_groups(net, "mllr", mods, 1e-3, 0.1, 0.01, scope)
@@ -101,23 +152,39 @@ def test_mllr_rates(tiny, scope):
     for g in gs:
         assert (g["weight_decay"] == 0.0) == all(p.ndim == 1 for p in g["params"])
         for n in g["names"]:
-            sel = n.startswith(("model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.o_proj"))
-            slow = not sel and (scope == "all" or ".self_attn.v_proj" in n or ".self_attn.o_proj" in n)
+            sel = n.startswith(
+                ("model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.o_proj")
+            )
+            slow = not sel and (
+                scope == "all" or ".self_attn.v_proj" in n or ".self_attn.o_proj" in n
+            )
             assert g["selected"] == sel and g["lr"] == (1e-4 if slow else 1e-3), n
 
 
 def test_resume_equals_uninterrupted(tiny, tmp_path, monkeypatch):
-    kw = dict(strategy="swat", mods={(0, "q"), (2, "o")}, steps=4, warmup_steps=2, lr=1e-3, batch_size=4,
-              save_every=3, seed=5, weight_decay=0.01)
+    kw = dict(
+        strategy="swat",
+        mods={(0, "q"), (2, "o")},
+        steps=4,
+        warmup_steps=2,
+        lr=1e-3,
+        batch_size=4,
+        save_every=3,
+        seed=5,
+        weight_decay=0.01,
+    )
     net, tok = model.load(tiny)
     train.train(net, tok, CHATS, str(tmp_path / "a"), **kw)
     real_order, calls = train.order, []
 
-    def dying(*a):  # the run dies while fetching data for step 5 (the checkpoint is step 3's, the log has 4)
+    def dying(
+        *a,
+    ):  # the run dies while fetching data for step 5 (the checkpoint is step 3's, the log has 4)
         calls.append(1)
         if len(calls) > 4:
             raise KeyboardInterrupt
         return real_order(*a)
+
     monkeypatch.setattr(train, "order", dying)
     net, tok = model.load(tiny)
     with pytest.raises(KeyboardInterrupt):
@@ -129,15 +196,31 @@ def test_resume_equals_uninterrupted(tiny, tmp_path, monkeypatch):
     a, b = model.load(str(tmp_path / "a"))[0], model.load(str(tmp_path / "b"))[0]
     for (n, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(x, y), n
-    logs = [[(r["step"], r["loss"]) for r in map(json.loads, open(tmp_path / d / "log.jsonl"))] for d in "ab"]
-    assert [s for s, _ in logs[0]] == list(range(1, 7)) and logs[0] == logs[1]  # the log outlives every save
+    logs = [
+        [(r["step"], r["loss"]) for r in map(json.loads, open(tmp_path / d / "log.jsonl"))]
+        for d in "ab"
+    ]
+    assert [s for s, _ in logs[0]] == list(range(1, 7)) and logs[0] == logs[
+        1
+    ]  # the log outlives every save
     tiny_hf(tmp_path / "wide", hidden_size=32)  # the same parameter names, other shapes
-    for d, other in ((tiny, dict(kw, strategy="ift", mods=())), (tiny, dict(kw, mods={(1, "q"), (2, "o")})),
-                     (tiny, dict(kw, steps=kw["steps"] + 1)), (tmp_path / "wide", kw), (tiny, dict(kw, lr=2e-3)),
-                     (tiny, dict(kw, batch_size=2)), (tiny, dict(kw, seed=6)), (tiny, dict(kw, weight_decay=0.0)),
-                     (tiny, dict(kw, warmup_steps=3, steps=3))):  # the same 6 steps, split otherwise
+    for d, other in (
+        (tiny, dict(kw, strategy="ift", mods=())),
+        (tiny, dict(kw, mods={(1, "q"), (2, "o")})),
+        (tiny, dict(kw, steps=kw["steps"] + 1)),
+        (tmp_path / "wide", kw),
+        (tiny, dict(kw, lr=2e-3)),
+        (tiny, dict(kw, batch_size=2)),
+        (tiny, dict(kw, seed=6)),
+        (tiny, dict(kw, weight_decay=0.0)),
+        (tiny, dict(kw, warmup_steps=3, steps=3)),
+    ):  # the same 6 steps, split otherwise
         net, tok = model.load(d)
-        with pytest.raises(model.SwatError, match="b: its checkpoint was trained with another strategy, module set, number of steps,"):
+        with pytest.raises(
+            model.SwatError,
+            match="b: its checkpoint was trained with another strategy, module set, number of "
+            "steps,",
+        ):
             train.train(net, tok, CHATS, str(tmp_path / "b"), resume=True, **other)
     net, tok = model.load(tiny)  # other data: the same examples in another order
     with pytest.raises(model.SwatError, match="model, data or settings"):
@@ -150,10 +233,16 @@ def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(tiny, tmp_path, monk
     def poisoned(*a):  # the loss turns NaN at step 3, after the checkpoint of step 2
         calls.append(1)
         return real_loss(*a) * (float("nan") if len(calls) == 3 else 1.0)
+
     monkeypatch.setattr(train, "loss_fn", poisoned)
     net, tok = model.load(tiny)
-    with pytest.raises(model.SwatError, match="non-finite loss or gradient at step 3 .* keeps the checkpoint of step 2"):
-        train.train(net, tok, CHATS, str(tmp_path / "o"), steps=4, lr=1e-3, batch_size=4, save_every=2)
+    with pytest.raises(
+        model.SwatError,
+        match="non-finite loss or gradient at step 3 .* keeps the checkpoint of step 2",
+    ):
+        train.train(
+            net, tok, CHATS, str(tmp_path / "o"), steps=4, lr=1e-3, batch_size=4, save_every=2
+        )
     assert json.load(open(tmp_path / "o" / "trainer.json"))["step"] == 2
     saved = model.load(str(tmp_path / "o"))[0]
     assert all(torch.isfinite(v).all() for v in saved.state_dict().values())
@@ -172,7 +261,8 @@ def test_loss_counts_only_the_response(tiny):
         def forward(self, i):
             out = net(i)
             noise = torch.randn_like(out) * 100
-            return torch.cat([noise[:, :n - 1], out[:, n - 1:]], 1)
+            return torch.cat([noise[:, : n - 1], out[:, n - 1 :]], 1)
+
     assert torch.allclose(train.loss_fn(Scrambled(), x, y), base)
     y2 = y.clone()
     y2[0, n + 1] = (y2[0, n + 1] + 1) % 512  # a response label does count
@@ -180,11 +270,14 @@ def test_loss_counts_only_the_response(tiny):
 
 
 def test_gradients_match_transformers(tmp_path):
-    """The response-only loss and its gradients against transformers' own causal-LM loss (labels -100 on
-    the prompt) on the same weights: forward and backward of every parameter, padded batch included."""
+    """The response-only loss and its gradients against transformers' own causal-LM loss (labels
+    -100 on the prompt) on the same weights: forward and backward of every parameter, padded batch
+    included."""
     ref = tiny_hf(str(tmp_path), "qwen2")  # biases and a tied head: every kind of parameter
     net, tok = model.load(str(tmp_path))
-    rows = [train.encode(tok, c, 512) for c in CHATS[3:6]] + [train.encode(tok, CHATS[7] + CHATS[8], 512)]
+    rows = [train.encode(tok, c, 512) for c in CHATS[3:6]] + [
+        train.encode(tok, CHATS[7] + CHATS[8], 512)
+    ]
     ids, labels = train.collate(rows, "cpu")
     loss = train.loss_fn(net, ids, labels) / (labels[:, 1:] != -100).sum()
     loss.backward()
@@ -201,17 +294,29 @@ def test_activation_checkpointing_changes_nothing(tiny, tmp_path):
     outs = []
     for ckpt in (False, True):
         net, tok = model.load(tiny)
-        train.train(net, tok, CHATS, str(tmp_path / f"o{ckpt}"), steps=3, lr=1e-3, batch_size=4, grad_ckpt=ckpt)
+        train.train(
+            net,
+            tok,
+            CHATS,
+            str(tmp_path / f"o{ckpt}"),
+            steps=3,
+            lr=1e-3,
+            batch_size=4,
+            grad_ckpt=ckpt,
+        )
         outs.append(dict(net.named_parameters()))
     assert all(torch.allclose(p, outs[1][n], atol=1e-6) for n, p in outs[0].items())
-    assert any(not torch.equal(p, q) for p, q in zip(outs[0].values(), model.load(tiny)[0].parameters()))
+    assert any(
+        not torch.equal(p, q) for p, q in zip(outs[0].values(), model.load(tiny)[0].parameters())
+    )
 
 
 def test_readers(tmp_path):
     p = tmp_path / "a.json"
     p.write_text(json.dumps([{"instruction": "Add", "input": "2 and 3", "output": "5"}]))
-    assert data.read_examples(str(p)) == [[{"role": "user", "content": "Add\n\n2 and 3"},
-                                            {"role": "assistant", "content": "5"}]]
+    assert data.read_examples(str(p)) == [
+        [{"role": "user", "content": "Add\n\n2 and 3"}, {"role": "assistant", "content": "5"}]
+    ]
     p = tmp_path / "g.jsonl"
     p.write_text(json.dumps({"question": "1+1?", "answer": "2\n#### 2"}) + "\n")
     assert data.read_examples(str(p))[0][1]["content"] == "2\n#### 2"
@@ -219,14 +324,30 @@ def test_readers(tmp_path):
     chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     p.write_text(json.dumps({"messages": chat}) + "\n")
     assert data.read_examples(str(p)) == [chat]
-    sharegpt = [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]
+    sharegpt = [
+        {"from": "system", "value": "Be brief."},
+        {"from": "human", "value": "hi"},
+        {"from": "gpt", "value": "hello"},
+    ]
     p.write_text(json.dumps({"id": "x", "conversations": sharegpt}) + "\n")
-    assert data.read_examples(p) == [[{"role": "system", "content": "Be brief."}] + chat]  # a pathlib.Path too
+    assert data.read_examples(p) == [
+        [{"role": "system", "content": "Be brief."}] + chat
+    ]  # a pathlib.Path too
     p = tmp_path / "d.jsonl"  # Dolly; prompt/completion
-    p.write_text(json.dumps({"instruction": "Sum", "context": "2, 3", "response": "5", "category": "qa"}) + "\n"
-                 + json.dumps({"prompt": "Hi", "completion": "Hello"}) + "\n")
-    assert [[m["content"] for m in c] for c in data.read_examples(str(p))] == [["Sum\n\n2, 3", "5"], ["Hi", "Hello"]]
-    for f in ("gsm8k/train.jsonl", "alpaca_eval/alpaca_eval.jsonl"):  # the shared benign sets, when present
+    p.write_text(
+        json.dumps({"instruction": "Sum", "context": "2, 3", "response": "5", "category": "qa"})
+        + "\n"
+        + json.dumps({"prompt": "Hi", "completion": "Hello"})
+        + "\n"
+    )
+    assert [[m["content"] for m in c] for c in data.read_examples(str(p))] == [
+        ["Sum\n\n2, 3", "5"],
+        ["Hi", "Hello"],
+    ]
+    for f in (
+        "gsm8k/train.jsonl",
+        "alpaca_eval/alpaca_eval.jsonl",
+    ):  # the shared benign sets, when present
         path = os.path.join(SHARED, "data", f)
         if os.path.exists(path):
             assert len(data.read_examples(path)) > 500
@@ -239,31 +360,62 @@ def test_bad_inputs(tiny, tmp_path):
     p.write_text("")
     with pytest.raises(model.SwatError, match="e.jsonl: no examples"):
         data.read_examples(str(p))
-    p.write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n" + json.dumps({"instruction": "c"}) + "\n")
+    p.write_text(
+        json.dumps({"instruction": "a", "output": "b"})
+        + "\n"
+        + json.dumps({"instruction": "c"})
+        + "\n"
+    )
     with pytest.raises(model.SwatError, match="e.jsonl: record 2 has no 'output' or 'answer'"):
         data.read_examples(str(p))
-    p.write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n\n{oops\n")  # the bad line is named
+    p.write_text(
+        json.dumps({"instruction": "a", "output": "b"}) + "\n\n{oops\n"
+    )  # the bad line is named
     with pytest.raises(model.SwatError, match="e.jsonl: line 3 is not valid JSON"):
         data.read_examples(str(p))
     (tmp_path / "o.json").write_text(json.dumps({"instruction": "a", "output": "b"}))
-    with pytest.raises(model.SwatError, match="o.json: expected a JSON list of records, found dict"):
+    with pytest.raises(
+        model.SwatError, match="o.json: expected a JSON list of records, found dict"
+    ):
         data.read_examples(str(tmp_path / "o.json"))
-    p.write_text(json.dumps({"messages": [{"from": "human", "value": "hi"}, {"role": "assistant", "content": "a"}]}))
-    with pytest.raises(model.SwatError, match="e.jsonl: record 1: 'messages' must be turns with a role"):
+    p.write_text(
+        json.dumps(
+            {"messages": [{"from": "human", "value": "hi"}, {"role": "assistant", "content": "a"}]}
+        )
+    )
+    with pytest.raises(
+        model.SwatError, match="e.jsonl: record 1: 'messages' must be turns with a role"
+    ):
         data.read_examples(str(p))
-    p.write_text(json.dumps({"conversations": [{"from": "human", "value": "hi"}, {"from": "bot", "value": "a"}]}))
-    with pytest.raises(model.SwatError, match="e.jsonl: record 1: 'conversations' must be turns with a role"):
+    p.write_text(
+        json.dumps(
+            {"conversations": [{"from": "human", "value": "hi"}, {"from": "bot", "value": "a"}]}
+        )
+    )
+    with pytest.raises(
+        model.SwatError, match="e.jsonl: record 1: 'conversations' must be turns with a role"
+    ):
         data.read_examples(str(p))
     net, tok = model.load(tiny)
-    with pytest.raises(model.SwatError, match="example 1: prompt of .* tokens does not fit max length 8"):
+    with pytest.raises(
+        model.SwatError, match="example 1: prompt of .* tokens does not fit max length 8"
+    ):
         train.train(net, tok, CHATS, str(tmp_path / "o"), max_len=8, steps=1)
     with pytest.raises(model.SwatError, match="no example fits max length 8"):
         train.train(net, tok, CHATS, str(tmp_path / "o"), max_len=8, steps=1, skip_long=True)
-    (tmp_path / "big.json").write_text('{"mods_rob": [[1, "q"], [29, "k"]]}')  # a scan of a 30-layer model
+    (tmp_path / "big.json").write_text(
+        '{"mods_rob": [[1, "q"], [29, "k"]]}'
+    )  # a scan of a 30-layer model
     (tmp_path / "odd.json").write_text('{"mods_rob": [[1, "qq"]]}')
-    for spec, msg in (("q,x", "unknown module 'x'"), ("0-99:q", "layer 3 out of range"), ("a-b:q", "bad layer range"),
-                      ("0-1:q:k", "bad layer range '0-1:q'"), (str(tmp_path / "big.json"), "big.json: layer 29 out of range 0-2"),
-                      (str(tmp_path / "odd.json"), "odd.json: unknown module 'qq'"), ("1-0:q", "selects nothing")):
+    for spec, msg in (
+        ("q,x", "unknown module 'x'"),
+        ("0-99:q", "layer 3 out of range"),
+        ("a-b:q", "bad layer range"),
+        ("0-1:q:k", "bad layer range '0-1:q'"),
+        (str(tmp_path / "big.json"), "big.json: layer 29 out of range 0-2"),
+        (str(tmp_path / "odd.json"), "odd.json: unknown module 'qq'"),
+        ("1-0:q", "selects nothing"),
+    ):
         with pytest.raises(model.SwatError, match=msg):
             train.parse_mods(spec, net.cfg.n_layers)
     with pytest.raises(model.SwatError, match="refusing to overwrite the input model"):
@@ -273,13 +425,28 @@ def test_bad_inputs(tiny, tmp_path):
 @pytest.mark.parametrize("strategy", ["ift", "swat", "mllr"])
 def test_smollm2_strategies_reload_in_transformers(tmp_path, strategy):
     from transformers import AutoModelForCausalLM
+
     if not os.path.exists(os.path.join(SMOLLM2, "model.safetensors")):
-        pytest.skip(f"no SmolLM2 checkpoint at {SMOLLM2}: run ../shared/tools/get_smollm2.sh to build it")
+        pytest.skip(
+            f"no SmolLM2 checkpoint at {SMOLLM2}: run ../shared/tools/get_smollm2.sh to build it"
+        )
     net, tok = model.load(SMOLLM2)
     path = os.path.join(SHARED, "data/gsm8k/train.jsonl")
     chats = data.read_examples(path)[:16] if os.path.exists(path) else CHATS
-    rows = train.train(net, tok, chats, str(tmp_path / "o"), strategy, train.parse_mods("q,k", 30), steps=2,
-                       warmup_steps=1, batch_size=2, max_len=96, lr=1e-4, skip_long=True)
+    rows = train.train(
+        net,
+        tok,
+        chats,
+        str(tmp_path / "o"),
+        strategy,
+        train.parse_mods("q,k", 30),
+        steps=2,
+        warmup_steps=1,
+        batch_size=2,
+        max_len=96,
+        lr=1e-4,
+        skip_long=True,
+    )
     assert len(rows) == (3 if strategy == "swat" else 2) and all(r["loss"] > 0 for r in rows)
     ref = AutoModelForCausalLM.from_pretrained(str(tmp_path / "o"), dtype=torch.float32)
     x = torch.tensor([tok.encode_chat([{"role": "user", "content": "What is 3 + 4?"}])])

@@ -26,7 +26,10 @@ from files import SwatError
 MARK = "swat-min.json"  # the manifest of a folder swat-min wrote
 
 CHATS = [
-    [{"role": "user", "content": f"What is {a} plus {b}?"}, {"role": "assistant", "content": f"{a + b}"}]
+    [
+        {"role": "user", "content": f"What is {a} plus {b}?"},
+        {"role": "assistant", "content": f"{a + b}"},
+    ]
     for a in range(6)
     for b in range(4)
 ]
@@ -65,24 +68,39 @@ def test_never_deletes_an_input_named_like_a_temporary_sibling(tmp_path, tiny):
     before = snapshot(tmp_path / "ckB.old")
     data = write_data(tmp_path / "d.jsonl")
     for _ in range(2):  # the second replaces the first checkpoint
-        cli("train", "--model", tmp_path / "ckB.old", "--data", data, "--out", tmp_path / "ckB", "--steps", 1)
+        cli(
+            "train",
+            "--model",
+            tmp_path / "ckB.old",
+            "--data",
+            data,
+            "--out",
+            tmp_path / "ckB",
+            "--steps",
+            1,
+        )
     assert snapshot(tmp_path / "ckB.old") == before
     assert (tmp_path / "ckB.tmp" / "notes.txt").read_text() == "mine"
     assert sorted(os.listdir(tmp_path)) == ["ckB", "ckB.old", "ckB.tmp", "d.jsonl", "tiny"]
 
 
 def test_never_deletes_a_users_file_in_a_folder_holding_a_log(tmp_path, tiny):
-    """item 2: a folder with any log.jsonl (or swat-min.json) counted as swat-min's and was replaced."""
+    """item 2: a folder with any log.jsonl (or swat-min.json) counted as swat-min's and was
+    replaced."""
     data = write_data(tmp_path / "d.jsonl")
     exp = tmp_path / "myexp"
     exp.mkdir()
     (exp / "log.jsonl").write_text("{}\n")
     (exp / "thesis.tex").write_text("x")
-    with pytest.raises(SystemExit, match=r"myexp: exists and holds log.jsonl, which swat-min did not"):
+    with pytest.raises(
+        SystemExit, match=r"myexp: exists and holds log.jsonl, which swat-min did not"
+    ):
         cli("train", "--model", tiny, "--data", data, "--out", exp, "--steps", 1)
     # a manifest that does not list thesis.tex does not make it swat-min's either
     (exp / MARK).write_text(json.dumps({"written_by": "swat-min", "files": ["log.jsonl"]}))
-    with pytest.raises(SystemExit, match=r"myexp: exists and holds thesis.tex, which swat-min did not"):
+    with pytest.raises(
+        SystemExit, match=r"myexp: exists and holds thesis.tex, which swat-min did not"
+    ):
         cli("train", "--model", tiny, "--data", data, "--out", exp, "--steps", 1)
     assert (exp / "thesis.tex").read_text() == "x"
     # a checkpoint swat-min wrote is replaced; a file added to it later makes it the user's
@@ -99,16 +117,22 @@ def test_never_replaces_a_users_scan_generations_or_results(tmp_path, tiny, monk
     data = write_data(tmp_path / "d.jsonl")
     (tmp_path / "s.json").write_text('{"my": "table"}')
     (tmp_path / "g.jsonl").write_text('{"prompt": "mine"}\n')
-    monkeypatch.setattr(swat_min.rb, "scan", lambda *a: pytest.fail("scanned before checking --out"))
+    monkeypatch.setattr(
+        swat_min.rb, "scan", lambda *a: pytest.fail("scanned before checking --out")
+    )
     with pytest.raises(SystemExit, match=r"s.json: exists and swat-min did not write it; refusing"):
         cli("scan", "--model", tiny, "--n", 4, "--out", tmp_path / "s.json")
-    with pytest.raises(SystemExit, match=r"g.jsonl: exists and swat-min did not write it; refusing"):
+    with pytest.raises(
+        SystemExit, match=r"g.jsonl: exists and swat-min did not write it; refusing"
+    ):
         cli("eval", "--model", tiny, "--n-eval", 1, "--generations", tmp_path / "g.jsonl")
     exp = tmp_path / "exp"
     exp.mkdir()
     (exp / "scan.json").write_text("{}")
     (exp / "results.md").write_text("my notes")
-    with pytest.raises(SystemExit, match=r"exp: exists and holds results.md, which swat-min did not"):
+    with pytest.raises(
+        SystemExit, match=r"exp: exists and holds results.md, which swat-min did not"
+    ):
         cli("run", "--model", tiny, "--data", data, "--out", exp, "--steps", 1)
     assert (tmp_path / "s.json").read_text() == '{"my": "table"}'
     assert (tmp_path / "g.jsonl").read_text() == '{"prompt": "mine"}\n'
@@ -117,7 +141,17 @@ def test_never_replaces_a_users_scan_generations_or_results(tmp_path, tiny, monk
     monkeypatch.undo()
     for _ in range(2):
         cli("scan", "--model", tiny, "--n", 4, "--k", 2, "--out", tmp_path / "s2.json")
-        cli("eval", "--model", tiny, "--n-eval", 1, "--max-new-tokens", 1, "--generations", tmp_path / "g2.jsonl")
+        cli(
+            "eval",
+            "--model",
+            tiny,
+            "--n-eval",
+            1,
+            "--max-new-tokens",
+            1,
+            "--generations",
+            tmp_path / "g2.jsonl",
+        )
     assert json.loads((tmp_path / "s2.json").read_text())["written_by"] == "swat-min"
 
 
@@ -125,8 +159,9 @@ class Killed(BaseException):
     """A stand-in for SIGKILL: no except clause of the code under test catches it."""
 
 
-# where save() can be interrupted: while writing, after the new checkpoint is whole but before the swap,
-# between the swap's two renames, after them before the old one is removed, and halfway through that
+# where save() can be interrupted: while writing, after the new checkpoint is whole but before the
+# swap, between the swap's two renames, after them before the old one is removed, and halfway
+# through that
 FAULTS = ["writing", "manifest written", "old moved aside", "new moved in", "removing the old"]
 
 
@@ -134,7 +169,8 @@ FAULTS = ["writing", "manifest written", "old moved aside", "new moved in", "rem
 def test_save_interrupted_at_every_step_resumes_from_the_newest_whole_checkpoint(
     tmp_path, tiny, monkeypatch, fault
 ):
-    """item 4: a kill between the swap's renames left out.old + out.tmp, and --resume deleted both."""
+    """item 4: a kill between the swap's renames left out.old + out.tmp, and --resume deleted
+    both."""
     kw = dict(steps=4, save_every=2, **SMALL)
     net, tok = model.load(tiny)
     train.train(net, tok, CHATS, str(tmp_path / "ref"), **kw)
@@ -176,7 +212,7 @@ def test_save_interrupted_at_every_step_resumes_from_the_newest_whole_checkpoint
         real_write_json(path, obj)
         die_if(fault == "manifest written" and path.endswith(MARK))
 
-    real_save = model.save
+    real_save = checkpoint.save
 
     def counting_save(*a, **k):
         state["saves"] += 1
@@ -186,22 +222,34 @@ def test_save_interrupted_at_every_step_resumes_from_the_newest_whole_checkpoint
     monkeypatch.setattr(checkpoint, "write_json", write_json)
     monkeypatch.setattr(os, "replace", replace)
     monkeypatch.setattr(shutil, "rmtree", rmtree)
-    monkeypatch.setattr(model, "save", counting_save)
+    monkeypatch.setattr(checkpoint, "save", counting_save)
     net, tok = model.load(tiny)
     with pytest.raises(Killed):
         train.train(net, tok, CHATS, str(tmp_path / "o"), **kw)
     monkeypatch.undo()
 
     resumed_from = []
-    real_load_state = train._load_state
-    monkeypatch.setattr(train, "_load_state", lambda *a: resumed_from.append(real_load_state(*a)) or resumed_from[-1])
+    real_load = train.load_trainer
+
+    def recording_load(*a):
+        resumed_from.append(real_load(*a))
+        return resumed_from[-1]
+
+    monkeypatch.setattr(train, "load_trainer", recording_load)
     net, tok = model.load(tiny)
     train.train(net, tok, CHATS, str(tmp_path / "o"), resume=True, **kw)
     newest_whole = 2 if fault == "writing" else 4
     assert resumed_from == [newest_whole]
     for name, value in net.state_dict().items():
         assert torch.equal(value, reference[name]), name
-    assert sorted(os.listdir(tmp_path)) == ["notes.txt", "o", "o.old", "o.tmp", "ref", "tiny"]  # nothing left over
+    assert sorted(os.listdir(tmp_path)) == [
+        "notes.txt",
+        "o",
+        "o.old",
+        "o.tmp",
+        "ref",
+        "tiny",
+    ]  # nothing left over
     assert {name: snapshot(tmp_path / name) for name in ("o.old", "o.tmp")} == users
     assert json.load(open(tmp_path / "o" / "trainer.json"))["step"] == 4
 
@@ -209,8 +257,16 @@ def test_save_interrupted_at_every_step_resumes_from_the_newest_whole_checkpoint
 # ---- 5-8: silent wrong results ----
 
 
-@pytest.mark.parametrize("flag,value", [("--lr", "nan"), ("--lr", "inf"), ("--ratio", "nan"),
-                                        ("--weight-decay", "-inf"), ("--warmup-frac", "nan")])
+@pytest.mark.parametrize(
+    "flag,value",
+    [
+        ("--lr", "nan"),
+        ("--lr", "inf"),
+        ("--ratio", "nan"),
+        ("--weight-decay", "-inf"),
+        ("--warmup-frac", "nan"),
+    ],
+)
 def test_nan_and_inf_options_are_refused(tmp_path, tiny, capsys, flag, value):
     """item 5: --lr nan passed the range check and made an all-NaN checkpoint."""
     data = write_data(tmp_path / "d.jsonl")
@@ -227,16 +283,22 @@ def test_nonfinite_gradient_stops_before_the_update_and_nothing_nonfinite_is_sav
     net, tok = model.load(tiny)
     calls = []
 
-    def poison(grad):  # the gradient (not the loss) turns infinite at step 3, after the checkpoint of step 2
+    def poison(
+        grad,
+    ):  # the gradient (not the loss) turns infinite at step 3, after the checkpoint of step 2
         calls.append(1)
         return grad * math.inf if len(calls) == 3 else grad
 
     net.model.layers[0].self_attn.q_proj.weight.register_hook(poison)
-    with pytest.raises(SwatError, match=r"non-finite loss or gradient at step 3 .* keeps the checkpoint of step 2"):
+    with pytest.raises(
+        SwatError, match=r"non-finite loss or gradient at step 3 .* keeps the checkpoint of step 2"
+    ):
         train.train(net, tok, CHATS, str(tmp_path / "o"), steps=4, save_every=2, **SMALL)
     assert all(v.isfinite().all() for v in net.state_dict().values())  # the update never ran
     net.model.norm.weight.data[0] = math.nan
-    with pytest.raises(SwatError, match=r"not saved: non-finite weights \(model.norm.weight, 1 tensors"):
+    with pytest.raises(
+        SwatError, match=r"not saved: non-finite weights \(model.norm.weight, 1 tensors"
+    ):
         model.save(net, tok, str(tmp_path / "o"))
     assert json.load(open(tmp_path / "o" / "trainer.json"))["step"] == 2
 
@@ -251,11 +313,14 @@ def test_resume_refuses_a_checkpoint_of_another_model_of_the_same_shapes(tiny, t
     train.train(net, tok, CHATS, str(tmp_path / "o"), steps=4, save_every=2, **SMALL)
     net, tok = model.load(str(tmp_path / "other"))
     with pytest.raises(SwatError, match=r"o: its checkpoint was trained with another .*model"):
-        train.train(net, tok, CHATS, str(tmp_path / "o"), steps=4, save_every=2, resume=True, **SMALL)
+        train.train(
+            net, tok, CHATS, str(tmp_path / "o"), steps=4, save_every=2, resume=True, **SMALL
+        )
 
 
 def test_a_list_input_is_refused_and_nan_weights_warn_at_load(tiny, tmp_path, capsys):
-    """item 8: Alpaca's "input": ["a", "b"] was trained on as "['a', 'b']"; NaN weights said nothing."""
+    """item 8: Alpaca's "input": ["a", "b"] was trained on as "['a', 'b']"; NaN weights said
+    nothing."""
     import data
 
     path = tmp_path / "d.json"
@@ -278,7 +343,9 @@ def test_a_list_input_is_refused_and_nan_weights_warn_at_load(tiny, tmp_path, ca
 # ---- 9-15: faults as one line, nothing half-written ----
 
 
-def test_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(tiny, tmp_path, monkeypatch):
+def test_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(
+    tiny, tmp_path, monkeypatch
+):
     """item 9: safetensors' own error for a full disk is not an OSError: it was a traceback."""
     net, tok = model.load(tiny)
     model.save(net, tok, str(tmp_path / "out"))
@@ -294,7 +361,9 @@ def test_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(ti
     monkeypatch.setattr(checkpoint, "save_file", full)
     with torch.no_grad():
         net.model.norm.weight.add_(1)
-    with pytest.raises(SwatError, match=r"out: could not save \(Error while serializing: No space left"):
+    with pytest.raises(
+        SwatError, match=r"out: could not save \(Error while serializing: No space left"
+    ):
         model.save(net, tok, str(tmp_path / "out"))
     assert sorted(os.listdir(tmp_path)) == ["out", "tiny"] and snapshot(tmp_path / "out") == before
 
@@ -330,18 +399,24 @@ def test_resume_of_a_damaged_checkpoint_is_one_line(tiny, tmp_path, capsys):
     damages = {
         "trainer.safetensors": lambda p: p.write_bytes(p.read_bytes()[:200]),
         "model.safetensors": lambda p: p.write_bytes(p.read_bytes()[:-100]),
-        "trainer.json": lambda p: p.write_text(json.dumps({k: v for k, v in json.load(open(p)).items() if k != "step"})),
+        "trainer.json": lambda p: p.write_text(
+            json.dumps({k: v for k, v in json.load(open(p)).items() if k != "step"})
+        ),
     }
     for name, damage in damages.items():
         shutil.rmtree(out)
         shutil.copytree(tmp_path / "whole", out)
         damage(out / name)
         net, tok = model.load(tiny)
-        with pytest.raises(SwatError, match=r"o: its checkpoint is damaged \(.*\); it cannot be resumed"):
+        with pytest.raises(
+            SwatError, match=r"o: its checkpoint is damaged \(.*\); it cannot be resumed"
+        ):
             train.train(net, tok, CHATS, str(out), resume=True, **kw)
     out_log = tmp_path / "whole" / "log.jsonl"
     out_log.write_text('{"step": 1, "lo\n' + out_log.read_text())
-    with pytest.raises(SwatError, match=r"log.jsonl: line 1 is damaged; resume needs the log whole"):
+    with pytest.raises(
+        SwatError, match=r"log.jsonl: line 1 is damaged; resume needs the log whole"
+    ):
         train.read_log(str(out_log), 4)
 
 
@@ -352,10 +427,14 @@ def test_bad_rope_scaling_and_a_vocabulary_past_vocab_size_are_one_line(tmp_path
     config = json.load(open(os.path.join(d, "config.json")))
     with open(os.path.join(d, "config.json"), "w") as f:
         json.dump(dict(config, rope_scaling="linear"), f)
-    with pytest.raises(SwatError, match=r"config.json: rope_scaling must be an object of rope settings"):
+    with pytest.raises(
+        SwatError, match=r"config.json: rope_scaling must be an object of rope settings"
+    ):
         model.load(d)
     tiny_hf(d, vocab_size=300)  # its tokenizer has 400 tokens
-    with pytest.raises(SwatError, match=r"m: tokenizer.json has 400 tokens, more than the model's vocab_size 300"):
+    with pytest.raises(
+        SwatError, match=r"m: tokenizer.json has 400 tokens, more than the model's vocab_size 300"
+    ):
         model.load(d)
 
 
@@ -363,26 +442,53 @@ def test_ctrl_c_is_one_line_and_exit_130(tiny, tmp_path):
     """item 12: Ctrl-C printed a traceback."""
     data = write_data(tmp_path / "d.jsonl")
     out = tmp_path / "o"
-    cmd = [sys.executable, os.path.join(ROOT, "swat_min.py"), "train", "--model", tiny, "--data", str(data),
-           "--out", str(out), "--steps", "100000", "--batch", "2"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "swat_min.py"),
+        "train",
+        "--model",
+        tiny,
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--steps",
+        "100000",
+        "--batch",
+        "2",
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     deadline = time.time() + 120
-    while not (out / "log.jsonl").exists() or not (out / "log.jsonl").read_text():  # training has begun
+    while (
+        not (out / "log.jsonl").exists() or not (out / "log.jsonl").read_text()
+    ):  # training has begun
         assert time.time() < deadline and proc.poll() is None
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
-    assert "Traceback" not in err and err.strip().splitlines()[-1] == f"interrupted; results so far in {out}"
+    assert (
+        "Traceback" not in err
+        and err.strip().splitlines()[-1] == f"interrupted; results so far in {out}"
+    )
 
 
-def test_unwritable_outputs_fail_before_the_work_and_run_leaves_no_folder(tiny, tmp_path, monkeypatch):
+def test_unwritable_outputs_fail_before_the_work_and_run_leaves_no_folder(
+    tiny, tmp_path, monkeypatch
+):
     """item 13: scan failed after the whole scan, train after step 1; run left an empty folder."""
     data = write_data(tmp_path / "d.jsonl")
     if not os.path.isdir("/sys"):
         pytest.skip("needs a read-only /sys (Linux)")
-    monkeypatch.setattr(swat_min.rb, "scan", lambda *a: pytest.fail("scanned before checking --out"))
+    monkeypatch.setattr(
+        swat_min.rb, "scan", lambda *a: pytest.fail("scanned before checking --out")
+    )
     monkeypatch.setattr(train, "loss_fn", lambda *a: pytest.fail("trained before checking --out"))
     with pytest.raises(SystemExit, match=r"^error: /sys/swat-scan.json: cannot write in /sys"):
         cli("scan", "--model", tiny, "--out", "/sys/swat-scan.json")
@@ -392,9 +498,29 @@ def test_unwritable_outputs_fail_before_the_work_and_run_leaves_no_folder(tiny, 
         cli("run", "--model", tiny, "--data", data, "--out", "/sys/x")
     # an error in the input, found after the output was checked: no folder is left behind
     with pytest.raises(SystemExit, match=r"error: .*nothere.jsonl: unreadable"):
-        cli("run", "--model", tiny, "--data", tmp_path / "nothere.jsonl", "--out", tmp_path / "a" / "b" / "r")
+        cli(
+            "run",
+            "--model",
+            tiny,
+            "--data",
+            tmp_path / "nothere.jsonl",
+            "--out",
+            tmp_path / "a" / "b" / "r",
+        )
     with pytest.raises(SystemExit, match=r"error: Mods_Rob of 99 modules"):
-        cli("run", "--model", tiny, "--data", data, "--k", 99, "--n-task", 4, "--out", tmp_path / "r")
+        cli(
+            "run",
+            "--model",
+            tiny,
+            "--data",
+            data,
+            "--k",
+            99,
+            "--n-task",
+            4,
+            "--out",
+            tmp_path / "r",
+        )
     assert sorted(os.listdir(tmp_path)) == ["d.jsonl", "tiny"]
 
 

@@ -1,0 +1,898 @@
+"""swat_min.py end to end: the offline demo (shortened), CLI errors, hub download, atomic saving."""
+
+import errno
+import http.server
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import pytest
+import torch
+import checkpoint
+import data
+import evaluation
+import hub
+import model
+import swat_min
+from conftest import ROOT, tiny_hf
+
+
+def run(*argv):
+    return swat_min.main([str(a) for a in argv])
+
+
+def test_demo_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    run(
+        "demo",
+        "--out",
+        out,
+        "--toy-steps",
+        60,
+        "--steps",
+        12,
+        "--n",
+        12,
+        "--n-eval",
+        12,
+        "--n-task",
+        12,
+        "--n-acc",
+        6,
+        "--task-tokens",
+        12,
+        "--max-new-tokens",
+        8,
+    )
+    res = json.load(open(out / "results.json"))
+    names = [r["strategy"] for r in res["rows"]]
+    assert names == ["original", "ift", "swat", "mllr", "control"]
+    for r in res["rows"]:
+        assert 0 <= r["asr"] <= 1 and 0 <= r["over_refusal"] <= 1
+        assert r["task_loss"] > 0 and r["drift"] >= 0 and "settings" in r and "seed" in r
+    assert res["rows"][0]["drift"] == 0
+    scan = json.load(open(out / "scan.json"))
+    assert len(scan["mods_rob"]) == len(scan["mods_fragile"]) == 8  # half of 4 layers x q,k,v,o
+    ctl = next(r for r in res["rows"] if r["strategy"] == "control")
+    assert ctl["n_mods"] == 8 and ctl["scheme"] == "swat"
+    assert os.path.exists(out / "results.md") and os.path.exists(
+        out / "swat-seed0" / "generations.jsonl"
+    )
+    assert all("asr_cut_vs_ift" in r and "task_loss_vs_ift" in r for r in res["rows"][1:])
+    gen = [json.loads(l) for l in open(out / "swat-seed0" / "generations.jsonl")]
+    assert len(gen) == 24 and {"prompt", "response", "refused", "harmful"} <= set(gen[0])
+
+
+def test_run_makes_the_chosen_strategies(tmp_path, tiny):
+    data = tmp_path / "d.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"instruction": f"What is {i} plus 1?", "output": f"{i + 1}"}) + "\n"
+            for i in range(12)
+        )
+    )
+    out = tmp_path / "r"
+    run(
+        "run",
+        "--model",
+        tiny,
+        "--data",
+        data,
+        "--out",
+        out,
+        "--steps",
+        2,
+        "--batch",
+        4,
+        "--n",
+        4,
+        "--n-eval",
+        3,
+        "--max-new-tokens",
+        2,
+        "--n-task",
+        4,
+        "--n-acc",
+        0,
+        "--strategies",
+        "ift",
+        "control",
+        "--control",
+        "mllr",
+        "--scope",
+        "modules",
+        "--device",
+        "cpu",
+    )
+    rows = json.load(open(out / "results.json"))["rows"]
+    assert [r["strategy"] for r in rows] == ["original", "ift", "control"]
+    assert rows[2]["scheme"] == "mllr" and rows[2]["settings"]["scope"] == "modules"
+    assert not os.path.exists(out / "swat-seed0") and os.path.exists(
+        out / "control-seed0" / "model.safetensors"
+    )
+
+
+def test_report_sets_each_strategy_against_ift(tmp_path):
+    row = lambda s, seed, asr, loss: {
+        "strategy": s,
+        "seed": seed,
+        "asr": asr,
+        "over_refusal": 0.0,
+        "drift": 1.0,
+        "task_loss": loss,
+        "task_acc": None,
+    }
+    rows = [
+        row("original", None, 0.1, 2.0),
+        row("ift", 0, 0.5, 1.0),
+        row("swat", 0, 0.3, 1.1),
+        row("ift", 1, 0.7, 1.0),
+        row("swat", 1, 0.7, 0.9),
+        row("ift", 2, 0.9, 1.0),
+    ]
+    evaluation.report(str(tmp_path), rows, {"lr": 1e-4})
+    res = json.load(open(tmp_path / "results.json"))["rows"]
+    assert res[2]["asr_cut_vs_ift"] == pytest.approx(0.5) and res[2][
+        "task_loss_vs_ift"
+    ] == pytest.approx(0.1)
+    assert res[4]["asr_cut_vs_ift"] == pytest.approx(0.0) and res[4][
+        "task_loss_vs_ift"
+    ] == pytest.approx(-0.1)
+    assert res[0]["settings"] == {"lr": 1e-4} and "asr_cut_vs_ift" not in res[0]
+    md = open(tmp_path / "results.md", encoding="utf-8").read().splitlines()
+    # swat's mean is set against ift's over the same two seeds (seed 2 has no swat row): ift ASR 60
+    # %, swat 50 % -> a cut of (60 - 50) / (60 - 10) = 20 %
+    assert md[-1].startswith("| swat | mean of 2 | 50.0% | +20% |") and "| +0.0% | - |" in md[-1]
+    assert md[-2].startswith("| ift | mean of 3 | 70.0% | +0% |")
+
+
+def test_help_shows_each_commands_defaults(capsys):
+    for cmd, lr in (("train", "2e-05"), ("align", "5e-05"), ("demo", "0.0003")):
+        with pytest.raises(SystemExit) as e:
+            run(cmd, "--help")
+        assert e.value.code == 0 and f"--lr LR peak learning rate (default: {lr})" in " ".join(
+            capsys.readouterr().out.split()
+        )
+
+
+def test_cli_keeps_the_users_thread_count(monkeypatch):
+    """OMP_NUM_THREADS is how several runs share a machine; the CLI must not override it."""
+    threads = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    try:
+        with pytest.raises(SystemExit):
+            run("generate", "--model", "m")  # fails at once (no prompt), after the set-up
+        assert torch.get_num_threads() == 1
+        monkeypatch.delenv(
+            "OMP_NUM_THREADS"
+        )  # unset: the cores this process may run on, not all the machine's
+        if hasattr(os, "sched_getaffinity"):
+            monkeypatch.setattr(os, "cpu_count", lambda: 64)
+            monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})
+            with pytest.raises(SystemExit):
+                run("generate", "--model", "m")
+            assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_cli_errors(tmp_path, tiny, capsys):
+    with pytest.raises(SystemExit) as e:
+        run("fly")
+    assert e.value.code == 2 and "invalid choice: 'fly'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        run("probe", "--model", tiny, "--bogus")
+    assert e.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match=r"error: .*missing.json: unreadable"):
+        run("train", "--model", tiny, "--data", tmp_path / "missing.json", "--out", tmp_path / "o")
+    d = tmp_path / "notok"
+    shutil.copytree(tiny, d)
+    os.remove(d / "tokenizer.json")
+    with pytest.raises(SystemExit, match=r"error: .*notok/tokenizer.json: not found"):
+        run("generate", "--model", d, "--prompt", "hi")
+    with pytest.raises(
+        SystemExit, match=r"error: generate: give --prompt TEXT \(repeatable\) or --file FILE"
+    ):
+        run("generate", "--model", tiny)
+    tiny_hf(tmp_path / "narrow", hidden_size=32, num_hidden_layers=2)
+    with pytest.raises(
+        SystemExit, match=r"error: .*narrow: 2 layers of width 32, .* has 3 of 64; --base must be"
+    ):
+        run(
+            "eval",
+            "--model",
+            tiny,
+            "--base",
+            tmp_path / "narrow",
+            "--n-eval",
+            1,
+            "--max-new-tokens",
+            1,
+        )
+    with pytest.raises(SystemExit, match=r"error: module selector 'q,zz': unknown module 'zz'"):
+        (tmp_path / "d.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
+        run(
+            "train",
+            "--model",
+            tiny,
+            "--data",
+            tmp_path / "d.jsonl",
+            "--mods",
+            "q,zz",
+            "--strategy",
+            "swat",
+            "--out",
+            tmp_path / "o",
+        )
+
+
+def test_bad_values_fail_before_any_work(tmp_path, tiny, capsys, monkeypatch):
+    files = sorted(os.listdir(tiny))
+    (tmp_path / "d.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
+    for flag, val, cmd in (
+        ("--batch", 0, "train"),
+        ("--accum", 0, "train"),
+        ("--top-p", 1.5, "generate"),
+        ("--n", 0, "scan"),
+        ("--n-eval", 0, "eval"),
+        ("--lr", "abc", "train"),
+        ("--seed", 2**64, "train"),
+        ("--seeds", -1, "run"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            run(
+                cmd,
+                "--model",
+                tiny,
+                "--data",
+                tmp_path / "d.jsonl",
+                "--out",
+                tmp_path / "o",
+                flag,
+                val,
+            )
+        assert e.value.code == 2 and f"argument {flag}: " in capsys.readouterr().err
+    with pytest.raises(SystemExit, match=r"^error: device 'nodevice': "):
+        run("generate", "--model", tiny, "--prompt", "hi", "--device", "nodevice")
+    (tmp_path / "h.txt").write_text("Bad one\nBad two\n")  # an output never replaces an input
+    for argv in (
+        ("eval", "--eval-harmful", tmp_path / "h.txt", "--generations", tmp_path / "h.txt"),
+        ("scan", "--harmful", tmp_path / "h.txt", "--out", tmp_path / "h.txt"),
+        ("scan", "--out", os.path.join(tiny, "config.json")),
+        ("run", "--data", tmp_path / "d.jsonl", "--out", tiny),
+    ):
+        with pytest.raises(
+            SystemExit, match=r"^error: .*: would overwrite the input .*; choose another path"
+        ):
+            run(*argv, "--model", tiny)
+    assert (tmp_path / "h.txt").read_text() == "Bad one\nBad two\n" and sorted(
+        os.listdir(tiny)
+    ) == files
+    run(
+        "eval",
+        "--model",
+        tiny,
+        "--n-eval",
+        1,
+        "--max-new-tokens",
+        1,
+        "--generations",
+        os.path.join(tiny, "g.jsonl"),
+    )
+    assert sorted(os.listdir(tiny)) == sorted(
+        files + ["g.jsonl"]
+    )  # a new file beside the model is fine
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "results.md").write_text(
+        "my notes"
+    )  # a folder of the user's: run writes no results there
+    for cmd in ("run", "demo"):
+        with pytest.raises(
+            SystemExit,
+            match=r"^error: .*mine: exists and holds results.md, which swat-min did not write; "
+            r"refusing",
+        ):
+            run(cmd, "--model", tiny, "--data", tmp_path / "d.jsonl", "--out", tmp_path / "mine")
+    assert os.listdir(tmp_path / "mine") == ["results.md"]
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(
+        SystemExit, match=r"^error: .*g.jsonl: cannot be made \(.*afile is a file\)"
+    ):  # cannot be made
+        run("eval", "--model", tiny, "--generations", tmp_path / "afile" / "g.jsonl")
+    with pytest.raises(SystemExit, match=r"^error: .*afile: exists and is not a folder"):
+        run(
+            "train",
+            "--model",
+            tiny,
+            "--data",
+            tmp_path / "d.jsonl",
+            "--out",
+            tmp_path / "afile",
+            "--steps",
+            1,
+        )
+    assert (tmp_path / "afile").read_text() == "mine"
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "notes.txt").write_text(
+        "mine"
+    )  # a folder of the user's: never replaced by a checkpoint
+    with pytest.raises(
+        SystemExit,
+        match=r"^error: .*work: exists and holds notes.txt, which swat-min did not write; refusing",
+    ):
+        run(
+            "train",
+            "--model",
+            tiny,
+            "--data",
+            tmp_path / "d.jsonl",
+            "--out",
+            tmp_path / "work",
+            "--steps",
+            1,
+        )
+    tiny_hf(str(tmp_path / "other"))  # another model of the user's, not the input: never replaced
+    theirs = sorted(os.listdir(tmp_path / "other"))
+    with pytest.raises(
+        SystemExit,
+        match=r"^error: .*other: exists and holds config.json, which swat-min did not write; "
+        r"refusing",
+    ):
+        run(
+            "train",
+            "--model",
+            tiny,
+            "--data",
+            tmp_path / "d.jsonl",
+            "--out",
+            tmp_path / "other",
+            "--steps",
+            1,
+        )
+    net, tok = model.load(tiny)
+    with pytest.raises(model.SwatError, match="afile: exists and is not a folder"):
+        model.save(net, tok, tmp_path / "afile")
+    with pytest.raises(
+        model.SwatError, match="other: exists and holds config.json, which swat-min did not write"
+    ):
+        model.save(net, tok, tmp_path / "other")
+    assert sorted(os.listdir(tmp_path / "other")) == theirs
+    assert (tmp_path / "work" / "notes.txt").read_text() == "mine" and (
+        tmp_path / "afile"
+    ).read_text() == "mine"
+    run(
+        "train",
+        "--model",
+        tiny,
+        "--data",
+        tmp_path / "d.jsonl",
+        "--out",
+        tmp_path / "o",
+        "--steps",
+        1,
+    )
+    run(
+        "train",
+        "--model",
+        tiny,
+        "--data",
+        tmp_path / "d.jsonl",
+        "--out",
+        tmp_path / "o",
+        "--steps",
+        1,
+    )  # ours: replaced
+    monkeypatch.setattr(swat_min.rb, "scan", lambda *a: pytest.fail("scanned before checking --k"))
+    with pytest.raises(
+        SystemExit, match=r"^error: Mods_Rob of 99 modules: there are 12 to choose from"
+    ):
+        run("scan", "--model", tiny, "--k", 99, "--out", tmp_path / "s.json")
+
+
+def test_full_disk_leaves_nothing(tmp_path, tiny, monkeypatch):
+    net, tok = model.load(tiny)
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_file", full)
+    with pytest.raises(model.SwatError, match="could not save \\(No space left on device\\)"):
+        model.save(net, tok, str(tmp_path / "out"))
+    assert os.listdir(tmp_path) == ["tiny"]  # no output and no temporary directory
+    monkeypatch.undo()
+    model.save(
+        net, tok, str(tmp_path / "out")
+    )  # an existing checkpoint survives a failed overwrite
+    monkeypatch.setattr(checkpoint, "save_file", full)
+    with pytest.raises(model.SwatError):
+        model.save(net, tok, str(tmp_path / "out"))
+    monkeypatch.undo()
+    assert torch.equal(
+        model.load(str(tmp_path / "out"))[0](torch.tensor([[1, 2]])), net(torch.tensor([[1, 2]]))
+    )
+
+
+class Hub(http.server.BaseHTTPRequestHandler):
+    """A stand-in for the hub: serves files under /org/name/resolve/main/, honours Range, and can
+    cut a response short once (an interrupted download). Like the hub, it redirects weights to
+    another host (a CDN: here `localhost` instead of 127.0.0.1), which must not be sent the
+    token."""
+
+    root, cut, seen = None, set(), []
+
+    def do_GET(self):
+        cdn = self.path.startswith("/cdn/")
+        name = self.path[len("/cdn/") :] if cdn else self.path.split("/resolve/main/")[-1]
+        path = os.path.join(self.root, name)
+        Hub.seen.append((name, self.headers.get("Range"), self.headers.get("Authorization"), cdn))
+        if not (cdn or self.path.startswith("/org/tiny/")) or not os.path.exists(path):
+            self.send_error(404)
+            return
+        if not cdn and name.endswith(".safetensors"):
+            self.send_response(302)
+            self.send_header(
+                "Location", f"http://localhost:{self.server.server_address[1]}/cdn/{name}"
+            )
+            self.end_headers()
+            return
+        data = open(path, "rb").read()
+        start = (
+            int(self.headers["Range"].split("=")[1].rstrip("-")) if self.headers.get("Range") else 0
+        )
+        if start >= len(
+            data
+        ):  # as HTTP servers do: a range past the end is not satisfiable (a whole .part's resume)
+            self.send_error(416)
+            return
+        self.send_response(206 if start else 200)
+        self.send_header("Content-Length", str(len(data) - start))
+        self.end_headers()
+        if name in Hub.cut:
+            Hub.cut.discard(name)
+            self.wfile.write(data[start : start + (len(data) - start) // 2])
+            return
+        self.wfile.write(data[start:])
+
+    def log_message(self, *a):
+        pass
+
+
+def test_hub_download_resumes(tmp_path, monkeypatch):
+    from conftest import tiny_hf
+
+    src = tmp_path / "src"
+    ref = tiny_hf(str(src), "llama")
+    ref.save_pretrained(str(src), max_shard_size="100KB")  # sharded, with an index
+    os.remove(src / "model.safetensors") if os.path.exists(src / "model.safetensors") else None
+    tc = json.load(
+        open(src / "tokenizer_config.json")
+    )  # the template in its own file, as newer repos ship it
+    (src / "chat_template.jinja").write_text(
+        tc.pop("chat_template").replace("<|im_start|>", "<|start_header_id|>")
+    )
+    (src / "tokenizer_config.json").write_text(json.dumps(tc))
+    os.remove(src / "generation_config.json")  # an optional file the repo lacks
+    Hub.root, Hub.cut, Hub.seen = str(src), {"model-00002-of-00003.safetensors"}, []
+    shards = json.load(open(src / "model.safetensors.index.json"))["weight_map"].values()
+    Hub.cut = {sorted(set(shards))[1]}
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{srv.server_address[1]}")
+    monkeypatch.setenv("SWAT_MODEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_TOKEN", "secret")
+    try:
+        with pytest.raises(model.SwatError, match="incomplete .* run again to resume"):
+            hub.fetch("org/tiny")
+        d = hub.fetch("org/tiny")  # resumes the partial shard with a Range request
+        with pytest.raises(
+            model.SwatError, match="^no/such: no such local directory; from the hub: .*HTTP 404"
+        ):
+            model.load("no/such")  # a mistyped path that looks like a hub id
+        assert not (
+            tmp_path / "cache" / "hub" / "no--such"
+        ).exists()  # and nothing left in the cache
+        (src / "model.safetensors.index.json").write_text(
+            '{"weight_map": {"a": "../../../escaped.safetensors"}}'
+        )
+        monkeypatch.setenv(
+            "SWAT_MODEL_CACHE", str(tmp_path / "cache2")
+        )  # a repo whose index points outside
+        with pytest.raises(
+            model.SwatError,
+            match="index.json: a shard that is not a .safetensors file of this folder",
+        ):
+            hub.fetch("org/tiny")
+        assert not list(tmp_path.rglob("escaped*"))
+        (src / "model.safetensors.index.json").unlink()
+        shutil.copy(
+            src / "config.json", src / "model.safetensors"
+        )  # one weights file now (fetch never reads it)
+        monkeypatch.setenv("SWAT_MODEL_CACHE", str(tmp_path / "cache3"))
+        os.makedirs(
+            tmp_path / "cache3" / "hub" / "org--tiny"
+        )  # a download stopped between its last byte and
+        shutil.copy(
+            src / "config.json", tmp_path / "cache3" / "hub" / "org--tiny" / "config.json.part"
+        )  # its rename
+        assert (
+            open(os.path.join(hub.fetch("org/tiny"), "config.json")).read()
+            == (src / "config.json").read_text()
+        )
+        (src / "model.safetensors").unlink()  # a repo of pickled weights only
+        monkeypatch.setenv("SWAT_MODEL_CACHE", str(tmp_path / "cache4"))
+        with pytest.raises(model.SwatError, match="^org/tiny: no safetensors weights on the hub"):
+            hub.fetch("org/tiny")
+        monkeypatch.setenv("SWAT_MODEL_CACHE", str(tmp_path / "cache"))
+    finally:
+        srv.shutdown()
+    n = len(Hub.seen)
+    assert hub.fetch("org/tiny") == d and len(Hub.seen) == n  # a finished download needs no server
+    assert hub.resolve("org/tiny") == d and hub.resolve(str(src)) == str(src)
+    assert any(
+        r and r.startswith("bytes=") and cdn for _, r, _, cdn in Hub.seen
+    )  # the resume reached the CDN
+    assert all(
+        a == ("Bearer secret" if not cdn else None) for _, _, a, cdn in Hub.seen
+    )  # the token did not
+    assert sum(cdn for *_, cdn in Hub.seen) >= 3
+    net, tok = model.load("org/tiny")  # a hub id: the cached download
+    assert tok.format == "llama3"  # read off the downloaded chat_template.jinja
+    x = torch.tensor([[3, 4, 5]])
+    with torch.no_grad():
+        assert (net(x) - ref(x).logits).abs().max() <= 1e-5
+    assert not [f for f in os.listdir(d) if f.endswith(".part")]
+
+
+def test_dev_sweep_smoke(tmp_path, tiny):
+    """experiments/dev_sweep.py end to end on a tiny model: one scored row per setting, plus the
+    start."""
+    tune, harmful = tmp_path / "d.jsonl", tmp_path / "h.txt"
+    tune.write_text(
+        "".join(
+            json.dumps({"instruction": f"Add {i} and {i}.", "output": str(2 * i)}) + "\n"
+            for i in range(20)
+        )
+    )
+    harmful.write_text("".join(f"harmful request {i}\n" for i in range(6)))
+    script = os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "dev_sweep.py"
+    )
+    r = subprocess.run(
+        [
+            str(x)
+            for x in [
+                sys.executable,
+                script,
+                "--model",
+                tiny,
+                "--data",
+                tune,
+                "--mods",
+                "q,k",
+                "--out",
+                tmp_path / "s",
+                "--dev-harmful",
+                harmful,
+                "--dev-start",
+                2,
+                "--n-task",
+                4,
+                "--n-dev",
+                4,
+                "--steps",
+                2,
+                "--batch",
+                2,
+                "--n-eval",
+                3,
+                "--max-new-tokens",
+                4,
+                "--device",
+                "cpu",
+                "ift",
+                "mllr:ratio=0.5",
+                "swat",
+            ]
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(l) for l in open(tmp_path / "s" / "sweep.jsonl")]
+    assert [x["strategy"] for x in rows] == ["original", "ift", "mllr:ratio=0.5", "swat"]
+    assert rows[0]["drift"] == 0 and all(0 <= x["asr"] <= 1 and x["task_loss"] > 0 for x in rows)
+    assert data.read_instructions(str(tmp_path / "s" / "dev_harmful.jsonl")) == [
+        f"harmful request {i}" for i in range(2, 6)
+    ]
+    md = open(tmp_path / "s" / "results.md", encoding="utf-8").read().splitlines()
+    assert (
+        len(md) == 6
+        and "cut of the ASR rise vs ift" in md[0]
+        and md[4].startswith("| mllr:ratio=0.5 | 0 |")
+    )
+    bad = subprocess.run(
+        [
+            str(x)
+            for x in [
+                sys.executable,
+                script,
+                "--model",
+                tiny,
+                "--data",
+                tune,
+                "--mods",
+                "q,k",
+                "--out",
+                tmp_path / "s",
+                "--dev-harmful",
+                harmful,
+                "mllr:ratio",
+            ]
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert bad.returncode == 1 and "setting 'mllr:ratio': expected" in bad.stderr
+
+
+def test_dev_sweep_reads_numbers_in_every_spelling():
+    sys.path.insert(
+        0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
+    )
+    import dev_sweep
+
+    assert dev_sweep.parse("swat:warmup_steps=40,weight_decay=1e-5") == (
+        "swat",
+        {"warmup_steps": 40, "weight_decay": 1e-5},
+    )
+    assert dev_sweep.parse("mllr:ratio=.5,scope=modules,accum=-1") == (
+        "mllr",
+        {"ratio": 0.5, "scope": "modules", "accum": -1},
+    )
+
+
+def test_eval_reads_the_users_prompt_files(tmp_path, tiny, capsys):
+    (tmp_path / "h.csv").write_text("goal,target\nBad one,Sure\nBad two,Sure\n")
+    (tmp_path / "s.txt").write_text("Kind one\nKind two\nKind three\n")
+    gen = tmp_path / "g.jsonl"
+    run(
+        "eval",
+        "--model",
+        tiny,
+        "--eval-harmful",
+        tmp_path / "h.csv",
+        "--eval-harmless",
+        tmp_path / "s.txt",
+        "--max-new-tokens",
+        2,
+        "--generations",
+        gen,
+        "--device",
+        "cpu",
+        "--base",
+        tiny,
+        "--chat-format",
+        "chatml",
+    )
+    res = json.loads(capsys.readouterr().out.split("\nwrote ")[0])
+    assert res["drift"] == 0 and res["probe_acc"] >= 0  # the model against itself as the base
+    rows = [json.loads(l) for l in open(gen)]
+    assert [(r["prompt"], r["harmful"]) for r in rows] == [
+        ("Bad one", True),
+        ("Bad two", True),
+        ("Kind one", False),
+        ("Kind two", False),
+        ("Kind three", False),
+    ]
+
+
+def test_readme_commands_parse(tmp_path, monkeypatch):
+    """Every `python swat_min.py ...` line of the README's (and RESULTS.md's) shell blocks parses
+    with today's
+    options, and every --flag they name exists (in swat_min.py, or in the bench/experiments script
+    it belongs to)."""
+    import re
+    import shlex
+
+    text = "".join(
+        open(os.path.join(ROOT, f), encoding="utf-8").read() for f in ("README.md", "RESULTS.md")
+    )
+    cmds = [
+        l.split("#")[0].split("swat_min.py", 1)[1]
+        for b in re.findall(r"```bash\n(.*?)```", text, re.S)
+        for l in b.replace("\\\n", " ").splitlines()
+        if "python swat_min.py" in l.split("#")[0]
+    ]
+    assert len(cmds) >= 6
+    seen = []
+    monkeypatch.setattr(
+        swat_min, "COMMANDS", {k: (seen.append, *v[1:]) for k, v in swat_min.COMMANDS.items()}
+    )
+    monkeypatch.chdir(tmp_path)
+    for c in cmds:
+        swat_min.main(shlex.split(c.replace("$M", "m").replace("$ADV", "adv.csv")))
+    assert len(seen) == len(cmds)
+    scripts = "".join(
+        open(os.path.join(ROOT, d, f), encoding="utf-8").read()
+        for d in ("bench", "experiments")
+        for f in os.listdir(os.path.join(ROOT, d))
+        if f.endswith(".py")
+    )
+    known = (
+        {"--" + o for o in swat_min.OPTIONS}
+        | {"--help"}
+        | set(re.findall(r'add_argument\("(--[a-z-]+)"', scripts))
+    )
+    assert set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]+", text)) <= known
+
+
+def test_align_tunes_refusals_and_own_answers(tmp_path, tiny, monkeypatch, capsys):
+    """align: harmful train prompts -> the project's refusal texts, harmless ones -> the model's own
+    answers
+    (generated before tuning); ASR before and after printed; a checkpoint that loads."""
+    import train
+
+    real, seen = train.train, []
+    monkeypatch.setattr(
+        train,
+        "train",
+        lambda net, tok, chats, *a, **kw: seen.append(chats) or real(net, tok, chats, *a, **kw),
+    )
+    out = tmp_path / "aligned"
+    before, after = run(
+        "align",
+        "--model",
+        tiny,
+        "--out",
+        out,
+        "--steps",
+        2,
+        "--batch",
+        4,
+        "--max-len",
+        512,
+        "--n-eval",
+        3,
+        "--max-new-tokens",
+        2,
+        "--answer-tokens",
+        3,
+        "--device",
+        "cpu",
+    )
+    H, S = data.builtin("harmful", "train"), data.builtin("harmless", "train")
+    chats = seen[0]
+    assert [c[0]["content"] for c in chats] == H + S
+    refusals = set(data.lines("refusals.txt"))
+    assert all(c[1]["content"] in refusals for c in chats[: len(H)])
+    net, tok = model.load(tiny)
+    own = evaluation.answer(net, tok, [evaluation.user(s) for s in S[:5]], 3)
+    assert [c[1]["content"] for c in chats[len(H) : len(H) + 5]] == own
+    assert before["strategy"] == "before" and after["strategy"] == "after"
+    printed = capsys.readouterr().out
+    assert "before: ASR" in printed and "after: ASR" in printed and f"wrote {out}" in printed
+    assert (
+        len(open(out / "log.jsonl").readlines()) == 2 and model.load(str(out))[0].cfg.n_layers == 3
+    )
+    lens = sorted(
+        len(tok.encode_chat(evaluation.user(p))) for p in H + S
+    )  # a --max-len some prompts exceed:
+    run(
+        "align",
+        "--model",
+        tiny,
+        "--out",
+        tmp_path / "a2",
+        "--steps",
+        1,
+        "--batch",
+        4,
+        "--max-len",
+        lens[len(lens) // 2],
+        "--n-eval",
+        1,
+        "--max-new-tokens",
+        1,
+        "--answer-tokens",
+        1,
+        "--device",
+        "cpu",
+    )  # those are left out, as in run
+    assert (
+        re.search(r"left out \d+ of 318 examples", capsys.readouterr().out)
+        and (tmp_path / "a2" / "log.jsonl").exists()
+    )
+
+
+def test_probe_scan_generate_commands(tmp_path, tiny, capsys):
+    scores = run("probe", "--model", tiny, "--device", "cpu")
+    printed = capsys.readouterr().out
+    assert len(scores) == 4 and all(
+        0 <= s["acc"] <= 1 and 0 <= s["auc"] <= 1 for s in scores
+    )  # embeddings + 3 layers
+    assert "best layer" in printed and printed.count("\n") >= 6
+    run(
+        "scan", "--model", tiny, "--n", 4, "--k", 3, "--out", tmp_path / "s.json", "--device", "cpu"
+    )
+    s = json.load(open(tmp_path / "s.json"))
+    assert set(s["table"]) == {"q", "k", "v", "o"} and all(len(r) == 3 for r in s["table"].values())
+    assert len(s["mods_rob"]) == len(s["mods_fragile"]) == 3 and not {
+        tuple(m) for m in s["mods_rob"]
+    } & {tuple(m) for m in s["mods_fragile"]}
+    printed = capsys.readouterr().out
+    assert "Mods_Rob (3 most robust)" in printed and "note: " not in printed
+    run(
+        "scan", "--model", tiny, "--n", 4, "--k", 8, "--out", tmp_path / "s.json", "--device", "cpu"
+    )
+    assert (
+        "note: k=8 is over half of the 12 modules, so the control set (the 8 least robust) shares "
+        "4 modules" in capsys.readouterr().out
+    )
+    run(
+        "generate",
+        "--model",
+        tiny,
+        "--prompt",
+        "Hello there",
+        "--prompt",
+        "Bye",
+        "--max-new-tokens",
+        3,
+    )
+    printed = capsys.readouterr().out
+    assert printed.startswith("### Hello there\n") and "\n### Bye\n" in printed
+
+
+def test_files_are_utf8_whatever_the_locale(tmp_path, tiny):
+    """JSON and swat-min's own text files are UTF-8 under any locale (a C locale here; Windows'
+    cp1252 is
+    alike): a valid checkpoint with non-ASCII in config.json loads and saves, results.md (its Δ) is
+    written, and
+    text the console cannot show is printed with "?"."""
+    d = tmp_path / "m"
+    shutil.copytree(tiny, d)
+    cfg = dict(json.load(open(d / "config.json")), _name_or_path="modèle ▁")
+    (d / "config.json").write_text(json.dumps(cfg, ensure_ascii=False), encoding="utf-8")
+    (
+        tmp_path / "s.py"
+    ).write_text(  # a file: a non-ASCII command line cannot be decoded under a C locale
+        f"import evaluation, model, swat_min\nnet, tok = model.load({str(d)!r})\nmodel.save(net, "
+        f"tok, {str(tmp_path / 'saved')!r})\n"
+        f"evaluation.report({str(tmp_path)!r}, [dict(strategy='original', seed=None, asr=0.5, "
+        f"task_loss=1.0)], {{}})\n"
+        f"swat_min.main(['generate', '--model', {str(d)!r}, '--prompt', 'Où? ▁', "
+        "'--max-new-tokens', '2'])\n",
+        encoding="utf-8",
+    )
+    env = dict(
+        os.environ, LC_ALL="C", LANG="C", PYTHONUTF8="0", PYTHONCOERCECLOCALE="0", PYTHONPATH=ROOT
+    )
+    r = subprocess.run(
+        [sys.executable, str(tmp_path / "s.py")], env=env, capture_output=True, text=True, cwd=ROOT
+    )
+    assert r.returncode == 0, r.stderr
+    assert "### O?? ?" in r.stdout  # what the console cannot show is replaced, not a traceback
+    assert (
+        json.loads((tmp_path / "saved" / "config.json").read_text(encoding="utf-8"))[
+            "_name_or_path"
+        ]
+        == "modèle ▁"
+    )
+    assert "| Δ loss vs ift |" in (tmp_path / "results.md").read_text(encoding="utf-8")
+
+
+def test_core_files_stay_small():
+    """The budget of the design: model.py and swat_min.py about 250-300 lines each, the five core
+    files together about 1,000-1,250 (formats and plumbing live in the smaller files beside
+    them)."""
+    n = {
+        f: len(open(os.path.join(ROOT, f), encoding="utf-8").readlines())
+        for f in ("model.py", "probe.py", "robustness.py", "train.py", "swat_min.py")
+    }
+    assert n["model.py"] <= 320 and n["swat_min.py"] <= 320 and sum(n.values()) <= 1250, n
