@@ -209,7 +209,10 @@ def fingerprint(net):
 def eos_ids(path, c):
     """eos_token_id of the JSON object c (an int, a list of ints, or absent) -> a list of ints."""
     eos = c.get("eos_token_id")
-    eos = [] if eos is None else eos if isinstance(eos, list) else [eos]
+    if eos is None:
+        eos = []
+    elif not isinstance(eos, list):
+        eos = [eos]
     if not all(type(e) is int and e >= 0 for e in eos):
         raise SwatError(
             f"{path}: eos_token_id must be a token id or a list of them, not {c['eos_token_id']!r}"
@@ -228,9 +231,8 @@ def weight_files(d):
         if not all(
             os.path.basename(f) == f and f.endswith(".safetensors") for f in files
         ):  # e.g. ../x: the hub
-            raise SwatError(
-                f"{index}: a shard that is not a .safetensors file of this folder"
-            )  # would write there
+            # would write there
+            raise SwatError(f"{index}: a shard that is not a .safetensors file of this folder")
         return files
     if os.path.exists(os.path.join(d, "model.safetensors")):
         return ["model.safetensors"]
@@ -420,9 +422,8 @@ def save_trainer(net, tok, opt, out, step, rows):
         "groups": [g["names"] for g in opt.param_groups],
         "settings": opt.settings,
     }
-    log = "".join(
-        json.dumps(r) + "\n" for r in rows
-    )  # save() replaces the folder: the log goes too
+    # save() replaces the folder: the log goes too
+    log = "".join(json.dumps(r) + "\n" for r in rows)
     extra = {"trainer.safetensors": tensors, "trainer.json": meta, "log.jsonl": log}
     save(net, tok, out, extra=extra)
 

@@ -36,12 +36,22 @@ def _text(r):
     Alpaca's
     input and Dolly's context follow their instruction, as in read_examples."""
     key = _field(r)
-    v, ctx = r.get(key), r.get("ContextString")
+    v = r.get(key)
+    ctx = r.get("ContextString")
     if not isinstance(v, str) or not v.strip():  # a number, a list, blank: no instruction
         return None
     extra = str(key).lower() == "instruction" and (r.get("input") or r.get("context"))
     v = f"{v}\n\n{extra}" if isinstance(extra, str) and extra.strip() else v
     return f"{ctx.strip()}\n\n---\n\n{v}" if isinstance(ctx, str) and ctx.strip() else v
+
+
+def _instruction(record):
+    """A JSON record -> its instruction: a text itself, or an object's field (None: neither)."""
+    if isinstance(record, str) and record.strip():
+        return record
+    if isinstance(record, dict):
+        return _text(record)
+    return None
 
 
 def _records(path, f):
@@ -77,14 +87,7 @@ def read_instructions(path):
                 out = [t for t in map(_text, rows) if t]
             elif path.endswith((".json", ".jsonl")):
                 recs = _records(path, f)
-                out = [
-                    r
-                    if isinstance(r, str) and r.strip()
-                    else _text(r)
-                    if isinstance(r, dict)
-                    else None
-                    for r in recs
-                ]
+                out = [_instruction(r) for r in recs]
                 if None in out:
                     raise SwatError(
                         f"{path}: record {out.index(None) + 1} has no text in any of the fields "
@@ -117,7 +120,8 @@ def chats(pairs):
     return [[{"role": "user", "content": q}, {"role": "assistant", "content": r}] for q, r in pairs]
 
 
-ASK, REPLY = ("instruction", "question", "prompt"), ("output", "answer", "response", "completion")
+ASK = ("instruction", "question", "prompt")  # the fields of the request, in this order
+REPLY = ("output", "answer", "response", "completion")  # and of the reply
 ROLES = ("system", "user", "assistant")
 SHAREGPT = {
     "human": "user",

@@ -159,7 +159,8 @@ def evaluate(
 def versus_ift(r, ift, original):
     """The two numbers SWAT's claim is about: the share of plain IFT's rise in ASR that r avoided,
     and r's task loss relative to IFT's."""
-    rise, li = ift["asr"] - original["asr"], ift["task_loss"]
+    rise = ift["asr"] - original["asr"]
+    li = ift["task_loss"]
     r["asr_cut_vs_ift"] = (ift["asr"] - r["asr"]) / rise if rise > 0 else None
     r["task_loss_vs_ift"] = r["task_loss"] / li - 1 if r["task_loss"] and li else None
 

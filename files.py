@@ -197,6 +197,19 @@ def check_file(path):
     raise SwatError(f"{path}: exists and swat-min did not write it; refusing to replace it")
 
 
+def check_outputs(inputs, outputs):
+    """An output is never an input, nor a file inside an input (the model's folder); and it can be
+    written. Paths that are None are skipped."""
+    for path in filter(None, outputs):
+        real = os.path.realpath(path)
+        for given in filter(None, inputs):
+            real_input = os.path.realpath(given)
+            inside = real.startswith(real_input + os.sep) and os.path.exists(real)
+            if real == real_input or inside:
+                raise SwatError(f"{path}: would overwrite the input {given}; choose another path")
+        check_can_create(real)
+
+
 def check_can_create(path):
     """Fail now, in one line, if path could not be written, rather than after the work.
 

@@ -60,14 +60,11 @@ def fetch(repo):
     os.makedirs(d, exist_ok=True)
 
     def get(name, required=True):
-        dst, part, url = (
-            os.path.join(d, name),
-            os.path.join(d, name + ".part"),
-            f"{base}/{repo}/resolve/main/{name}",
-        )
-        lead = (
-            f"{repo}: no such local directory; from the hub: " if name == "config.json" else ""
-        )  # a typo?
+        dst = os.path.join(d, name)
+        part = os.path.join(d, name + ".part")  # a partial download, resumed where it stopped
+        url = f"{base}/{repo}/resolve/main/{name}"
+        # a typo?
+        lead = f"{repo}: no such local directory; from the hub: " if name == "config.json" else ""
         if os.path.exists(dst):
             return True
         have = os.path.getsize(part) if os.path.exists(part) else 0

@@ -181,3 +181,88 @@ OPTIONS = {
         "wrote)"
     ),
 }
+
+
+# ---- which command takes which option ----
+
+COMMON = ("model", "device", "dtype", "chat-format", "cache")
+PROBE = ("harmful", "harmless")
+SCAN = ("n", "modules", "scale", "repeats", "k", "frac")
+TRAIN = ("steps", "warmup-frac", "ratio", "scope", "lr", "batch", "max-len", "limit")
+EVAL = (
+    "eval-harmful",
+    "eval-harmless",
+    "n-eval",
+    "max-new-tokens",
+    "gen-batch",
+    "n-task",
+    "n-acc",
+    "task-tokens",
+)
+TRAIN_ONLY = (
+    "data",
+    "strategy",
+    "mods",
+    "out",
+    "warmup-steps",
+    "accum",
+    "weight-decay",
+    "seed",
+    "save-every",
+    "resume",
+    "grad-ckpt",
+    "compile",
+    "skip-long",
+)
+RUN = PROBE + SCAN + TRAIN + EVAL + ("data", "out", "seeds", "strategies", "control")
+# name: (what it does, its options, the required ones, its own defaults)
+COMMANDS = {
+    "probe": (
+        "fit a probe per layer on harmful vs harmless features; print held-out accuracy",
+        COMMON + PROBE + ("test-harmful",),
+        ("model",),
+        {},
+    ),
+    "scan": (
+        "module robustness scan: perturb each module, measure the probes, pick Mods_Rob",
+        COMMON + PROBE + SCAN + ("out", "seed"),
+        ("model",),
+        {"out": "scan.json"},
+    ),
+    "train": (
+        "instruction fine-tuning: plain ift, swat (warm-up of Mods_Rob) or mllr",
+        COMMON + TRAIN + TRAIN_ONLY,
+        ("model", "data", "out"),
+        {},
+    ),
+    "eval": (
+        "ASR, over-refusal, feature drift against --base, task loss on --data",
+        COMMON + EVAL + PROBE + ("base", "data", "batch", "max-len", "generations"),
+        ("model",),
+        {},
+    ),
+    "generate": (
+        "generate answers to prompts with the model's chat format",
+        COMMON + ("prompt", "file", "max-new-tokens", "temperature", "top-p"),
+        ("model",),
+        {"max_new_tokens": 128},
+    ),
+    "align": (
+        "make an aligned start: short SFT of refusals + the model's own harmless answers",
+        COMMON + EVAL + TRAIN + ("out", "answer-tokens", "seed"),
+        ("model", "out"),
+        {"steps": 150, "lr": 5e-5},
+    ),
+    "run": (
+        "the pipeline: probe, scan, tune with ift/swat/mllr/control, evaluate, report",
+        COMMON + RUN,
+        ("model", "data", "out"),
+        {},
+    ),
+    "demo": (
+        "the pipeline offline: on a toy model trained here unless --model is given",
+        COMMON + RUN + ("toy-steps",),
+        ("out",),
+        {"steps": 150, "lr": 3e-4, "batch": 16, "n_eval": 52, "max_new_tokens": 24},
+    ),
+}

@@ -21,8 +21,9 @@ import robustness as rb
 import toy
 import train
 from evaluation import answer, evaluate, report, user
-from files import SwatError, check_can_create, check_file, check_folder, claim
+from files import SwatError, check_file, check_folder, check_outputs, claim
 from model import MODULES
+import options
 from options import OPTIONS, Help, add_options  # noqa: F401 (OPTIONS: swat_min.OPTIONS)
 
 # ---- the pipeline as a library: explicit arguments, no argparse ----
@@ -49,29 +50,29 @@ def baseline(net, tok, harmful=None, harmless=None, test_harmful=None, cache_dir
     # the best layer: highest held-out accuracy, then AUC
     layer = max(range(len(scores)), key=lambda i: (scores[i]["acc"], scores[i]["auc"]))
     return {
-        "probes": probes,
-        "scores": scores,
-        "layer": layer,
-        "X": X,
-        "y": y,
-        "harmful": test_harmful,
+        "probes": probes,  # one LogisticProbe per layer (0: the embeddings)
+        "scores": scores,  # each probe's held-out accuracy, AUC and log-loss
+        "layer": layer,  # the best layer: its probe is the fixed security classifier
+        "X": X,  # held-out features [layers + 1, N, dim]: drift is measured against them
+        "y": y,  # their labels (1: harmful)
+        "harmful": test_harmful,  # the held-out prompts, to take a tuned model's features on
         "harmless": test_harmless,
-        "train": (harmful, harmless),
+        "train": (harmful, harmless),  # the prompts the probes were fitted on (the scan uses them)
     }
 
 
 def scan_modules(
     net,
     tok,
-    harmful,
+    harmful,  # instructions of each class; the first n of each are scanned
     harmless,
-    probes,
-    kinds=("q", "k", "v", "o"),
+    probes,  # baseline()'s per-layer probes, fixed during the scan
+    kinds=("q", "k", "v", "o"),  # the module kinds to perturb in every layer
     n=64,
     k=None,
     frac=0.5,
-    scale=0.5,
-    repeats=1,
+    scale=0.5,  # noise std as a multiple of each weight's std
+    repeats=1,  # noise draws per module, averaged
     seed=0,
 ):
     """The robustness scan on n prompts per class -> (table, Mods_Rob, control set, settings).
@@ -111,18 +112,30 @@ def eval_options(args):
     harmful = data.instructions(args.eval_harmful, "harmful", "test")[: args.n_eval]
     harmless = data.instructions(args.eval_harmless, "harmless", "test")[: args.n_eval]
     return dict(
-        harmful=harmful,
-        harmless=harmless,
-        max_new_tokens=args.max_new_tokens,
-        gen_batch=args.gen_batch,
-        max_len=getattr(args, "max_len", 512),
-        batch_size=getattr(args, "batch", 8),
-        n_acc=args.n_acc,
+        harmful=harmful,  # ASR: the share of these answered without a refusal
+        harmless=harmless,  # over-refusal: the share of these refused
+        max_new_tokens=args.max_new_tokens,  # the length of each answer
+        gen_batch=args.gen_batch,  # prompts per generation batch
+        max_len=getattr(args, "max_len", 512),  # the task loss: tokens per held-out example
+        batch_size=getattr(args, "batch", 8),  # and examples per batch
+        n_acc=args.n_acc,  # task accuracy: the first n_acc held-out examples, answered in full
         task_tokens=args.task_tokens,
     )
 
 
+# train()'s keyword arguments that come from options of the same name (--batch gives batch_size)
+TRAIN_ARGS = ("steps", "lr", "accum", "ratio", "weight_decay", "max_len", "seed", "save_every")
+TRAIN_ARGS += ("resume", "grad_ckpt", "compile", "skip_long", "scope")
+
+
+def train_options(args, **fixed):
+    """train()'s keyword arguments from the options the command has; `fixed` ones win."""
+    found = {name: getattr(args, name) for name in TRAIN_ARGS if hasattr(args, name)}
+    return dict(found, batch_size=args.batch, **fixed)
+
+
 def cmd_probe(args):
+    """probe: each layer's held-out probe accuracy and AUC, and the best layer."""
     net, tok = load(args)
     test = data.read_instructions(args.test_harmful) if args.test_harmful else None
     b = baseline(net, tok, *probe_sets(args), test_harmful=test, cache_dir=args.cache)
@@ -188,6 +201,7 @@ def do_scan(args, net, tok, base, out, folder=None):
 
 
 def cmd_scan(args):
+    """scan: the robustness table, its heat map and Mods_Rob, into --out."""
     check_file(args.out)  # before the scan's minutes, not after
     net, tok = load(args)
     base = baseline(net, tok, *probe_sets(args), cache_dir=args.cache)
@@ -195,6 +209,7 @@ def cmd_scan(args):
 
 
 def cmd_eval(args):
+    """eval: one results row for --model (drift against --base, task metrics on --data)."""
     if args.generations:
         check_file(args.generations)
     net, tok = load(args)
@@ -222,37 +237,19 @@ def cmd_eval(args):
 
 
 def cmd_train(args):
+    """train: tune --model on --data with one strategy into the checkpoint --out."""
     net, tok = load(args)
     chats = data.read_examples(args.data)[: args.limit or None]
     mods = train.parse_mods(args.mods, net.cfg.n_layers) if args.mods else set()
     warmup = train.warmup_length("swat", args.steps, args.warmup_frac, args.warmup_steps)
     train.train(
-        net,
-        tok,
-        chats,
-        args.out,
-        args.strategy,
-        mods,
-        steps=args.steps,
-        lr=args.lr,
-        batch_size=args.batch,
-        accum=args.accum,
-        warmup_steps=warmup,
-        ratio=args.ratio,
-        weight_decay=args.weight_decay,
-        max_len=args.max_len,
-        seed=args.seed,
-        save_every=args.save_every,
-        resume=args.resume,
-        grad_ckpt=args.grad_ckpt,
-        compile=args.compile,
-        skip_long=args.skip_long,
-        scope=args.scope,
+        net, tok, chats, args.out, args.strategy, mods, warmup_steps=warmup, **train_options(args)
     )
     print(f"wrote {args.out} (log: {os.path.join(args.out, 'log.jsonl')})")
 
 
 def cmd_generate(args):
+    """generate: the model's answers to --prompt or the prompts of --file."""
     if not (args.prompt or args.file):
         raise SwatError("generate: give --prompt TEXT (repeatable) or --file FILE")
     net, tok = load(args)
@@ -291,19 +288,7 @@ def cmd_align(args):
     refusals = data.lines("refusals.txt")
     chats = data.chats([(h, rng.choice(refusals)) for h in harmful] + list(zip(harmless, own)))
     # as run does: a prompt too long for --max-len is left out, and counted
-    train.train(
-        net,
-        tok,
-        chats,
-        args.out,
-        "ift",
-        steps=args.steps,
-        lr=args.lr,
-        batch_size=args.batch,
-        max_len=args.max_len,
-        seed=args.seed,
-        skip_long=True,
-    )
+    train.train(net, tok, chats, args.out, "ift", **train_options(args, skip_long=True))
     after = evaluate(net, tok, "after", **options)
     for r in (before, after):
         print(f"{r['strategy']:>6}: ASR {r['asr']:.1%}  over-refusal {r['over_refusal']:.1%}")
@@ -314,10 +299,10 @@ def cmd_align(args):
 def cmd_run(args):
     """Original model -> probes -> scan -> Mods_Rob -> ift / swat / mllr / control from the same
     start, data, steps and seeds -> evaluation -> results.json, results.md."""
-    check_folder(
-        args.out
-    )  # not among the user's other files; made when its first result is written
+    # not among the user's other files; the folder is made when its first result is written
+    check_folder(args.out)
     net, tok = load(args)
+    # a fixed split: the held-out examples score the task, the rest tune every model
     task, tune = data.split(data.read_examples(args.data), args.n_task)
     tune = tune[: args.limit or None]
     if not tune:
@@ -328,17 +313,13 @@ def cmd_run(args):
     settings = {k: v for k, v in vars(args).items() if k != "fn"}
     options = eval_options(args)
     gens = os.path.join(claim(args.out, "original.jsonl"), "original.jsonl")
-    rows = [
-        dict(
-            evaluate(net, tok, "original", base=base, task=task, gen_path=gens, **options),
-            seed=None,
-        )
-    ]
+    original = evaluate(net, tok, "original", base=base, task=task, gen_path=gens, **options)
+    rows = [dict(original, seed=None)]  # the start every strategy is set against
     plan = [
-        ("ift", "ift", set()),
-        ("swat", "swat", rob),
-        ("mllr", "mllr", rob),
-        ("control", args.control, fragile),
+        ("ift", "ift", set()),  # plain IFT: the baseline
+        ("swat", "swat", rob),  # warm-up of Mods_Rob, then all
+        ("mllr", "mllr", rob),  # Mods_Rob at lr, the rest slower
+        ("control", args.control, fragile),  # the same recipe on the least robust modules
     ]
     plan = [p for p in plan if p[0] in args.strategies]
     for seed in dict.fromkeys(args.seeds):  # each seed once, in the order given
@@ -354,25 +335,14 @@ def cmd_run(args):
                 folder,
                 strategy,
                 mods,
-                steps=args.steps,
-                lr=args.lr,
-                batch_size=args.batch,
                 warmup_steps=warmup,
-                ratio=args.ratio,
-                max_len=args.max_len,
-                seed=seed,
-                skip_long=True,
-                scope=args.scope,
+                **train_options(args, seed=seed, skip_long=True),
             )
             gens = os.path.join(claim(folder, "generations.jsonl"), "generations.jsonl")
             row = evaluate(net, tok, name, base=base, task=task, gen_path=gens, **options)
-            row.update(
-                seed=seed,
-                train_time_s=round(time.time() - start, 1),
-                scheme=strategy,
-                n_mods=len(mods),
-                warmup_steps=warmup,
-            )
+            elapsed = round(time.time() - start, 1)
+            row.update(seed=seed, train_time_s=elapsed, scheme=strategy, n_mods=len(mods))
+            row["warmup_steps"] = warmup  # steps of SWAT's phase 1 (0 for the other strategies)
             rows.append(row)
             report(args.out, rows, settings)  # after every model: an interrupted run keeps them
     print(open(os.path.join(args.out, "results.md"), encoding="utf-8").read())
@@ -384,6 +354,7 @@ def cmd_run(args):
 
 
 def cmd_demo(args):
+    """demo: run, offline, on a toy model trained here (or on --model with small sizes)."""
     check_folder(args.out)  # checked before the toy is trained into it
     print("=" * 78)
     if args.model is None:
@@ -403,106 +374,21 @@ def cmd_demo(args):
     return cmd_run(args)
 
 
-# ---- which command takes which option ----
-
-COMMON = ("model", "device", "dtype", "chat-format", "cache")
-PROBE = ("harmful", "harmless")
-SCAN = ("n", "modules", "scale", "repeats", "k", "frac")
-TRAIN = ("steps", "warmup-frac", "ratio", "scope", "lr", "batch", "max-len", "limit")
-EVAL = (
-    "eval-harmful",
-    "eval-harmless",
-    "n-eval",
-    "max-new-tokens",
-    "gen-batch",
-    "n-task",
-    "n-acc",
-    "task-tokens",
-)
-TRAIN_ONLY = (
-    "data",
-    "strategy",
-    "mods",
-    "out",
-    "warmup-steps",
-    "accum",
-    "weight-decay",
-    "seed",
-    "save-every",
-    "resume",
-    "grad-ckpt",
-    "compile",
-    "skip-long",
-)
-RUN = PROBE + SCAN + TRAIN + EVAL + ("data", "out", "seeds", "strategies", "control")
-# name: (function, what it does, its options, the required ones, its own defaults)
-COMMANDS = {
-    "probe": (
-        cmd_probe,
-        "fit a probe per layer on harmful vs harmless features; print held-out accuracy",
-        COMMON + PROBE + ("test-harmful",),
-        ("model",),
-        {},
-    ),
-    "scan": (
-        cmd_scan,
-        "module robustness scan: perturb each module, measure the probes, pick Mods_Rob",
-        COMMON + PROBE + SCAN + ("out", "seed"),
-        ("model",),
-        {"out": "scan.json"},
-    ),
-    "train": (
-        cmd_train,
-        "instruction fine-tuning: plain ift, swat (warm-up of Mods_Rob) or mllr",
-        COMMON + TRAIN + TRAIN_ONLY,
-        ("model", "data", "out"),
-        {},
-    ),
-    "eval": (
-        cmd_eval,
-        "ASR, over-refusal, feature drift against --base, task loss on --data",
-        COMMON + EVAL + PROBE + ("base", "data", "batch", "max-len", "generations"),
-        ("model",),
-        {},
-    ),
-    "generate": (
-        cmd_generate,
-        "generate answers to prompts with the model's chat format",
-        COMMON + ("prompt", "file", "max-new-tokens", "temperature", "top-p"),
-        ("model",),
-        {"max_new_tokens": 128},
-    ),
-    "align": (
-        cmd_align,
-        "make an aligned start: short SFT of refusals + the model's own harmless answers",
-        COMMON + EVAL + TRAIN + ("out", "answer-tokens", "seed"),
-        ("model", "out"),
-        {"steps": 150, "lr": 5e-5},
-    ),
-    "run": (
-        cmd_run,
-        "the pipeline: probe, scan, tune with ift/swat/mllr/control, evaluate, report",
-        COMMON + RUN,
-        ("model", "data", "out"),
-        {},
-    ),
-    "demo": (
-        cmd_demo,
-        "the pipeline offline: on a toy model trained here unless --model is given",
-        COMMON + RUN + ("toy-steps",),
-        ("out",),
-        {"steps": 150, "lr": 3e-4, "batch": 16, "n_eval": 52, "max_new_tokens": 24},
-    ),
-}
+# the options that name an input: no output may replace one of them
+INPUTS = ("model", "base", "data", "harmful", "harmless", "test_harmful", "eval_harmful")
+INPUTS += ("eval_harmless", "file", "mods")
+# every command: its function, then options.COMMANDS' help text, options and defaults
+COMMANDS = {name: (globals()[f"cmd_{name}"], *spec) for name, spec in options.COMMANDS.items()}
 
 
 def main(argv=None):
+    """The command line: one subcommand per COMMANDS entry, its options from options.py."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
     sub = parser.add_subparsers(dest="cmd", required=True)
     for name, (fn, what, names, required, defaults) in COMMANDS.items():
         command = sub.add_parser(name, help=what, description=what, formatter_class=Help)
         add_options(command, names, required)
-        command.set_defaults(fn=fn, seed=0, **defaults)
+        command.set_defaults(fn=fn, seed=0, **defaults)  # the command's own defaults win
     args = parser.parse_args(argv)
     if hasattr(sys.stdout, "reconfigure"):
         # a console or pipe without a character (an answer's, Δ) shows "?", rather than failing
@@ -515,7 +401,9 @@ def main(argv=None):
         else:
             torch.set_num_threads(os.cpu_count() or 1)
     try:
-        check_paths(args)
+        inputs = [getattr(args, name, None) for name in INPUTS]
+        outputs = [getattr(args, name, None) for name in ("out", "generations")]
+        check_outputs(inputs, outputs)  # before any work; nothing is made yet
         return args.fn(args)
     except KeyboardInterrupt:  # Ctrl-C: one line; what was written stays whole (outputs are atomic)
         out = getattr(args, "out", None)
@@ -523,39 +411,8 @@ def main(argv=None):
         sys.exit(130)
     except SwatError as e:
         sys.exit(f"error: {e}")
-    except (
-        OSError
-    ) as e:  # an output that cannot be written (inputs are checked where they are read)
+    except OSError as e:  # an output that cannot be written (inputs are checked where read)
         sys.exit(f"error: {e.filename}: {e.strerror or e}" if e.filename else f"error: {e}")
-
-
-INPUTS = (
-    "model",
-    "base",
-    "data",
-    "harmful",
-    "harmless",
-    "test_harmful",
-    "eval_harmful",
-    "eval_harmless",
-    "file",
-    "mods",
-)
-
-
-def check_paths(args):
-    """An output is never an input, nor a file of the input model's; and it can be written. Both are
-    checked before any work, and nothing is made yet."""
-    inputs = [getattr(args, k, None) for k in INPUTS]
-    outputs = [getattr(args, "out", None), getattr(args, "generations", None)]
-    for path in filter(None, outputs):
-        real = os.path.realpath(path)
-        for given in filter(None, inputs):
-            real_input = os.path.realpath(given)
-            inside = real.startswith(real_input + os.sep) and os.path.exists(real)
-            if real == real_input or inside:
-                raise SwatError(f"{path}: would overwrite the input {given}; choose another path")
-        check_can_create(real)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,51 @@ import os
 import re
 import sys
 import time
+from dataclasses import dataclass
+
 from tokenizers import Tokenizer
 from files import SwatError, read_json
+
+
+def detect_format(template):
+    """The chat family a template string writes (None: one swat-min does not write)."""
+    if "<|start_header_id|>" in template:
+        return "llama3"
+    if "<<SYS>>" in template:
+        return "llama2"
+    if "[INST]" in template and "[SYSTEM_PROMPT]" not in template:
+        return "mistral"
+    if "<|im_start|>" in template or not template:
+        return "chatml"
+    return None
+
+
+@dataclass
+class MistralStyle:
+    """How a Mistral template writes a chat: its versions differ in the spaces around [INST] and
+    before the reply, in trimming the reply, and in which user turn carries the system prompt."""
+
+    inst_open: str = "[INST] "
+    inst_close: str = " [/INST]"
+    space_before_reply: bool = False
+    trim_reply: bool = False
+    system_in_last_turn: bool = False
+
+    @classmethod
+    def read(cls, template):
+        """The style, read off the template's own string literals."""
+
+        def literal(pattern, default):
+            found = re.findall(r"['\"](%s)['\"]" % pattern, template)
+            return found[0] if found else default
+
+        return cls(
+            inst_open=literal(r" ?\[INST\] ?", "[INST] "),
+            inst_close=literal(r" ?\[/INST\]", " [/INST]"),
+            space_before_reply=bool(re.search(r"['\"] ['\"] *\+ *message\[['\"]content", template)),
+            trim_reply=bool(re.search(r"content['\"]\] *\| *trim *\+ *eos_token", template)),
+            system_in_last_turn="loop.last and system_message" in template,
+        )
 
 
 class Tok:
@@ -20,7 +63,8 @@ class Tok:
     FORMATS = ("chatml", "llama3", "llama2", "mistral")
 
     def __init__(self, path, chat_format=None):
-        self.path, tj = path, os.path.join(path, "tokenizer.json")
+        self.path = path
+        tj = os.path.join(path, "tokenizer.json")
         if not os.path.exists(tj):
             raise SwatError(f"{tj}: not found (swat-min needs the fast-tokenizer file)")
         try:
@@ -30,7 +74,8 @@ class Tok:
         tcp = os.path.join(path, "tokenizer_config.json")
         tc = read_json(tcp) if os.path.exists(tcp) else {}
         special = lambda v: v.get("content") if isinstance(v, dict) else v
-        self.bos, self.eos = special(tc.get("bos_token")) or "", special(tc.get("eos_token")) or ""
+        self.bos = special(tc.get("bos_token")) or ""
+        self.eos = special(tc.get("eos_token")) or ""
         if not isinstance(self.bos, str) or not isinstance(self.eos, str):
             raise SwatError(f"{tcp}: bos_token and eos_token must be token strings")
         t = tc.get("chat_template") or ""
@@ -63,39 +108,18 @@ class Tok:
             raise SwatError(
                 f"unknown chat format {chat_format!r}; choose one of {', '.join(self.FORMATS)}"
             )
-        self.format = chat_format or (
-            "llama3"
-            if "<|start_header_id|>" in t
-            else "llama2"
-            if "<<SYS>>" in t
-            else "mistral"
-            if "[INST]" in t and "[SYSTEM_PROMPT]" not in t
-            else "chatml"
-            if "<|im_start|>" in t or not t
-            else None
-        )  # another family's (Zephyr's, Mistral v7's): render() refuses
+        # another family's template (Zephyr's, Mistral v7's) gives None: render() refuses it
+        self.format = chat_format or detect_format(t)
         # the family's default system prompt, as the template writes it when the user gives none
         # (the text may not hold "<|im_": so each match attempt stops at the next tag, and a long
         # template is read in linear time, not quadratic)
         m = re.search(r"<\|im_start\|>system(?:\n|\\n)((?:[^'\"{}<]|<(?!\|im_))*)<\|im_end\|>", t)
         self.system = m.group(1).replace("\\n", "\n") if m else None
-        # Llama 3.1+ always opens with a dated system turn
+        # Llama 3.1+ always opens with a dated system turn; 3.1 fixes its date, 3.2 takes today's
         self.dated = "Cutting Knowledge Date" in t
-        m = re.search(
-            r'date_string = "([^"]+)"', t
-        )  # 3.1 fixes a date; 3.2 takes today's (strftime_now)
+        m = re.search(r'date_string = "([^"]+)"', t)
         self.date = m.group(1) if m and "strftime_now" not in t else None
-        # Mistral's templates differ by version: spaces around [INST] and before the reply, a
-        # trimmed reply, the system prompt in the first or the last user turn. Read them off the
-        # template.
-        lit = lambda pat, default: (re.findall(r"['\"](%s)['\"]" % pat, t) or [default])[0]
-        self.inst = (
-            lit(r" ?\[INST\] ?", "[INST] "),
-            lit(r" ?\[/INST\]", " [/INST]"),
-            re.search(r"['\"] ['\"] *\+ *message\[['\"]content", t) is not None,
-            re.search(r"content['\"]\] *\| *trim *\+ *eos_token", t) is not None,
-            "loop.last and system_message" in t,
-        )
+        self.mistral = MistralStyle.read(t)
         ids = [
             self.tk.token_to_id(s)
             for s in (self.eos, "<|im_end|>", "<|eot_id|>", "<|end_of_text|>")
@@ -120,7 +144,8 @@ class Tok:
             for m in messages
         ):
             raise SwatError("chat: messages must be a list of {'role': ..., 'content': text} dicts")
-        msgs, f = list(messages), self.format
+        msgs = list(messages)
+        f = self.format
         if f is None:
             raise SwatError(
                 f"{self.path}: its chat template is of none of the families swat-min writes "
@@ -161,18 +186,21 @@ class Tok:
                 else f" {m['content'].strip()} {self.eos}"
                 for m in msgs
             )
-        start, end, space, trim, last = self.inst  # mistral
-        i = (
-            -1 if last else 0
-        )  # the system prompt joins that turn when it is the user's (else it is dropped)
+        style = self.mistral
+        # the system prompt joins the first (or, in some versions, the last) turn if it is the
+        # user's; else it is dropped, as the template does
+        i = -1 if style.system_in_last_turn else 0
         if sys is not None and msgs and msgs[i]["role"] == "user":
             msgs[i] = dict(msgs[i], content=f"{sys}\n\n" + msgs[i]["content"])
-        return self.bos + "".join(
-            f"{start}{m['content']}{end}"
-            if m["role"] == "user"
-            else " " * space + (m["content"].strip() if trim else m["content"]) + self.eos
-            for m in msgs
-        )
+        turns = []
+        for m in msgs:
+            if m["role"] == "user":
+                turns.append(f"{style.inst_open}{m['content']}{style.inst_close}")
+            else:
+                reply = m["content"].strip() if style.trim_reply else m["content"]
+                space = " " if style.space_before_reply else ""
+                turns.append(space + reply + self.eos)
+        return self.bos + "".join(turns)
 
     def encode_chat(self, messages, add_generation_prompt=True):
         return self.encode(self.render(messages, add_generation_prompt), special=False)

@@ -18,30 +18,29 @@ from files import claim, write_text
 def build(out, seed=0, steps=400):
     """-> (model directory, tuning data file) under out. Deterministic for a seed and library
     versions."""
-    rng, refusals, helpful = (
-        random.Random(seed),
-        data.lines("refusals.txt"),
-        data.lines("helpful_toy.txt"),
-    )
-    H, S = data.builtin("harmful", "train"), data.builtin("harmless", "train")
+    rng = random.Random(seed)
+    refusals = data.lines("refusals.txt")
+    helpful = data.lines("helpful_toy.txt")
+    harmful = data.builtin("harmful", "train")
+    harmless = data.builtin("harmless", "train")
+    # it learns to refuse the harmful train split and to answer the harmless one
     chats = data.chats(
-        [(h, rng.choice(refusals)) for h in H] + [(s, rng.choice(helpful)) for s in S]
+        [(h, rng.choice(refusals)) for h in harmful] + [(s, rng.choice(helpful)) for s in harmless]
     )
     sums = [(rng.randint(1, 99), rng.randint(1, 99)) for _ in range(1200)]
     task = [
         {"instruction": f"What is {x} plus {y}?", "output": f"Sure! {x} plus {y} is {x + y}."}
         for x, y in sums
     ]
-    tdir, mdir = os.path.join(out, "toy-tokenizer"), os.path.join(out, "toy-model")
+    tdir = os.path.join(out, "toy-tokenizer")
+    mdir = os.path.join(out, "toy-model")
     for entry in ("toy-tokenizer", "toy-task.jsonl", "toy-model"):  # listed in out's manifest first
         claim(out, entry)
     os.makedirs(tdir, exist_ok=True)
     write_text(os.path.join(out, "toy-task.jsonl"), "".join(json.dumps(t) + "\n" for t in task))
     tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer, tk.decoder = (
-        pre_tokenizers.ByteLevel(add_prefix_space=False),
-        decoders.ByteLevel(),
-    )
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
     texts = (
         data.builtin("harmful")
         + data.builtin("harmless")
@@ -93,10 +92,8 @@ def build(out, seed=0, steps=400):
     }
     write_text(os.path.join(tdir, "config.json"), json.dumps(cfg))
     torch.manual_seed(seed)
-    net, tok = (
-        model.LLaMA(model.read_config(os.path.join(tdir, "config.json"))),
-        tokenizer.Tok(tdir),
-    )
+    net = model.LLaMA(model.read_config(os.path.join(tdir, "config.json")))
+    tok = tokenizer.Tok(tdir)
     for p in net.parameters():
         torch.nn.init.normal_(p, std=0.02) if p.ndim == 2 else torch.nn.init.ones_(p)
     train.train(

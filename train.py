@@ -308,26 +308,26 @@ def schedule(step, total, warmup_frac=0.1):
 def train(
     net,
     tok,
-    chats,
-    out,
-    strategy="ift",
-    mods=(),
-    steps=100,
-    lr=2e-5,
+    chats,  # the tuning data: chats that end with the reply to learn
+    out,  # the checkpoint folder (new, or one swat-min wrote)
+    strategy="ift",  # ift, swat or mllr
+    mods=(),  # Mods_Rob: {(layer, module)}, e.g. from parse_mods
+    steps=100,  # optimizer steps of normal training (phase 2 of swat)
+    lr=2e-5,  # the peak learning rate
     batch_size=8,
-    accum=1,
-    warmup_steps=0,
-    ratio=0.1,
-    weight_decay=0.0,
-    clip=1.0,
-    max_len=512,
-    seed=0,
-    save_every=0,
-    resume=False,
-    grad_ckpt=False,
-    compile=False,
-    skip_long=False,
-    scope="all",
+    accum=1,  # micro-batches per step
+    warmup_steps=0,  # swat: steps of phase 1, before `steps`
+    ratio=0.1,  # mllr: the rest's learning rate is lr * ratio
+    weight_decay=0.0,  # on matrices only
+    clip=1.0,  # the gradient norm is clipped to this
+    max_len=512,  # tokens per example
+    seed=0,  # the data order
+    save_every=0,  # a checkpoint every N steps (0: at the end only)
+    resume=False,  # go on from the checkpoint in out
+    grad_ckpt=False,  # recompute activations in the backward pass (less memory)
+    compile=False,  # torch.compile each block
+    skip_long=False,  # leave out (and count) examples whose prompt exceeds max_len
+    scope="all",  # mllr: "all" other parameters are slowed, or only other "modules" of its kinds
 ):
     """Tune net on chats; write an HF checkpoint (plus optimizer state) to out. -> the log rows.
 
@@ -387,9 +387,8 @@ def train(
     rows = []
     if resume and os.path.exists(os.path.join(out, "trainer.safetensors")):
         step = load_trainer(opt, net, out)
-        rows = read_log(
-            log, step
-        )  # the log up to the checkpoint: the steps after it are done again
+        # the log up to the checkpoint: the steps after it are done again
+        rows = read_log(log, step)
     elif resume:
         print(f"{out}: no checkpoint to resume from; starting afresh")
     claim(out, "log.jsonl")  # the folder is swat-min's from now on; the log grows at every step

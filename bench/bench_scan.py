@@ -20,7 +20,8 @@ def main():
     n = 32 if a.tiny else a.prompts
     net = ours(reference(shape, "cpu"), a.device)
     g = torch.Generator().manual_seed(0)
-    V, dev = SHAPES[shape]["vocab_size"], torch.device(a.device)
+    V = SHAPES[shape]["vocab_size"]
+    dev = torch.device(a.device)
     ids = torch.randint(3, V, (n, 48), generator=g).to(dev)
     y = torch.cat([torch.ones(n // 2), torch.zeros(n - n // 2)])
     batches = []
@@ -30,9 +31,8 @@ def main():
             hs = net.hidden_states(ids[b : b + 64])
             batches.append((hs[:-1], rope, attn))
         X = rb.features_from(net, batches, 0)
-    X[:, : n // 2] += (
-        0.05 * X.std()
-    )  # a separable "harmful" direction, so the probes have something to lose
+    # a separable "harmful" direction, so the probes have something to lose
+    X[:, : n // 2] += 0.05 * X.std()
     probes = probe.fit_layers(X, y)
 
     def full_forward(
@@ -41,7 +41,9 @@ def main():
         hs = [net(ids[b : b + 64], hidden=True)[1] for b in range(0, n, 64)]
         return torch.cat([torch.stack([h[:, -1] for h in x]).float().cpu() for x in hs], 1)
 
-    times, tables, cached = {}, {}, rb.features_from
+    times = {}
+    tables = {}
+    cached = rb.features_from
     for way in ("swat", "layers", "naive"):  # layers: every layer re-run on the cached embeddings
         rb.features_from = full_forward if way == "naive" else cached
         sync(a.device)

@@ -21,7 +21,10 @@ PEAK = 989.4e12
 
 def flops_per_token(shape, T):
     s = SHAPES[shape]
-    d, L, f, V = s["hidden_size"], s["num_hidden_layers"], s["intermediate_size"], s["vocab_size"]
+    d = s["hidden_size"]
+    L = s["num_hidden_layers"]
+    f = s["intermediate_size"]
+    V = s["vocab_size"]
     kv = d * s["num_key_value_heads"] // s["num_attention_heads"]
     n = L * (2 * d * d + 2 * d * kv + 3 * d * f) + d * V  # matmul weights, with the output head
     return 6 * n + 6 * L * d * T  # forward + backward, plus causal attention scores
@@ -74,7 +77,8 @@ def main():
             opt.step()
             opt.zero_grad()
 
-        tok, fpt = B * T, flops_per_token(shape, T)
+        tok = B * T
+        fpt = flops_per_token(shape, T)
         for compiled in (False, True) if a.compile else (False,):  # the same reference for both
             if compiled:
                 for layer in net.model.layers:

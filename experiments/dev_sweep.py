@@ -105,13 +105,14 @@ def main(argv=None):
     files.write_text(
         os.path.join(a.out, "dev_harmful.jsonl"), "".join(json.dumps(h) + "\n" for h in harmful)
     )
-    _, tune = data.split(
-        data.read_examples(a.data), a.n_task
-    )  # the first part is `run`'s held-out set
-    dev, tune = tune[-a.n_dev :], tune[: -a.n_dev]
+    # the first part is `run`'s held-out set
+    _, tune = data.split(data.read_examples(a.data), a.n_task)
+    dev = tune[-a.n_dev :]  # held out from tuning too: the dev task loss
+    tune = tune[: -a.n_dev]
     net, tok = swat_min.load(a)
     base = swat_min.baseline(net, tok, cache_dir=a.cache)
     mods = train.parse_mods(a.mods, net.cfg.n_layers)
+    # task loss only
     scoring = dict(
         harmful=harmful[: a.n_eval],
         harmless=data.builtin("harmless", "test")[: a.n_eval],
@@ -120,7 +121,7 @@ def main(argv=None):
         max_len=a.max_len,
         batch_size=a.batch,
         n_acc=0,
-    )  # task loss only
+    )
     rows = []
     with open(os.path.join(a.out, "sweep.jsonl"), "a", encoding="utf-8") as log:
         for s, (strategy, kw) in zip(["original"] + a.settings, [(None, {})] + settings):

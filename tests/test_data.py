@@ -44,9 +44,8 @@ def test_readers(tmp_path):
         '{"category": "c", "forbidden_prompt": "f1"}\n{"Question": "q2"}\n'
     )
     assert data.read_instructions(str(tmp_path / "sr.jsonl")) == ["f1", "q2"]
-    (tmp_path / "bom.csv").write_bytes(
-        '\ufeffgoal,target\r\n"One, two",Sure\r\n'.encode()
-    )  # as spreadsheets save it
+    # as spreadsheets save it
+    (tmp_path / "bom.csv").write_bytes('\ufeffgoal,target\r\n"One, two",Sure\r\n'.encode())
     assert data.read_instructions(str(tmp_path / "bom.csv")) == ["One, two"]
     # Alpaca and Dolly: the input/context belongs to the instruction, as read_examples reads it
     (tmp_path / "alp.jsonl").write_text(
@@ -75,9 +74,8 @@ def test_readers(tmp_path):
             '[{"goal": "ok"}, {"goal": ["a"]}]',
         )
     ):
-        (tmp_path / f"bad{i}.json").write_text(
-            text
-        )  # a number, a list or a blank is no instruction
+        # a number, a list or a blank is no instruction
+        (tmp_path / f"bad{i}.json").write_text(text)
         with pytest.raises(
             model.SwatError, match=f"bad{i}.json: record 2 has no text in any of the fields"
         ):
@@ -121,9 +119,8 @@ def test_bad_input(tmp_path, tiny):
     (tmp_path / "b.bin").write_bytes(b"\xff\xfe\x00\x81")
     with pytest.raises(model.SwatError, match="b.bin: unreadable"):
         data.read_instructions(str(tmp_path / "b.bin"))
-    (tmp_path / "o.json").write_text(
-        '{"goal": "a", "x": "b"}'
-    )  # an object, not a list: its keys are no prompts
+    # an object, not a list: its keys are no prompts
+    (tmp_path / "o.json").write_text('{"goal": "a", "x": "b"}')
     with pytest.raises(
         model.SwatError, match="o.json: expected a JSON list of records, found dict"
     ):

@@ -242,6 +242,7 @@ def test_save_interrupted_at_every_step_resumes_from_the_newest_whole_checkpoint
     assert resumed_from == [newest_whole]
     for name, value in net.state_dict().items():
         assert torch.equal(value, reference[name]), name
+    # nothing left over
     assert sorted(os.listdir(tmp_path)) == [
         "notes.txt",
         "o",
@@ -249,7 +250,7 @@ def test_save_interrupted_at_every_step_resumes_from_the_newest_whole_checkpoint
         "o.tmp",
         "ref",
         "tiny",
-    ]  # nothing left over
+    ]
     assert {name: snapshot(tmp_path / name) for name in ("o.old", "o.tmp")} == users
     assert json.load(open(tmp_path / "o" / "trainer.json"))["step"] == 4
 

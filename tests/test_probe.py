@@ -89,6 +89,5 @@ def test_smollm2_probe_accuracy():
     adv = os.path.join(SHARED, "data/advbench/harmful_behaviors_dev.csv")
     if os.path.exists(adv):
         Xa, ya = probe.labelled(f(data.read_instructions(adv)[:100]), held_harmless)
-        assert (
-            probes[best].score(Xa[best], ya)["acc"] >= 0.90
-        )  # the same layer, on data it never saw
+        # the same layer, on data it never saw
+        assert probes[best].score(Xa[best], ya)["acc"] >= 0.90

@@ -28,15 +28,15 @@ def test_scan_exact_restore_and_prefix_reuse(tiny):
     before = {k: v.clone() for k, v in net.state_dict().items()}
     fast = tiny_scan(net, tok)
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
-    assert fast == tiny_scan(
-        net, tok, naive=True
-    )  # cached prefix: the same table as full recomputes
+    # cached prefix: the same table as full recomputes
+    assert fast == tiny_scan(net, tok, naive=True)
     assert fast == tiny_scan(net, tok)  # fixed seed: the same table twice
     assert fast != tiny_scan(net, tok, seed=1)
+    # noise per module
     assert tiny_scan(net, tok, modules=("down", "k")) == {
         "down": fast["down"],
         "k": fast["k"],
-    }  # noise per module
+    }
     assert len(set(fast["q"] + fast["v"])) > 4  # perturbations do move the probes
     rob, fragile = rb.choose(fast, 4)
     every = sorted(v for row in fast.values() for v in row)
@@ -53,8 +53,7 @@ def test_scan_on_qwen2_biases(tmp_path):
     tiny_hf(str(tmp_path), "qwen2", tie_word_embeddings=True)
     net, tok = model.load(str(tmp_path))
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    assert any(
-        p.ndim == 1 for p in rb.module(net, 1, "q").parameters()
-    )  # the bias is part of the module
+    # the bias is part of the module
+    assert any(p.ndim == 1 for p in rb.module(net, 1, "q").parameters())
     tiny_scan(net, tok)
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())

@@ -167,9 +167,8 @@ def test_cli_keeps_the_users_thread_count(monkeypatch):
         with pytest.raises(SystemExit):
             run("generate", "--model", "m")  # fails at once (no prompt), after the set-up
         assert torch.get_num_threads() == 1
-        monkeypatch.delenv(
-            "OMP_NUM_THREADS"
-        )  # unset: the cores this process may run on, not all the machine's
+        # unset: the cores this process may run on, not all the machine's
+        monkeypatch.delenv("OMP_NUM_THREADS")
         if hasattr(os, "sched_getaffinity"):
             monkeypatch.setattr(os, "cpu_count", lambda: 64)
             monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})
@@ -283,13 +282,11 @@ def test_bad_values_fail_before_any_work(tmp_path, tiny, capsys, monkeypatch):
         "--generations",
         os.path.join(tiny, "g.jsonl"),
     )
-    assert sorted(os.listdir(tiny)) == sorted(
-        files + ["g.jsonl"]
-    )  # a new file beside the model is fine
+    # a new file beside the model is fine
+    assert sorted(os.listdir(tiny)) == sorted(files + ["g.jsonl"])
     (tmp_path / "mine").mkdir()
-    (tmp_path / "mine" / "results.md").write_text(
-        "my notes"
-    )  # a folder of the user's: run writes no results there
+    # a folder of the user's: run writes no results there
+    (tmp_path / "mine" / "results.md").write_text("my notes")
     for cmd in ("run", "demo"):
         with pytest.raises(
             SystemExit,
@@ -317,9 +314,8 @@ def test_bad_values_fail_before_any_work(tmp_path, tiny, capsys, monkeypatch):
         )
     assert (tmp_path / "afile").read_text() == "mine"
     (tmp_path / "work").mkdir()
-    (tmp_path / "work" / "notes.txt").write_text(
-        "mine"
-    )  # a folder of the user's: never replaced by a checkpoint
+    # a folder of the user's: never replaced by a checkpoint
+    (tmp_path / "work" / "notes.txt").write_text("mine")
     with pytest.raises(
         SystemExit,
         match=r"^error: .*work: exists and holds notes.txt, which swat-min did not write; refusing",
@@ -375,6 +371,7 @@ def test_bad_values_fail_before_any_work(tmp_path, tiny, capsys, monkeypatch):
         "--steps",
         1,
     )
+    # ours: replaced
     run(
         "train",
         "--model",
@@ -385,7 +382,7 @@ def test_bad_values_fail_before_any_work(tmp_path, tiny, capsys, monkeypatch):
         tmp_path / "o",
         "--steps",
         1,
-    )  # ours: replaced
+    )
     monkeypatch.setattr(swat_min.rb, "scan", lambda *a: pytest.fail("scanned before checking --k"))
     with pytest.raises(
         SystemExit, match=r"^error: Mods_Rob of 99 modules: there are 12 to choose from"
@@ -404,9 +401,8 @@ def test_full_disk_leaves_nothing(tmp_path, tiny, monkeypatch):
         model.save(net, tok, str(tmp_path / "out"))
     assert os.listdir(tmp_path) == ["tiny"]  # no output and no temporary directory
     monkeypatch.undo()
-    model.save(
-        net, tok, str(tmp_path / "out")
-    )  # an existing checkpoint survives a failed overwrite
+    # an existing checkpoint survives a failed overwrite
+    model.save(net, tok, str(tmp_path / "out"))
     monkeypatch.setattr(checkpoint, "save_file", full)
     with pytest.raises(model.SwatError):
         model.save(net, tok, str(tmp_path / "out"))
@@ -468,9 +464,8 @@ def test_hub_download_resumes(tmp_path, monkeypatch):
     ref = tiny_hf(str(src), "llama")
     ref.save_pretrained(str(src), max_shard_size="100KB")  # sharded, with an index
     os.remove(src / "model.safetensors") if os.path.exists(src / "model.safetensors") else None
-    tc = json.load(
-        open(src / "tokenizer_config.json")
-    )  # the template in its own file, as newer repos ship it
+    # the template in its own file, as newer repos ship it
+    tc = json.load(open(src / "tokenizer_config.json"))
     (src / "chat_template.jinja").write_text(
         tc.pop("chat_template").replace("<|im_start|>", "<|start_header_id|>")
     )
@@ -498,9 +493,8 @@ def test_hub_download_resumes(tmp_path, monkeypatch):
         (src / "model.safetensors.index.json").write_text(
             '{"weight_map": {"a": "../../../escaped.safetensors"}}'
         )
-        monkeypatch.setenv(
-            "SWAT_MODEL_CACHE", str(tmp_path / "cache2")
-        )  # a repo whose index points outside
+        # a repo whose index points outside
+        monkeypatch.setenv("SWAT_MODEL_CACHE", str(tmp_path / "cache2"))
         with pytest.raises(
             model.SwatError,
             match="index.json: a shard that is not a .safetensors file of this folder",
@@ -508,16 +502,15 @@ def test_hub_download_resumes(tmp_path, monkeypatch):
             hub.fetch("org/tiny")
         assert not list(tmp_path.rglob("escaped*"))
         (src / "model.safetensors.index.json").unlink()
-        shutil.copy(
-            src / "config.json", src / "model.safetensors"
-        )  # one weights file now (fetch never reads it)
+        # one weights file now (fetch never reads it)
+        shutil.copy(src / "config.json", src / "model.safetensors")
         monkeypatch.setenv("SWAT_MODEL_CACHE", str(tmp_path / "cache3"))
-        os.makedirs(
-            tmp_path / "cache3" / "hub" / "org--tiny"
-        )  # a download stopped between its last byte and
+        # a download stopped between its last byte and
+        os.makedirs(tmp_path / "cache3" / "hub" / "org--tiny")
+        # its rename
         shutil.copy(
             src / "config.json", tmp_path / "cache3" / "hub" / "org--tiny" / "config.json.part"
-        )  # its rename
+        )
         assert (
             open(os.path.join(hub.fetch("org/tiny"), "config.json")).read()
             == (src / "config.json").read_text()
@@ -532,12 +525,10 @@ def test_hub_download_resumes(tmp_path, monkeypatch):
     n = len(Hub.seen)
     assert hub.fetch("org/tiny") == d and len(Hub.seen) == n  # a finished download needs no server
     assert hub.resolve("org/tiny") == d and hub.resolve(str(src)) == str(src)
-    assert any(
-        r and r.startswith("bytes=") and cdn for _, r, _, cdn in Hub.seen
-    )  # the resume reached the CDN
-    assert all(
-        a == ("Bearer secret" if not cdn else None) for _, _, a, cdn in Hub.seen
-    )  # the token did not
+    # the resume reached the CDN
+    assert any(r and r.startswith("bytes=") and cdn for _, r, _, cdn in Hub.seen)
+    # the token did not
+    assert all(a == ("Bearer secret" if not cdn else None) for _, _, a, cdn in Hub.seen)
     assert sum(cdn for *_, cdn in Hub.seen) >= 3
     net, tok = model.load("org/tiny")  # a hub id: the cached download
     assert tok.format == "llama3"  # read off the downloaded chat_template.jinja
@@ -780,9 +771,9 @@ def test_align_tunes_refusals_and_own_answers(tmp_path, tiny, monkeypatch, capsy
     assert (
         len(open(out / "log.jsonl").readlines()) == 2 and model.load(str(out))[0].cfg.n_layers == 3
     )
-    lens = sorted(
-        len(tok.encode_chat(evaluation.user(p))) for p in H + S
-    )  # a --max-len some prompts exceed:
+    # a --max-len some prompts exceed:
+    lens = sorted(len(tok.encode_chat(evaluation.user(p))) for p in H + S)
+    # those are left out, as in run
     run(
         "align",
         "--model",
@@ -803,7 +794,7 @@ def test_align_tunes_refusals_and_own_answers(tmp_path, tiny, monkeypatch, capsy
         1,
         "--device",
         "cpu",
-    )  # those are left out, as in run
+    )
     assert (
         re.search(r"left out \d+ of 318 examples", capsys.readouterr().out)
         and (tmp_path / "a2" / "log.jsonl").exists()
@@ -813,9 +804,8 @@ def test_align_tunes_refusals_and_own_answers(tmp_path, tiny, monkeypatch, capsy
 def test_probe_scan_generate_commands(tmp_path, tiny, capsys):
     scores = run("probe", "--model", tiny, "--device", "cpu")
     printed = capsys.readouterr().out
-    assert len(scores) == 4 and all(
-        0 <= s["acc"] <= 1 and 0 <= s["auc"] <= 1 for s in scores
-    )  # embeddings + 3 layers
+    # embeddings + 3 layers
+    assert len(scores) == 4 and all(0 <= s["acc"] <= 1 and 0 <= s["auc"] <= 1 for s in scores)
     assert "best layer" in printed and printed.count("\n") >= 6
     run(
         "scan", "--model", tiny, "--n", 4, "--k", 3, "--out", tmp_path / "s.json", "--device", "cpu"
@@ -887,12 +877,69 @@ def test_files_are_utf8_whatever_the_locale(tmp_path, tiny):
     assert "| Δ loss vs ift |" in (tmp_path / "results.md").read_text(encoding="utf-8")
 
 
-def test_core_files_stay_small():
-    """The budget of the design: model.py and swat_min.py about 250-300 lines each, the five core
-    files together about 1,000-1,250 (formats and plumbing live in the smaller files beside
-    them)."""
-    n = {
-        f: len(open(os.path.join(ROOT, f), encoding="utf-8").readlines())
-        for f in ("model.py", "probe.py", "robustness.py", "train.py", "swat_min.py")
-    }
-    assert n["model.py"] <= 320 and n["swat_min.py"] <= 320 and sum(n.values()) <= 1250, n
+METHOD_FILES = ("model.py", "probe.py", "robustness.py", "train.py")
+CORE_FILES = METHOD_FILES + ("swat_min.py",)
+
+
+def formatted(path):
+    """The file's text after `ruff format --line-length 100`: packing lines cannot pass a budget."""
+    source = open(os.path.join(ROOT, path), encoding="utf-8").read()
+    ruff = [sys.executable, "-m", "ruff", "format", "--line-length", "100", "-"]
+    result = subprocess.run(ruff, input=source, capture_output=True, text=True, check=True)
+    return result.stdout
+
+
+def comment_and_code_lines(source):
+    """(lines holding a comment or a docstring, lines of code) of a Python source."""
+    import io
+    import tokenize
+
+    tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
+    layout = (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER)
+    comments, code, docs = set(), set(), set()
+    previous = None
+    for i, t in enumerate(tokens):
+        lines = range(t.start[0], t.end[0] + 1)
+        statement_start = previous is None or previous.type in layout
+        if t.type == tokenize.COMMENT:
+            comments.update(lines)
+        elif (
+            t.type == tokenize.STRING and statement_start and tokens[i + 1].type == tokenize.NEWLINE
+        ):
+            docs.update(lines)  # a string standing as a statement: a docstring
+        elif t.type not in layout:
+            code.update(lines)
+        if t.type not in (tokenize.COMMENT, tokenize.NL):
+            previous = t
+    return len(comments | docs), len(code - docs)
+
+
+def test_core_files_stay_small_and_explained():
+    """The design's budget, measured after formatting: the four method files <= 1,250 lines
+    together, swat_min.py <= 450; at least one comment or docstring line per four code lines in each
+    core file; no line over 100 characters in any .py file; no packed assignments (a, b = x, y) and
+    no nested conditional expressions outside the tests."""
+    import ast
+
+    lines = {f: len(formatted(f).splitlines()) for f in CORE_FILES}
+    assert sum(lines[f] for f in METHOD_FILES) <= 1250 and lines["swat_min.py"] <= 450, lines
+    for f in CORE_FILES:
+        explained, code = comment_and_code_lines(formatted(f))
+        assert explained >= 0.25 * code, (f, explained, code)
+    for root, dirs, names in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d != "__pycache__"]
+        for name in (n for n in names if n.endswith(".py")):
+            path = os.path.join(root, name)
+            text = open(path, encoding="utf-8").read()
+            assert max(map(len, text.splitlines()), default=0) <= 100, path
+            if os.sep + "tests" + os.sep in path:
+                continue
+            for node in ast.walk(ast.parse(text)):
+                packed = isinstance(node, ast.Assign) and isinstance(node.value, ast.Tuple)
+                packed = packed and isinstance(node.targets[0], ast.Tuple)
+                assert not packed, f"{path}:{node.lineno}: a, b = x, y"
+                nested = isinstance(node, ast.IfExp) and ast.IfExp in (
+                    type(node.body),
+                    type(node.orelse),
+                )
+                assert not nested, f"{path}:{node.lineno}: nested conditional expression"

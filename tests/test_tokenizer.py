@@ -170,9 +170,8 @@ def test_format_override_and_unknown(tmp_path):
         "eos_token }}"
         "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
     )
-    v7 = (
-        "{{- bos_token }}{{- '[SYSTEM_PROMPT]' + system_message + '[/SYSTEM_PROMPT]' }}" + MISTRAL3
-    )  # its own system turn
+    # its own system turn
+    v7 = "{{- bos_token }}{{- '[SYSTEM_PROMPT]' + system_message + '[/SYSTEM_PROMPT]' }}" + MISTRAL3
     for template in (zephyr, v7):  # families swat-min does not write: said, not guessed
         make_tokenizer(str(tmp_path), template, bos="<s>", eos="</s>")
         with pytest.raises(model.SwatError, match="none of the families"):

@@ -200,9 +200,8 @@ def test_resume_equals_uninterrupted(tiny, tmp_path, monkeypatch):
         [(r["step"], r["loss"]) for r in map(json.loads, open(tmp_path / d / "log.jsonl"))]
         for d in "ab"
     ]
-    assert [s for s, _ in logs[0]] == list(range(1, 7)) and logs[0] == logs[
-        1
-    ]  # the log outlives every save
+    # the log outlives every save
+    assert [s for s, _ in logs[0]] == list(range(1, 7)) and logs[0] == logs[1]
     tiny_hf(tmp_path / "wide", hidden_size=32)  # the same parameter names, other shapes
     for d, other in (
         (tiny, dict(kw, strategy="ift", mods=())),
@@ -330,9 +329,8 @@ def test_readers(tmp_path):
         {"from": "gpt", "value": "hello"},
     ]
     p.write_text(json.dumps({"id": "x", "conversations": sharegpt}) + "\n")
-    assert data.read_examples(p) == [
-        [{"role": "system", "content": "Be brief."}] + chat
-    ]  # a pathlib.Path too
+    # a pathlib.Path too
+    assert data.read_examples(p) == [[{"role": "system", "content": "Be brief."}] + chat]
     p = tmp_path / "d.jsonl"  # Dolly; prompt/completion
     p.write_text(
         json.dumps({"instruction": "Sum", "context": "2, 3", "response": "5", "category": "qa"})
@@ -368,9 +366,8 @@ def test_bad_inputs(tiny, tmp_path):
     )
     with pytest.raises(model.SwatError, match="e.jsonl: record 2 has no 'output' or 'answer'"):
         data.read_examples(str(p))
-    p.write_text(
-        json.dumps({"instruction": "a", "output": "b"}) + "\n\n{oops\n"
-    )  # the bad line is named
+    # the bad line is named
+    p.write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n\n{oops\n")
     with pytest.raises(model.SwatError, match="e.jsonl: line 3 is not valid JSON"):
         data.read_examples(str(p))
     (tmp_path / "o.json").write_text(json.dumps({"instruction": "a", "output": "b"}))
@@ -403,9 +400,8 @@ def test_bad_inputs(tiny, tmp_path):
         train.train(net, tok, CHATS, str(tmp_path / "o"), max_len=8, steps=1)
     with pytest.raises(model.SwatError, match="no example fits max length 8"):
         train.train(net, tok, CHATS, str(tmp_path / "o"), max_len=8, steps=1, skip_long=True)
-    (tmp_path / "big.json").write_text(
-        '{"mods_rob": [[1, "q"], [29, "k"]]}'
-    )  # a scan of a 30-layer model
+    # a scan of a 30-layer model
+    (tmp_path / "big.json").write_text('{"mods_rob": [[1, "q"], [29, "k"]]}')
     (tmp_path / "odd.json").write_text('{"mods_rob": [[1, "qq"]]}')
     for spec, msg in (
         ("q,x", "unknown module 'x'"),
