@@ -35,41 +35,24 @@ def optimizer_args(groups, lr, betas, eps, weight_decay, impl):
             raise SwatError(f"AdamW: betas must be in [0, 1), not {g.get('betas', betas)!r}")
 
 
-def train_args(
-    strategy,
-    mods,
-    steps,
-    lr,
-    batch_size,
-    accum,
-    warmup_steps,
-    ratio,
-    weight_decay,
-    clip,
-    max_len,
-    save_every,
-):
+def train_args(args):
     """train()'s arguments, checked where a user passes them, so that a mistake is one line, not
     garbage."""
+    strategy = args["strategy"]
     if strategy not in ("ift", "swat", "mllr"):
         raise SwatError(f"unknown strategy {strategy!r}; choose ift, swat or mllr")
-    if strategy != "ift" and not mods:
+    if strategy != "ift" and not args["mods"]:
         raise SwatError(f"strategy {strategy} needs a module set (--mods)")
-    counts = {
-        "steps": (steps, 0),
-        "batch_size": (batch_size, 1),
-        "accum": (accum, 1),
-        "warmup_steps": (warmup_steps, 0),
-        "max_len": (max_len, 1),
-        "save_every": (save_every, 0),
-    }
-    for name, (value, least) in counts.items():
+    # the counts and the least each may be
+    counts = {"steps": 0, "batch_size": 1, "accum": 1, "warmup_steps": 0, "max_len": 1}
+    counts["save_every"] = 0
+    for name, least in counts.items():
+        value = args[name]
         if type(value) is not int or value < least:
             raise SwatError(f"train: {name} must be an integer >= {least}, not {value!r}")
-    rates = {"lr": lr, "ratio": ratio, "weight_decay": weight_decay, "clip": clip}
-    for name, value in rates.items():
-        if not finite(value):
-            raise SwatError(f"train: {name} must be a finite number >= 0, not {value!r}")
+    for name in ("lr", "ratio", "weight_decay", "clip"):  # the rates: finite, >= 0
+        if not finite(args[name]):
+            raise SwatError(f"train: {name} must be a finite number >= 0, not {args[name]!r}")
 
 
 def sampling_args(temperature, top_p, max_new_tokens, batch_size):

@@ -333,20 +333,7 @@ def train(
 
     steps: of normal training; swat adds warmup_steps of phase 1 before them.
     """
-    checks.train_args(
-        strategy,
-        mods,
-        steps,
-        lr,
-        batch_size,
-        accum,
-        warmup_steps,
-        ratio,
-        weight_decay,
-        clip,
-        max_len,
-        save_every,
-    )
+    checks.train_args(dict(locals()))  # every argument, before anything else is defined
     out = os.path.abspath(os.fspath(out))
     recover(out)  # a save that a fault interrupted is finished (or rolled back) first
     check_folder(out, tok)  # checked now, not after the training

@@ -9,19 +9,19 @@ prompts; the tables must be equal.
 
 import time
 import torch
-from common import args, emit, ours, reference, SHAPES, sync
+from common import parse_args, emit, ours, reference, SHAPES, sync
 import probe
 import robustness as rb
 
 
 def main():
-    a = args(lambda ap: ap.add_argument("--prompts", type=int, default=256))
-    shape = "tiny" if a.tiny else "smollm2-135m"
-    n = 32 if a.tiny else a.prompts
-    net = ours(reference(shape, "cpu"), a.device)
+    args = parse_args(lambda ap: ap.add_argument("--prompts", type=int, default=256))
+    shape = "tiny" if args.tiny else "smollm2-135m"
+    n = 32 if args.tiny else args.prompts
+    net = ours(reference(shape, "cpu"), args.device)
     g = torch.Generator().manual_seed(0)
     V = SHAPES[shape]["vocab_size"]
-    dev = torch.device(a.device)
+    dev = torch.device(args.device)
     ids = torch.randint(3, V, (n, 48), generator=g).to(dev)
     y = torch.cat([torch.ones(n // 2), torch.zeros(n - n // 2)])
     batches = []
@@ -46,16 +46,16 @@ def main():
     cached = rb.features_from
     for way in ("swat", "layers", "naive"):  # layers: every layer re-run on the cached embeddings
         rb.features_from = full_forward if way == "naive" else cached
-        sync(a.device)
+        sync(args.device)
         t = time.perf_counter()
         tables[way] = rb.scan(net, probes, batches, y, naive=way != "swat")
-        sync(a.device)
+        sync(args.device)
         times[way] = time.perf_counter() - t
     rb.features_from = cached
     emit(
         bench="scan",
         case=f"{shape} {net.cfg.n_layers} layers x q,k,v,o, {n} prompts",
-        device=a.device,
+        device=args.device,
         swat_s=round(times["swat"], 2),
         naive_s=round(times["naive"], 2),
         ratio=round(times["naive"] / times["swat"], 3),

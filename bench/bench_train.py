@@ -10,7 +10,7 @@ and device. bf16 autocast with fp32 weights on CUDA, fp32 on CPU. One JSON line 
 
 import gc
 import torch
-from common import args, emit, ours, peak_gb, peak_reset, reference, timed, SHAPES
+from common import parse_args, emit, ours, peak_gb, peak_reset, reference, timed, SHAPES
 import train
 
 CASES = [("smollm2-135m", 16, 512), ("smollm2-135m", 32, 1024), ("llama-3.2-1b", 8, 1024)]
@@ -38,21 +38,21 @@ def measure(step, device, steps):
 
 
 def main():
-    a = args(
+    args = parse_args(
         lambda ap: (
             ap.add_argument("--steps", type=int, default=10),
             ap.add_argument("--compile", action="store_true"),
         )
     )
-    cuda = a.device.startswith("cuda")
+    cuda = args.device.startswith("cuda")
     amp = lambda: (
         torch.autocast("cuda", torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
     )
-    for shape, B, T in TINY if a.tiny else CASES:
+    for shape, B, T in TINY if args.tiny else CASES:
         g = torch.Generator().manual_seed(0)
-        ids = torch.randint(0, SHAPES[shape]["vocab_size"], (B, T), generator=g).to(a.device)
+        ids = torch.randint(0, SHAPES[shape]["vocab_size"], (B, T), generator=g).to(args.device)
         labels = ids.clone()
-        ref = reference(shape, a.device).train()
+        ref = reference(shape, args.device).train()
         ropt = torch.optim.AdamW(ref.parameters(), lr=1e-5, fused=True)
 
         def ref_step():
@@ -63,8 +63,8 @@ def main():
             ropt.step()
             ropt.zero_grad(set_to_none=True)
 
-        ref_s, ref_mem = measure(ref_step, a.device, a.steps)
-        net = ours(ref, a.device).train()
+        ref_s, ref_mem = measure(ref_step, args.device, args.steps)
+        net = ours(ref, args.device).train()
         ref = ropt = None  # frees the reference's memory (its step closure sees None now)
         gc.collect()
         opt = train.AdamW(net.parameters(), lr=1e-5)
@@ -79,15 +79,15 @@ def main():
 
         tok = B * T
         fpt = flops_per_token(shape, T)
-        for compiled in (False, True) if a.compile else (False,):  # the same reference for both
+        for compiled in (False, True) if args.compile else (False,):  # the same reference for both
             if compiled:
                 for layer in net.model.layers:
                     layer.compile()
-            our_s, our_mem = measure(our_step, a.device, a.steps)
+            our_s, our_mem = measure(our_step, args.device, args.steps)
             emit(
                 bench="train",
                 case=f"{shape} {B}x{T}",
-                device=a.device,
+                device=args.device,
                 compile=compiled,
                 swat_tok_s=round(tok / our_s),
                 ref_tok_s=round(tok / ref_s),

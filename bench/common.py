@@ -111,15 +111,16 @@ def peak_gb(device):
     )
 
 
-def args(extra=None):
+def parse_args(extra=None):
+    """The command line every benchmark shares (--device, --tiny), plus `extra` options."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes for a CPU smoke test")
     if extra:
         extra(ap)
-    a = ap.parse_args()
+    args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
-    return a
+    return args
 
 
 def emit(**row):

@@ -91,75 +91,75 @@ def main(argv=None):
     ap.add_argument(
         "--n-dev", type=int, default=64, help="tuning examples held out for the dev task loss"
     )
-    a = ap.parse_args(argv)
-    settings = [parse(s) for s in a.settings]
-    harmful = data.read_instructions(a.dev_harmful)[a.dev_start :]
+    args = ap.parse_args(argv)
+    settings = [parse(s) for s in args.settings]
+    harmful = data.read_instructions(args.dev_harmful)[args.dev_start :]
     if not harmful:
-        raise SwatError(f"{a.dev_harmful}: no prompts from row {a.dev_start} on")
+        raise SwatError(f"{args.dev_harmful}: no prompts from row {args.dev_start} on")
     for entry in (
         "dev_harmful.jsonl",
         "sweep.jsonl",
     ):  # OUT is swat-min's: nothing of the user's is replaced
-        files.claim(a.out, entry)
+        files.claim(args.out, entry)
     # a record of the prompts scored (evaluate takes them as a list)
     files.write_text(
-        os.path.join(a.out, "dev_harmful.jsonl"), "".join(json.dumps(h) + "\n" for h in harmful)
+        os.path.join(args.out, "dev_harmful.jsonl"), "".join(json.dumps(h) + "\n" for h in harmful)
     )
     # the first part is `run`'s held-out set
-    _, tune = data.split(data.read_examples(a.data), a.n_task)
-    dev = tune[-a.n_dev :]  # held out from tuning too: the dev task loss
-    tune = tune[: -a.n_dev]
-    net, tok = swat_min.load(a)
-    base = swat_min.baseline(net, tok, cache_dir=a.cache)
-    mods = train.parse_mods(a.mods, net.cfg.n_layers)
+    _, tune = data.split(data.read_examples(args.data), args.n_task)
+    dev = tune[-args.n_dev :]  # held out from tuning too: the dev task loss
+    tune = tune[: -args.n_dev]
+    net, tok = swat_min.load(args)
+    base = swat_min.baseline(net, tok, cache_dir=args.cache)
+    mods = train.parse_mods(args.mods, net.cfg.n_layers)
     # task loss only
     scoring = dict(
-        harmful=harmful[: a.n_eval],
-        harmless=data.builtin("harmless", "test")[: a.n_eval],
-        max_new_tokens=a.max_new_tokens,
-        gen_batch=a.gen_batch,
-        max_len=a.max_len,
-        batch_size=a.batch,
+        harmful=harmful[: args.n_eval],
+        harmless=data.builtin("harmless", "test")[: args.n_eval],
+        max_new_tokens=args.max_new_tokens,
+        gen_batch=args.gen_batch,
+        max_len=args.max_len,
+        batch_size=args.batch,
         n_acc=0,
     )
     rows = []
-    with open(os.path.join(a.out, "sweep.jsonl"), "a", encoding="utf-8") as log:
-        for s, (strategy, kw) in zip(["original"] + a.settings, [(None, {})] + settings):
+    with open(os.path.join(args.out, "sweep.jsonl"), "a", encoding="utf-8") as log:
+        for s, (strategy, kw) in zip(["original"] + args.settings, [(None, {})] + settings):
             name = s.replace(":", "-").replace(",", "-")
             start = time.time()
             for entry in (name, name + ".jsonl"):
-                files.claim(a.out, entry)
+                files.claim(args.out, entry)
             # every setting starts again from the original weights ("original": them as loaded)
             if strategy:
-                net, tok = swat_min.load(a)
-                kw.setdefault("warmup_steps", train.warmup_length(strategy, a.steps))
+                net, tok = swat_min.load(args)
+                kw.setdefault("warmup_steps", train.warmup_length(strategy, args.steps))
                 train.train(
                     net,
                     tok,
                     tune,
-                    os.path.join(a.out, name),
+                    os.path.join(args.out, name),
                     strategy,
                     set() if strategy == "ift" else mods,
-                    steps=a.steps,
-                    lr=a.lr,
-                    batch_size=a.batch,
-                    max_len=a.max_len,
-                    seed=a.seed,
+                    steps=args.steps,
+                    lr=args.lr,
+                    batch_size=args.batch,
+                    max_len=args.max_len,
+                    seed=args.seed,
                     skip_long=True,
                     **kw,
                 )
-            gen_path = os.path.join(a.out, name + ".jsonl")
+            gen_path = os.path.join(args.out, name + ".jsonl")
             row = evaluation.evaluate(
                 net, tok, s, base=base, task=dev, gen_path=gen_path, **scoring
             )
             rows.append(
                 dict(
                     row,
-                    seed=a.seed if strategy else None,
+                    seed=args.seed if strategy else None,
                     train_time_s=round(time.time() - start, 1),
                 )
             )
-            evaluation.report(a.out, rows, vars(a))  # OUT/results.md: the table, against ift
+            evaluation.report(args.out, rows, vars(args))  # OUT/results.md: the table, against ift
             line = json.dumps({k: v for k, v in rows[-1].items() if k != "drift_detail"})
             print(line, flush=True)
             print(line, file=log, flush=True)
