@@ -409,8 +409,10 @@ def read_log(path, step):
 # ---- a training checkpoint: the model, plus the optimizer state resume needs ----
 
 
-def save_trainer(net, tok, opt, out, step, rows):
-    """The checkpoint: weights, Adam moments and step counts, what resume checks, and the log."""
+def save_trainer(net, tok, opt, out, step, rows, moments=True):
+    """The checkpoint: weights, Adam moments (moments=False: left out, as in a finished run's final
+    checkpoint, where only a resume would need them) and step counts, what resume checks, and the
+    log."""
     names = {p: n for g in opt.param_groups for p, n in zip(g["params"], g["names"])}
     tensors = {}
     for p, (m, v) in opt.state.items():
@@ -421,11 +423,22 @@ def save_trainer(net, tok, opt, out, step, rows):
         "group_steps": [g["step"] for g in opt.param_groups],
         "groups": [g["names"] for g in opt.param_groups],
         "settings": opt.settings,
+        "moments": moments,
     }
     # save() replaces the folder: the log goes too
     log = "".join(json.dumps(r) + "\n" for r in rows)
-    extra = {"trainer.safetensors": tensors, "trainer.json": meta, "log.jsonl": log}
+    extra = {"trainer.json": meta, "log.jsonl": log}
+    if moments:
+        extra["trainer.safetensors"] = tensors
     save(net, tok, out, extra=extra)
+
+
+def checkpoint_size(net, moments=False):
+    """The bytes a checkpoint of net takes, roughly: its weights, plus two fp32 Adam moments per
+    parameter with moments."""
+    weights = sum(t.numel() * t.element_size() for t in net.state_dict().values())
+    n_params = sum(t.numel() for t in net.state_dict().values())
+    return weights + (8 * n_params if moments else 0)
 
 
 def load_trainer(opt, net, out):
@@ -457,7 +470,12 @@ def _read_state(opt, net, out):
         raise ValueError("trainer.json has no step or group_steps")
     device = str(net.model.embed_tokens.weight.device)
     params = net.state_dict()
-    tensors = load_file(os.path.join(out, "trainer.safetensors"), device=device)
+    finished = meta["step"] == sum(opt.settings["phases"])
+    if not meta.get("moments", True) and not finished:
+        raise ValueError("trainer.json says its moments were left out, yet the run is not finished")
+    tensors = None
+    if meta.get("moments", True):  # a finished run's final checkpoint may leave them out
+        tensors = load_file(os.path.join(out, "trainer.safetensors"), device=device)
     with safe_open(os.path.join(out, "model.safetensors"), framework="pt", device=device) as f:
         for name in f.keys():  # our own save: the same names; one tensor at a time, no second copy
             t = f.get_tensor(name)
@@ -466,7 +484,7 @@ def _read_state(opt, net, out):
             params[name].copy_(t)
     for g, group_step in zip(opt.param_groups, meta["group_steps"]):
         g["step"] = group_step
-        for p, n in zip(g["params"], g["names"]):
+        for p, n in zip(g["params"], g["names"] if tensors else ()):
             opt.state[p][0].copy_(tensors[f"m.{n}"])
             opt.state[p][1].copy_(tensors[f"v.{n}"])
     return meta["step"]

@@ -35,10 +35,14 @@ class Help(argparse.RawDescriptionHelpFormatter):
         return action.help + " (default: %(default)s)"
 
 
-def add_options(parser, names, required=()):
-    """Add the named options (keys of OPTIONS) to parser; those in `required` must be given."""
+def add_options(parser, names, required=(), command=None):
+    """Add the named options (keys of OPTIONS) to parser; those in `required` must be given. --out
+    gets the command's own help text."""
     for name in names:
-        parser.add_argument("--" + name, required=name in required, **OPTIONS[name])
+        settings = dict(OPTIONS[name])
+        if name == "out" and command in OUT_HELP:
+            settings["help"] = OUT_HELP[command]
+        parser.add_argument("--" + name, required=name in required, **settings)
 
 
 # Every option once, by name; swat_min.COMMANDS names the ones each command takes.
@@ -83,7 +87,10 @@ OPTIONS = {
         help="ift: all parameters; swat: warm-up "
         "of --mods, then all; mllr: --mods at --lr, the rest at --lr x --ratio",
     ),
-    "mods": dict(help="Mods_Rob: scan JSON, or a selector like 'q,k' or '0-11:q,k;12-29:v'"),
+    "mods": dict(
+        help="Mods_Rob, required for swat and mllr: a scan JSON, or a selector like 'q,k' or "
+        "'0-11:q,k;12-29:v'"
+    ),
     "steps": dict(type=number(int, 0), default=100, help="optimizer steps of normal training"),
     "warmup-frac": dict(
         type=number(float, 0), default=0.2, help="swat phase 1 length, as a fraction of --steps"
@@ -163,7 +170,7 @@ OPTIONS = {
     ),
     "base": dict(help="the original model, for feature-space drift"),
     "generations": dict(help="write the generations here (JSONL)"),
-    "prompt": dict(action="append", help="a prompt (repeatable)"),
+    "prompt": dict(action="append", help="a prompt (repeatable; before those of --file)"),
     "file": dict(help="prompts from a file (CSV, JSON/JSONL, text)"),
     "temperature": dict(
         type=number(float, 0), default=0.0, help="sampling temperature (0: greedy)"
@@ -176,93 +183,102 @@ OPTIONS = {
     "answer-tokens": dict(
         type=number(int, 1), default=128, help="length of the model's own harmless answers"
     ),
-    "out": dict(
-        help="where to write: a scan JSON, a checkpoint or a results folder (new, or one swat-min "
-        "wrote)"
+    "out": dict(help="where to write (new, or one swat-min wrote)"),
+    "n-test": dict(
+        type=number(int, 1), help="use only the first N held-out harmful prompts (default: all)"
+    ),
+    "keep-optimizer": dict(
+        action="store_true",
+        help="keep the Adam moments in the final checkpoint (about 2/3 of its size; only a resume "
+        "needs them, and mid-run checkpoints always keep them)",
     ),
 }
 
 
 # ---- which command takes which option ----
 
-COMMON = ("model", "device", "dtype", "chat-format", "cache")
-PROBE = ("harmful", "harmless")
-SCAN = ("n", "modules", "scale", "repeats", "k", "frac")
-TRAIN = ("steps", "warmup-frac", "ratio", "scope", "lr", "batch", "max-len", "limit")
-EVAL = (
-    "eval-harmful",
-    "eval-harmless",
-    "n-eval",
-    "max-new-tokens",
-    "gen-batch",
-    "n-task",
-    "n-acc",
-    "task-tokens",
-)
-TRAIN_ONLY = (
-    "data",
-    "strategy",
-    "mods",
-    "out",
-    "warmup-steps",
-    "accum",
-    "weight-decay",
-    "seed",
-    "save-every",
-    "resume",
-    "grad-ckpt",
-    "compile",
-    "skip-long",
-)
-RUN = PROBE + SCAN + TRAIN + EVAL + ("data", "out", "seeds", "strategies", "control")
-# name: (what it does, its options, the required ones, its own defaults)
+MODEL = ("model", "device", "dtype", "chat-format")
+PROBE = ("harmful", "harmless", "cache")  # the probes' training prompts
+SCAN = ("n", "modules", "scale", "repeats", "k", "frac", "seed")
+TUNE = ("steps", "lr", "batch", "max-len")
+STRATEGY = ("warmup-frac", "ratio", "scope")
+ASR = ("eval-harmful", "eval-harmless", "n-eval", "max-new-tokens", "gen-batch")
+TASK = ("n-task", "n-acc", "task-tokens")  # the held-out tuning examples
+RUN = PROBE + SCAN + TUNE + STRATEGY + ASR + TASK
+RUN += ("data", "out", "limit", "seeds", "strategies", "control", "keep-optimizer")
+TRAIN = TUNE + STRATEGY + ("data", "strategy", "mods", "out", "limit", "warmup-steps", "accum")
+TRAIN += ("weight-decay", "seed", "save-every", "resume", "grad-ckpt", "compile", "skip-long")
+TRAIN += ("keep-optimizer",)
+EVAL = PROBE + ASR + TASK + ("base", "data", "batch", "max-len", "generations")
+
+# name: (what it does, its options, the required ones, its own defaults, an example)
 COMMANDS = {
     "probe": (
         "fit a probe per layer on harmful vs harmless features; print held-out accuracy",
-        COMMON + PROBE + ("test-harmful",),
+        MODEL + PROBE + ("test-harmful", "n-test"),
         ("model",),
         {},
+        "python swat_min.py probe --model M --test-harmful advbench.csv --n-test 100",
     ),
     "scan": (
         "module robustness scan: perturb each module, measure the probes, pick Mods_Rob",
-        COMMON + PROBE + SCAN + ("out", "seed"),
+        MODEL + SCAN + PROBE + ("out",),
         ("model",),
         {"out": "scan.json"},
+        "python swat_min.py scan --model M --out scan.json",
     ),
     "train": (
         "instruction fine-tuning: plain ift, swat (warm-up of Mods_Rob) or mllr",
-        COMMON + TRAIN + TRAIN_ONLY,
+        MODEL + TRAIN,
         ("model", "data", "out"),
         {},
+        "python swat_min.py train --model M --data d.jsonl --strategy swat --mods scan.json "
+        "--out tuned",
     ),
     "eval": (
         "ASR, over-refusal, feature drift against --base, task loss on --data",
-        COMMON + EVAL + PROBE + ("base", "data", "batch", "max-len", "generations"),
+        MODEL + EVAL,
         ("model",),
         {},
+        "python swat_min.py eval --model tuned --base M --data d.jsonl",
     ),
     "generate": (
         "generate answers to prompts with the model's chat format",
-        COMMON + ("prompt", "file", "max-new-tokens", "temperature", "top-p"),
+        MODEL + ("prompt", "file", "max-new-tokens", "temperature", "top-p"),
         ("model",),
         {"max_new_tokens": 128},
+        'python swat_min.py generate --model M --prompt "How do I bake bread?"',
     ),
     "align": (
         "make an aligned start: short SFT of refusals + the model's own harmless answers",
-        COMMON + EVAL + TRAIN + ("out", "answer-tokens", "seed"),
+        MODEL + ASR + TUNE + ("out", "answer-tokens", "seed"),
         ("model", "out"),
         {"steps": 150, "lr": 5e-5},
+        "python swat_min.py align --model M --out aligned",
     ),
     "run": (
         "the pipeline: probe, scan, tune with ift/swat/mllr/control, evaluate, report",
-        COMMON + RUN,
+        MODEL + RUN,
         ("model", "data", "out"),
         {},
+        "python swat_min.py run --model aligned --data d.jsonl --out results",
     ),
     "demo": (
         "the pipeline offline: on a toy model trained here unless --model is given",
-        COMMON + RUN + ("toy-steps",),
+        MODEL + RUN + ("toy-steps",),
         ("out",),
         {"steps": 150, "lr": 3e-4, "batch": 16, "n_eval": 52, "max_new_tokens": 24},
+        "python swat_min.py demo --out demo_out",
     ),
+}
+
+# what --out is, command by command
+OUT_HELP = {
+    "scan": "the scan JSON to write: the table and Mods_Rob (a new file, or one swat-min wrote)",
+    "train": "the checkpoint folder to write (new, or one swat-min wrote): an HF model that "
+    "transformers loads, with log.jsonl",
+    "align": "the aligned checkpoint folder to write (new, or one swat-min wrote)",
+    "run": "the results folder (new, or one run made): results.json, results.md, scan.json and a "
+    "checkpoint per strategy and seed",
+    "demo": "the results folder (new, or one demo made), as run's, plus the toy model and its data",
 }

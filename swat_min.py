@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from checkpoint import checkpoint_size
 import data
 import model
 import probe
@@ -108,7 +109,7 @@ def probe_sets(args):
 
 
 def eval_options(args):
-    """evaluate()'s arguments from the command's options: the prompt sets and sizes."""
+    """evaluate()'s prompt sets and generation sizes from the command's options."""
     harmful = data.instructions(args.eval_harmful, "harmful", "test")[: args.n_eval]
     harmless = data.instructions(args.eval_harmless, "harmless", "test")[: args.n_eval]
     return dict(
@@ -116,8 +117,14 @@ def eval_options(args):
         harmless=harmless,  # over-refusal: the share of these refused
         max_new_tokens=args.max_new_tokens,  # the length of each answer
         gen_batch=args.gen_batch,  # prompts per generation batch
-        max_len=getattr(args, "max_len", 512),  # the task loss: tokens per held-out example
-        batch_size=getattr(args, "batch", 8),  # and examples per batch
+    )
+
+
+def task_options(args):
+    """evaluate()'s task-metric sizes, where a command scores held-out tuning examples."""
+    return dict(
+        max_len=args.max_len,  # the task loss: tokens per held-out example
+        batch_size=args.batch,  # and examples per batch
         n_acc=args.n_acc,  # task accuracy: the first n_acc held-out examples, answered in full
         task_tokens=args.task_tokens,
     )
@@ -125,7 +132,7 @@ def eval_options(args):
 
 # train()'s keyword arguments that come from options of the same name (--batch gives batch_size)
 TRAIN_ARGS = ("steps", "lr", "accum", "ratio", "weight_decay", "max_len", "seed", "save_every")
-TRAIN_ARGS += ("resume", "grad_ckpt", "compile", "skip_long", "scope")
+TRAIN_ARGS += ("resume", "grad_ckpt", "compile", "skip_long", "scope", "keep_optimizer")
 
 
 def train_options(args, **fixed):
@@ -138,6 +145,8 @@ def cmd_probe(args):
     """probe: each layer's held-out probe accuracy and AUC, and the best layer."""
     net, tok = load(args)
     test = data.read_instructions(args.test_harmful) if args.test_harmful else None
+    if args.n_test:  # the first N held-out harmful prompts (of the file or the built-in split)
+        test = (test or data.builtin("harmful", "test"))[: args.n_test]
     b = baseline(net, tok, *probe_sets(args), test_harmful=test, cache_dir=args.cache)
     source = args.test_harmful or "built-in harmful test split"
     print(
@@ -226,11 +235,11 @@ def cmd_eval(args):
         base = baseline(base_net, base_tok, *probe_sets(args), cache_dir=args.cache)
         del base_net
     task = ()
+    options = eval_options(args)
     if args.data:
         task = data.split(data.read_examples(args.data), args.n_task)[0]
-    row = evaluate(
-        net, tok, "eval", base=base, task=task, gen_path=args.generations, **eval_options(args)
-    )
+        options.update(task_options(args))
+    row = evaluate(net, tok, "eval", base=base, task=task, gen_path=args.generations, **options)
     print(json.dumps(row, indent=1))
     if args.generations:
         print(f"wrote {args.generations}")
@@ -249,11 +258,13 @@ def cmd_train(args):
 
 
 def cmd_generate(args):
-    """generate: the model's answers to --prompt or the prompts of --file."""
-    if not (args.prompt or args.file):
+    """generate: the model's answers to each --prompt, then to the prompts of --file."""
+    prompts = list(args.prompt or [])
+    if args.file:
+        prompts += data.read_instructions(args.file)
+    if not prompts:
         raise SwatError("generate: give --prompt TEXT (repeatable) or --file FILE")
     net, tok = load(args)
-    prompts = args.prompt or data.read_instructions(args.file)
     texts = answer(
         net,
         tok,
@@ -307,14 +318,13 @@ def cmd_run(args):
     tune = tune[: args.limit or None]
     if not tune:
         raise SwatError(f"{args.data}: no examples left for tuning after holding out {args.n_task}")
+    print("== probes: one per layer, on harmful vs harmless prompts")
     base = baseline(net, tok, *probe_sets(args), cache_dir=args.cache)
+    print("== scan: perturb every module, pick Mods_Rob (robust) and the control (least robust)")
     scan_path = os.path.join(args.out, "scan.json")
     rob, fragile = do_scan(args, net, tok, base, scan_path, folder=args.out)
     settings = {k: v for k, v in vars(args).items() if k != "fn"}
-    options = eval_options(args)
-    gens = os.path.join(claim(args.out, "original.jsonl"), "original.jsonl")
-    original = evaluate(net, tok, "original", base=base, task=task, gen_path=gens, **options)
-    rows = [dict(original, seed=None)]  # the start every strategy is set against
+    options = dict(eval_options(args), **task_options(args))
     plan = [
         ("ift", "ift", set()),  # plain IFT: the baseline
         ("swat", "swat", rob),  # warm-up of Mods_Rob, then all
@@ -322,8 +332,19 @@ def cmd_run(args):
         ("control", args.control, fragile),  # the same recipe on the least robust modules
     ]
     plan = [p for p in plan if p[0] in args.strategies]
+    n_models = len(plan) * len(dict.fromkeys(args.seeds))
+    size = checkpoint_size(net, args.keep_optimizer)
+    print(
+        f"== {n_models} tuned models to make; their checkpoints take about "
+        f"{n_models * size / 1e9:.2f} GB in {args.out}"
+    )
+    print("== the original model: ASR, over-refusal, task metrics")
+    gens = os.path.join(claim(args.out, "original.jsonl"), "original.jsonl")
+    original = evaluate(net, tok, "original", base=base, task=task, gen_path=gens, **options)
+    rows = [dict(original, seed=None)]  # the start every strategy is set against
     for seed in dict.fromkeys(args.seeds):  # each seed once, in the order given
         for name, strategy, mods in plan:
+            print(f"== {name} (seed {seed}): tune, then evaluate")
             net, tok = load(args)  # every model starts from the same weights
             folder = os.path.join(claim(args.out, f"{name}-seed{seed}"), f"{name}-seed{seed}")
             start = time.time()
@@ -336,6 +357,7 @@ def cmd_run(args):
                 strategy,
                 mods,
                 warmup_steps=warmup,
+                label=name,
                 **train_options(args, seed=seed, skip_long=True),
             )
             gens = os.path.join(claim(folder, "generations.jsonl"), "generations.jsonl")
@@ -385,9 +407,12 @@ def main(argv=None):
     """The command line: one subcommand per COMMANDS entry, its options from options.py."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    for name, (fn, what, names, required, defaults) in COMMANDS.items():
-        command = sub.add_parser(name, help=what, description=what, formatter_class=Help)
-        add_options(command, names, required)
+    for name, (fn, what, names, required, defaults, example) in COMMANDS.items():
+        epilog = f"example:\n  {example}"
+        command = sub.add_parser(
+            name, help=what, description=what, epilog=epilog, formatter_class=Help
+        )
+        add_options(command, names, required, name)
         command.set_defaults(fn=fn, seed=0, **defaults)  # the command's own defaults win
     args = parser.parse_args(argv)
     if hasattr(sys.stdout, "reconfigure"):

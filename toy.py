@@ -96,7 +96,18 @@ def build(out, seed=0, steps=400):
     tok = tokenizer.Tok(tdir)
     for p in net.parameters():
         torch.nn.init.normal_(p, std=0.02) if p.ndim == 2 else torch.nn.init.ones_(p)
+    print("== the toy model: trained here to refuse the harmful prompts and answer the harmless")
     train.train(
-        net, tok, chats, mdir, "ift", steps=steps, lr=3e-3, batch_size=32, max_len=96, seed=seed
+        net,
+        tok,
+        chats,
+        mdir,
+        "ift",
+        steps=steps,
+        lr=3e-3,
+        batch_size=32,
+        max_len=96,
+        seed=seed,
+        label="toy model",
     )
     return mdir, os.path.join(out, "toy-task.jsonl")

@@ -328,6 +328,8 @@ def train(
     compile=False,  # torch.compile each block
     skip_long=False,  # leave out (and count) examples whose prompt exceeds max_len
     scope="all",  # mllr: "all" other parameters are slowed, or only other "modules" of its kinds
+    keep_optimizer=False,  # keep the Adam moments in the final checkpoint (only resume needs them)
+    label=None,  # the progress bar's name (default: the strategy)
 ):
     """Tune net on chats; write an HF checkpoint (plus optimizer state) to out. -> the log rows.
 
@@ -372,10 +374,13 @@ def train(
     log = os.path.join(out, "log.jsonl")
     step = 0
     rows = []
-    if resume and os.path.exists(os.path.join(out, "trainer.safetensors")):
+    if resume and os.path.exists(os.path.join(out, "trainer.json")):
         step = load_trainer(opt, net, out)
         # the log up to the checkpoint: the steps after it are done again
         rows = read_log(log, step)
+        if step == total:  # a finished run: its final checkpoint stands as it is
+            print(f"{out}: already complete ({total} steps)")
+            return finish(net, rows)
     elif resume:
         print(f"{out}: no checkpoint to resume from; starting afresh")
     claim(out, "log.jsonl")  # the folder is swat-min's from now on; the log grows at every step
@@ -388,7 +393,7 @@ def train(
         amp = torch.autocast("cpu", enabled=False)
     enter_phase(opt, 1 if step < phase1 else 2)
     per_epoch = max(1, len(data) // batch_size)
-    bar = tqdm(range(step, total), desc=strategy, initial=step, total=total)
+    bar = tqdm(range(step, total), desc=label or strategy, initial=step, total=total)
     for step in bar:
         if step == phase1 and phase1 > 0:
             enter_phase(opt, 2)  # SWAT's switch: the rest is released
@@ -445,9 +450,14 @@ def train(
         if save_every and (step + 1) % save_every == 0 and step + 1 < total:
             save_trainer(net, tok, opt, out, step + 1, rows)
             saved = step + 1
+    save_trainer(net, tok, opt, out, total, rows, moments=keep_optimizer)
+    return finish(net, rows)
+
+
+def finish(net, rows):
+    """The trained net, back to evaluation mode with every parameter trainable; -> the log rows."""
     for p in net.parameters():
         p.requires_grad_(True)
-    save_trainer(net, tok, opt, out, total, rows)
     net.eval()
     net.grad_ckpt = False
     return rows

@@ -367,26 +367,28 @@ def test_bad_inputs(tmp_path, tiny):
             model.load(broken(set_cfg(**kv)))
 
 
-def test_readme_api_example_runs(tiny, tmp_path):
-    """The README's Python API block, run as written on a tiny checkpoint (only the paths and the
-    probe's training data filled in), so that the documented calls cannot drift from the code."""
+def test_readme_api_example_runs(tiny, tmp_path, monkeypatch):
+    """The README's Python API block, run as written on a tiny checkpoint (only MODEL filled in),
+    so that the documented calls cannot drift from the code. It builds its own training data."""
+    import re
+
     from conftest import ROOT
 
     text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
     block = text.split("## Python API", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
     assert "model.load(" in block and "model.generate(" in block and "LogisticProbe" in block
-    out = str(tmp_path / "saved")
-    code = block.replace('"ckpt_dir"', repr(tiny)).replace('"out_dir"', repr(out))
-    ns = {
-        "X_train": torch.cat([torch.randn(8, 64) + 1, torch.randn(8, 64) - 1]),
-        "y_train": torch.cat([torch.ones(8), torch.zeros(8)]),
-    }
+    code = re.sub(r'MODEL = "[^"]*"', f"MODEL = {tiny!r}", block)
+    monkeypatch.chdir(tmp_path)
+    ns = {}
     exec(compile(code, "README.md (Python API)", "exec"), ns)
     assert ns["logits"].shape[-1] == 512 and len(ns["hidden"]) == 4 and len(ns["outs"]) == 2
-    assert ns["X"].shape == (4, 1, 64) and ns["p"].predict_proba(ns["X_train"]).shape == (16,)
-    assert torch.equal(
-        model.load(out)[0](torch.tensor([[5, 6]])), ns["net"](torch.tensor([[5, 6]]))
+    assert ns["X_train"].shape == (4, 4, 64) and ns["p"].predict_proba(ns["X_train"][-1]).shape == (
+        4,
     )
+    assert 0 <= ns["row"]["asr"] <= 1 and ns["row"]["drift"] >= 0
+    saved = model.load(str(tmp_path / "saved"))[0]
+    assert torch.equal(saved(torch.tensor([[5, 6]])), ns["net"](torch.tensor([[5, 6]])))
+    assert os.path.exists(tmp_path / "tuned" / "trainer.json")
 
 
 def test_sampling_matches_transformers_warpers():

@@ -1,5 +1,6 @@
 """swat_min.py end to end: the offline demo (shortened), CLI errors, hub download, atomic saving."""
 
+import argparse
 import errno
 import http.server
 import json
@@ -945,16 +946,65 @@ def test_core_files_stay_small_and_explained():
                 assert not nested, f"{path}:{node.lineno}: nested conditional expression"
 
 
-def test_readme_python_api_block_runs(tmp_path, tiny, monkeypatch):
-    """The README's Python API block runs as written, on a tiny model in place of its MODEL."""
-    import re
+READ = {}  # id of a Recorder -> the options read from it
 
-    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-    api = text[text.index("## Python API") :]
-    block = re.search(r"```python\n(.*?)```", api, re.S).group(1)
-    assert 'MODEL = "' in block
-    block = re.sub(r'MODEL = "[^"]*"', f"MODEL = {tiny!r}", block)
-    monkeypatch.chdir(tmp_path)
-    exec(compile(block, "README.md", "exec"), {"__name__": "readme"})
-    assert os.path.exists(tmp_path / "saved" / "model.safetensors")
-    assert os.path.exists(tmp_path / "tuned" / "trainer.json")
+
+class Recorder(argparse.Namespace):
+    """A namespace that records which options are read (outside its __dict__, which run saves)."""
+
+    def __getattribute__(self, name):
+        if not name.startswith("_"):
+            READ.setdefault(id(self), set()).add(name)
+        return object.__getattribute__(self, name)
+
+
+def test_each_command_reads_every_option_its_help_shows(tmp_path, tiny, monkeypatch):
+    """Walk the parser: each command, run on a tiny model, reads every option it lists in --help
+    (none is there for show)."""
+    import options
+
+    data = tmp_path / "d.jsonl"
+    rows = [{"instruction": f"What is {i} plus 1?", "output": f"{i + 1}"} for i in range(12)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    small = ["--n-eval", 1, "--max-new-tokens", 1]
+    argv = {
+        "probe": ["--model", tiny, "--n-test", 2],
+        "scan": ["--model", tiny, "--n", 2, "--k", 2, "--out", tmp_path / "s.json"],
+        "train": ["--model", tiny, "--data", data, "--out", tmp_path / "t", "--steps", 1],
+        "eval": ["--model", tiny, "--base", tiny, "--data", data, "--n-task", 2, "--n-acc", 0]
+        + ["--generations", tmp_path / "g.jsonl"]
+        + small,
+        "generate": ["--model", tiny, "--prompt", "hi", "--max-new-tokens", 1],
+        "align": ["--model", tiny, "--out", tmp_path / "a", "--steps", 1, "--answer-tokens", 1]
+        + small,
+        "run": ["--model", tiny, "--data", data, "--out", tmp_path / "r", "--steps", 1, "--n", 2]
+        + ["--n-task", 2, "--n-acc", 0, "--strategies", "ift"]
+        + small,
+        "demo": ["--out", tmp_path / "dm", "--toy-steps", 1, "--steps", 1, "--n", 2, "--n-task", 4]
+        + ["--n-acc", 0, "--strategies", "ift"]
+        + small,
+    }
+    assert set(argv) == set(options.COMMANDS)
+    real_parse = argparse.ArgumentParser.parse_args
+    parsed = []
+
+    def parse(self, args=None, namespace=None):
+        ns = real_parse(self, args, Recorder())
+        parsed.append(ns)
+        return ns
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse)
+    commands = {}
+    for name, (fn, *spec) in swat_min.COMMANDS.items():
+
+        def reading(args, fn=fn):
+            READ[id(args)] = set()  # what the command itself reads, from here
+            return fn(args)
+
+        commands[name] = (reading, *spec)
+    monkeypatch.setattr(swat_min, "COMMANDS", commands)
+    for name, extra in argv.items():
+        swat_min.main([name] + [str(x) for x in extra])
+        read = READ[id(parsed[-1])]
+        shown = {option.replace("-", "_") for option in options.COMMANDS[name][1]}
+        assert shown <= read, (name, sorted(shown - read))
