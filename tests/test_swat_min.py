@@ -685,21 +685,23 @@ def test_eval_reads_the_users_prompt_files(tmp_path, tiny, capsys):
 
 
 def test_readme_commands_parse(tmp_path, monkeypatch):
-    """Every `python swat_min.py ...` line of the README's (and RESULTS.md's) shell blocks parses
-    with today's
-    options, and every --flag they name exists (in swat_min.py, or in the bench/experiments script
-    it belongs to)."""
+    """Every `python swat_min.py ...` (or `swat-min ...`) line of the README's and RESULTS.md's
+    shell blocks parses with today's options, and every --flag they name exists (in swat_min.py, or
+    in the bench/experiments script it belongs to)."""
     import re
     import shlex
 
     text = "".join(
         open(os.path.join(ROOT, f), encoding="utf-8").read() for f in ("README.md", "RESULTS.md")
     )
+    # `python swat_min.py CMD ...` or the installed `swat-min CMD ...`, at a line's start or after &&
+    command = re.compile(r"(?:^|&&)\s*(?:python swat_min\.py|swat-min)\s+(.*)")
     cmds = [
-        l.split("#")[0].split("swat_min.py", 1)[1]
+        m.group(1)
         for b in re.findall(r"```bash\n(.*?)```", text, re.S)
         for l in b.replace("\\\n", " ").splitlines()
-        if "python swat_min.py" in l.split("#")[0]
+        for m in [command.search(l.split("#")[0])]
+        if m
     ]
     assert len(cmds) >= 6
     seen = []
@@ -718,7 +720,7 @@ def test_readme_commands_parse(tmp_path, monkeypatch):
     )
     known = (
         {"--" + o for o in swat_min.OPTIONS}
-        | {"--help"}
+        | {"--help", "--extra-index-url", "--check"}  # and pip's and ruff's, in the set-up lines
         | set(re.findall(r'add_argument\("(--[a-z-]+)"', scripts))
     )
     assert set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]+", text)) <= known
