@@ -694,7 +694,7 @@ def test_readme_commands_parse(tmp_path, monkeypatch):
     text = "".join(
         open(os.path.join(ROOT, f), encoding="utf-8").read() for f in ("README.md", "RESULTS.md")
     )
-    # `python swat_min.py CMD ...` or the installed `swat-min CMD ...`, at a line's start or after &&
+    # `python swat_min.py CMD ...` or the installed `swat-min CMD ...`, at the start or after &&
     command = re.compile(r"(?:^|&&)\s*(?:python swat_min\.py|swat-min)\s+(.*)")
     cmds = [
         m.group(1)
