@@ -440,5 +440,11 @@ def main(argv=None):
         sys.exit(f"error: {e.filename}: {e.strerror or e}" if e.filename else f"error: {e}")
 
 
+def entry_point():
+    """The installed `swat-min` command. main() returns what the command made (for Python callers);
+    a console script would take that for an exit status, so this returns nothing."""
+    main()
+
+
 if __name__ == "__main__":
     main()
