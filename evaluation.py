@@ -156,6 +156,30 @@ def evaluate(
     return row
 
 
+@torch.no_grad()
+def update_magnitudes(before, net, kinds, mods):
+    """How far tuning moved each module: |W - W_start| / |W_start| of every (layer, kind) weight ->
+    ({kind: [per layer]}, the mean over Mods_Rob `mods`, the mean over the other modules)."""
+    weights = net.state_dict()
+    table = {}
+    for kind in kinds:
+        table[kind] = []
+        for layer in range(net.cfg.n_layers):
+            name = f"model.layers.{layer}.{model.MODULES[kind]}.weight"
+            start = before[name].float()
+            moved = (weights[name].float().cpu() - start).norm() / start.norm()
+            table[kind].append(moved.item())
+    cells = {(layer, kind): v for kind, row in table.items() for layer, v in enumerate(row)}
+    robust = [v for cell, v in cells.items() if cell in mods]
+    rest = [v for cell, v in cells.items() if cell not in mods]
+    return table, mean(robust), mean(rest)
+
+
+def mean(values):
+    """The mean of a list (None for an empty one)."""
+    return sum(values) / len(values) if values else None
+
+
 def versus_ift(r, ift, original):
     """The two numbers SWAT's claim is about: the share of plain IFT's rise in ASR that r avoided,
     and r's task loss relative to IFT's."""

@@ -162,14 +162,17 @@ def prepare(path):
 def marked_as_ours(path):
     """True when a file's own contents mark it as swat-min's output.
 
-    A scan or results JSON carries "written_by": "swat-min"; a generations JSONL file holds nothing
-    but generation records (prompt, harmful, response, refused).
+    A scan or results JSON carries "written_by": "swat-min", an SVG picture a comment saying so; a
+    generations JSONL file holds nothing but generation records (prompt, harmful, response,
+    refused).
     """
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except (OSError, UnicodeDecodeError):
         return False
+    if path.endswith(".svg"):  # a picture swat-min drew carries its mark
+        return "<!-- written by swat-min -->" in text
     if path.endswith(".json"):
         try:
             return json.loads(text).get("written_by") == "swat-min"

@@ -68,7 +68,31 @@ OPTIONS = {
     "scale": dict(
         type=number(float, 0), default=0.5, help="scan noise std, as a multiple of the weight's std"
     ),
-    "repeats": dict(type=number(int, 1), default=1, help="noise draws per module"),
+    "repeats": dict(
+        type=number(int, 1), default=1, help="noise draws per module (2 or more: rank stability)"
+    ),
+    "metric": dict(
+        choices=["readout", "later"],
+        default="readout",
+        help="a module's change: the fixed readout probe's accuracy drop (then log-loss rise), or "
+        "the mean log-loss rise of the probes of the later layers",
+    ),
+    "readout": dict(
+        choices=["last", "best"],
+        default="last",
+        help="the readout probe's layer: the last (as the paper), or the best held-out probe layer",
+    ),
+    "select": dict(
+        choices=["search", "topk"],
+        default="search",
+        help="Mods_Rob: a set grown in robustness order, perturbed jointly, kept within "
+        "--tolerance (up to --k); or the --k most robust alone",
+    ),
+    "tolerance": dict(
+        type=number(float, 0, 1),
+        default=0.02,
+        help="search: the largest joint drop of the readout probe's accuracy a set may cause",
+    ),
     "k": dict(
         type=number(int, 1), help="size of Mods_Rob (default: --frac of the scanned modules)"
     ),
@@ -199,7 +223,8 @@ OPTIONS = {
 
 MODEL = ("model", "device", "dtype", "chat-format")
 PROBE = ("harmful", "harmless", "cache")  # the probes' training prompts
-SCAN = ("n", "modules", "scale", "repeats", "k", "frac", "seed")
+SCAN = ("n", "modules", "scale", "repeats", "k", "frac", "seed", "metric", "readout", "select")
+SCAN += ("tolerance",)
 TUNE = ("steps", "lr", "batch", "max-len")
 STRATEGY = ("warmup-frac", "ratio", "scope")
 ASR = ("eval-harmful", "eval-harmless", "n-eval", "max-new-tokens", "gen-batch")

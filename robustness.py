@@ -9,13 +9,10 @@ with the smallest change. Hidden states below the perturbed layer do not change,
 computed once and reused.
 """
 
-import json
-import os
-
 import torch
 from tqdm import tqdm
 
-from files import SwatError, write_text
+from files import SwatError
 from model import MODULES, pad_left
 
 
@@ -73,14 +70,46 @@ def perturb(params, generator, scale):
 
 
 def scan(
-    net, probes, batches, y, modules=("q", "k", "v", "o"), scale=0.5, repeats=1, seed=0, naive=False
+    net,
+    probes,
+    batches,
+    y,
+    modules=("q", "k", "v", "o"),
+    scale=0.5,
+    repeats=1,
+    seed=0,
+    naive=False,
+    readout=None,
 ):
-    """-> {module: [change per layer]}. naive=True recomputes every layer (to check the prefix
-    reuse)."""
+    """Perturb every module of every layer -> the scan: tables {module: [value per layer]} of
+
+      later      the rise of the probes' mean log-loss over the layers after the module (the
+                 earlier metric, kept to compare);
+      acc_drop   the drop of the fixed readout probe's accuracy (the paper's metric), and
+      loss_rise  the rise of its log-loss (the continuous tie-breaker),
+
+    averaged over `repeats` noise draws; "draws" keeps each draw's acc_drop and loss_rise, "halves"
+    the same measured on each half of the prompts (for the stability of the ranking). readout: the
+    probe's layer (default: the last, the final-normed states). naive=True recomputes every layer
+    (to check the prefix reuse).
+    """
     n_layers = net.cfg.n_layers
+    readout = n_layers if readout is None else readout
+    probe = probes[readout]
+    halves = prompt_halves(y)
     clean = features_from(net, batches, 0)
     base = [p.score(x, y)["loss"] for p, x in zip(probes, clean)]
-    table = {m: [0.0] * n_layers for m in modules}
+    base_readout = [probe.score(clean[readout][h], y[h]) for h in [slice(None)] + halves]
+
+    def zeros():
+        return {m: [0.0] * n_layers for m in modules}
+
+    readout_metrics = ("acc_drop", "loss_rise")
+    result = {"readout": readout, "later": zeros(), "acc_drop": zeros(), "loss_rise": zeros()}
+    result["draws"] = {
+        k: {m: [[] for _ in range(n_layers)] for m in modules} for k in readout_metrics
+    }
+    result["halves"] = {k: [zeros() for _ in halves] for k in readout_metrics}
     for layer in tqdm(range(n_layers), desc="scan"):
         for name in modules:
             params = list(module(net, layer, name).parameters())
@@ -92,47 +121,64 @@ def scan(
                 # only the layers after the perturbed one can change
                 later = range(layer + 1, n_layers + 1)
                 rise = [probes[j].score(X[j], y)["loss"] - base[j] for j in later]
-                table[name][layer] += sum(rise) / len(rise) / repeats
+                result["later"][name][layer] += sum(rise) / len(rise) / repeats
+                # the readout probe, on all prompts and on each half
+                for h, (part, before) in enumerate(zip([slice(None)] + halves, base_readout)):
+                    after = probe.score(X[readout][part], y[part])
+                    acc_drop = before["acc"] - after["acc"]
+                    loss_rise = after["loss"] - before["loss"]
+                    if h == 0:
+                        result["acc_drop"][name][layer] += acc_drop / repeats
+                        result["loss_rise"][name][layer] += loss_rise / repeats
+                        result["draws"]["acc_drop"][name][layer].append(acc_drop)
+                        result["draws"]["loss_rise"][name][layer].append(loss_rise)
+                    else:
+                        result["halves"]["acc_drop"][h - 1][name][layer] += acc_drop / repeats
+                        result["halves"]["loss_rise"][h - 1][name][layer] += loss_rise / repeats
                 with torch.no_grad():  # put the weights back exactly
                     for p, s in zip(params, saved):
                         p.copy_(s)
             assert all(torch.equal(p, s) for p, s in zip(params, saved)), "weights not restored"
-    return table
+    return result
 
 
-def choose(table, k):
-    """Mods_Rob: the k modules with the smallest change; also the k with the largest (the
-    control)."""
-    ranked = sorted((v, layer, m) for m, row in table.items() for layer, v in enumerate(row))
+def prompt_halves(y):
+    """Two halves of the scan prompts, each with half of every class (index tensors)."""
+    first = []
+    second = []
+    for label in (1, 0):
+        index = (y == label).nonzero().flatten()
+        first.append(index[: len(index) // 2])
+        second.append(index[len(index) // 2 :])
+    return [torch.cat(first), torch.cat(second)]
+
+
+def ranking(scan_result, metric="readout", source=None):
+    """Every (layer, module), most robust first.
+
+    metric "readout": by the readout probe's accuracy drop, then its log-loss rise; "later": by the
+    mean log-loss rise over the later layers. source: other tables of the same shape to rank instead
+    (one noise draw's, or one prompt half's).
+    """
+    tables = source or scan_result
+    if metric == "later":
+        later = tables["later"]
+        keys = {(layer, m): (v,) for m, row in later.items() for layer, v in enumerate(row)}
+    else:
+        acc = tables["acc_drop"]
+        loss = tables["loss_rise"]
+        keys = {
+            (layer, m): (acc[m][layer], loss[m][layer]) for m in acc for layer in range(len(acc[m]))
+        }
+    # ties go to the lower layer, then the module name, so that the order is reproducible
+    return sorted(keys, key=lambda lm: (keys[lm], lm))
+
+
+def choose(scan_result, k, metric="readout"):
+    """Mods_Rob: the k most robust modules; also the k least robust (the control)."""
+    ranked = ranking(scan_result, metric)
     if not 0 < k <= len(ranked):
         raise SwatError(f"k={k} must be between 1 and {len(ranked)}")
-    robust = [[layer, m] for _, layer, m in ranked[:k]]
-    fragile = [[layer, m] for _, layer, m in ranked[-k:]]
+    robust = [[layer, m] for layer, m in ranked[:k]]
+    fragile = [[layer, m] for layer, m in ranked[-k:]]
     return robust, fragile
-
-
-def heatmap(table):
-    """The paper's figure in the terminal: modules as rows, layers as columns, darker = less robust
-    (shades by rank among all modules)."""
-    shades = " .:-=+*#%@"
-    values = sorted(v for row in table.values() for v in row)
-    n_layers = len(next(iter(table.values())))
-    lines = ["      " + "".join(f"{layer % 10}" for layer in range(n_layers))]
-    for name, row in table.items():
-        ranks = [min(9, int(10 * values.index(v) / len(values))) for v in row]
-        lines.append(f"{name:>5} " + "".join(shades[r] for r in ranks))
-    lines.append("      (layers mod 10; ' ' most robust ... '@' least robust, by rank)")
-    return "\n".join(lines)
-
-
-def write(path, table, rob, fragile, settings):
-    """The scan as JSON (atomically); "written_by" marks it as a file a later scan may replace."""
-    scan = {
-        "written_by": "swat-min",
-        "settings": settings,
-        "metric": "rise of probe log-loss, mean over later layers",
-        "table": table,
-        "mods_rob": rob,
-        "mods_fragile": fragile,
-    }
-    write_text(os.fspath(path), json.dumps(scan, indent=1))

@@ -17,11 +17,12 @@ import torch
 from checkpoint import checkpoint_size
 import data
 import model
+import figures
 import probe
-import robustness as rb
+import selection
 import toy
 import train
-from evaluation import answer, evaluate, report, user
+from evaluation import answer, evaluate, report, update_magnitudes, user
 from files import SwatError, check_file, check_folder, check_outputs, claim
 from model import MODULES
 import options
@@ -60,35 +61,6 @@ def baseline(net, tok, harmful=None, harmless=None, test_harmful=None, cache_dir
         "harmless": test_harmless,
         "train": (harmful, harmless),  # the prompts the probes were fitted on (the scan uses them)
     }
-
-
-def scan_modules(
-    net,
-    tok,
-    harmful,  # instructions of each class; the first n of each are scanned
-    harmless,
-    probes,  # baseline()'s per-layer probes, fixed during the scan
-    kinds=("q", "k", "v", "o"),  # the module kinds to perturb in every layer
-    n=64,
-    k=None,
-    frac=0.5,
-    scale=0.5,  # noise std as a multiple of each weight's std
-    repeats=1,  # noise draws per module, averaged
-    seed=0,
-):
-    """The robustness scan on n prompts per class -> (table, Mods_Rob, control set, settings).
-
-    Mods_Rob: the k most robust modules (default: frac of the scanned ones); the control: the k
-    least.
-    """
-    n = min(n, len(harmful), len(harmless))
-    k = k or round(frac * len(kinds) * net.cfg.n_layers)
-    batches = rb.prefix(net, tok, harmful[:n] + harmless[:n])
-    labels = torch.cat([torch.ones(n), torch.zeros(n)])
-    table = rb.scan(net, probes, batches, labels, kinds, scale, repeats, seed)
-    rob, fragile = rb.choose(table, k)
-    settings = {"n_per_class": n, "scale": scale, "repeats": repeats, "seed": seed, "k": k}
-    return table, rob, fragile, settings
 
 
 # ---- the commands: argparse in, the library above out ----
@@ -161,9 +133,14 @@ def cmd_probe(args):
     return b["scores"]
 
 
+# select_mods_rob()'s keyword arguments that come from options of the same name
+SCAN_ARGS = ("n", "frac", "scale", "repeats", "seed", "metric", "select", "tolerance")
+
+
 def do_scan(args, net, tok, base, out, folder=None):
-    """The scan with the command's options, its heat map and Mods_Rob, written to out (in `folder`,
-    which becomes swat-min's, when given) -> (Mods_Rob, control) as sets of (layer, module)."""
+    """The scan and Mods_Rob with the command's options, printed (heat map, selection, stability)
+    and written to out with its pictures (in `folder`, which becomes swat-min's, when given).
+    -> (Mods_Rob, control) as sets of (layer, module)."""
     kinds = args.modules.split(",")
     unknown = [m for m in kinds if m not in MODULES]
     if unknown:
@@ -175,36 +152,32 @@ def do_scan(args, net, tok, base, out, folder=None):
         raise SwatError(
             f"Mods_Rob of {k} modules: there are {len(kinds) * net.cfg.n_layers} to choose from"
         )
-    harmful, harmless = base["train"]
-    table, rob, fragile, settings = scan_modules(
-        net,
-        tok,
-        harmful,
-        harmless,
-        base["probes"],
-        kinds,
-        args.n,
-        k,
-        args.frac,
-        args.scale,
-        args.repeats,
-        args.seed,
+    # the heat map and the search curve, beside the JSON
+    pictures = [out.removesuffix(".json") + end for end in (".svg", "-search.svg")]
+    for path in [out] + pictures:  # every output may be written, before the scan
+        if folder:
+            claim(folder, os.path.basename(path))
+        else:
+            check_file(path)
+    readout = base["layer"] if args.readout == "best" else None  # None: the last layer
+    options = {name: getattr(args, name) for name in SCAN_ARGS}
+    harmful, harmless = base["train"]  # the scan perturbs on the probes' own training prompts
+    picked = selection.select_mods_rob(
+        net, tok, harmful, harmless, base["probes"], kinds, k=k, readout=readout, **options
     )
-    print(rb.heatmap(table))
-    print(f"Mods_Rob ({k} most robust): " + " ".join(f"{l}.{m}" for l, m in sorted(rob)))
-    if folder:
-        claim(folder, os.path.basename(out))
-    rb.write(out, table, rob, fragile, dict(model=args.model, **settings))
-    print(f"wrote {out}")
+    print(selection.summary(picked))  # heat map, Mods_Rob, rank stability
+    selection.write(out, pictures, picked, dict(model=args.model, **picked["settings"]))
+    print(f"wrote {out} and its pictures ({', '.join(pictures)})")
+    rob = picked["mods_rob"]  # the trainer reads these from scan.json
+    fragile = picked["mods_fragile"]  # the control: as many of the least robust
     rob = {tuple(x) for x in rob}
     fragile = {tuple(x) for x in fragile}
     shared = rob & fragile
     if shared:  # the control is meant to be modules the scan did not pick
-        n_modules = len(table) * net.cfg.n_layers
         print(
-            f"note: k={k} is over half of the {n_modules} modules, so the control set (the {k} "
-            f"least robust) shares {len(shared)} modules with Mods_Rob; choose a smaller --k or "
-            "--frac"
+            f"note: Mods_Rob ({len(rob)}) is over half of the {len(kinds) * net.cfg.n_layers} "
+            f"modules, so the control set (as many of the least robust) shares {len(shared)} "
+            "modules with it; choose a smaller --k or --frac"
         )
     return rob, fragile
 
@@ -341,6 +314,7 @@ def cmd_run(args):
     print("== the original model: ASR, over-refusal, task metrics")
     gens = os.path.join(claim(args.out, "original.jsonl"), "original.jsonl")
     original = evaluate(net, tok, "original", base=base, task=task, gen_path=gens, **options)
+    start_weights = {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
     rows = [dict(original, seed=None)]  # the start every strategy is set against
     for seed in dict.fromkeys(args.seeds):  # each seed once, in the order given
         for name, strategy, mods in plan:
@@ -364,6 +338,20 @@ def cmd_run(args):
             row = evaluate(net, tok, name, base=base, task=task, gen_path=gens, **options)
             elapsed = round(time.time() - start, 1)
             row.update(seed=seed, train_time_s=elapsed, scheme=strategy, n_mods=len(mods))
+            # the mechanism: how far each module moved, Mods_Rob against the rest
+            kinds = args.modules.split(",")
+            moved, row["update_mods_rob"], row["update_rest"] = update_magnitudes(
+                start_weights, net, kinds, rob
+            )
+            picture = f"updates-{name}-seed{seed}.svg"
+            claim(args.out, picture)
+            figures.heatmap_svg(
+                os.path.join(args.out, picture),
+                moved,
+                f"{name}, seed {seed}: |dW| / |W| (Mods_Rob outlined)",
+                "|dW|/|W|",
+                rob,
+            )
             row["warmup_steps"] = warmup  # steps of SWAT's phase 1 (0 for the other strategies)
             rows.append(row)
             report(args.out, rows, settings)  # after every model: an interrupted run keeps them

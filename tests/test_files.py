@@ -17,6 +17,7 @@ from safetensors import SafetensorError
 import checkpoint
 import model
 import probe
+import selection
 import swat_min
 import tokenizer
 import train
@@ -118,7 +119,7 @@ def test_never_replaces_a_users_scan_generations_or_results(tmp_path, tiny, monk
     (tmp_path / "s.json").write_text('{"my": "table"}')
     (tmp_path / "g.jsonl").write_text('{"prompt": "mine"}\n')
     monkeypatch.setattr(
-        swat_min.rb, "scan", lambda *a: pytest.fail("scanned before checking --out")
+        selection.rb, "scan", lambda *a, **k: pytest.fail("scanned before checking --out")
     )
     with pytest.raises(SystemExit, match=r"s.json: exists and swat-min did not write it; refusing"):
         cli("scan", "--model", tiny, "--n", 4, "--out", tmp_path / "s.json")
@@ -488,7 +489,7 @@ def test_unwritable_outputs_fail_before_the_work_and_run_leaves_no_folder(
     if not os.path.isdir("/sys"):
         pytest.skip("needs a read-only /sys (Linux)")
     monkeypatch.setattr(
-        swat_min.rb, "scan", lambda *a: pytest.fail("scanned before checking --out")
+        selection.rb, "scan", lambda *a, **k: pytest.fail("scanned before checking --out")
     )
     monkeypatch.setattr(train, "loss_fn", lambda *a: pytest.fail("trained before checking --out"))
     with pytest.raises(SystemExit, match=r"^error: /sys/swat-scan.json: cannot write in /sys"):

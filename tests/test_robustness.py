@@ -1,26 +1,27 @@
-"""robustness.py: the scan's exact restore and prefix reuse, per-module noise, Mods_Rob."""
+"""robustness.py, selection.py and figures.py: the scan's exact restore and prefix reuse, per-module
+noise, the readout metric, the searched Mods_Rob, rank stability, the pictures."""
 
+import xml.etree.ElementTree as ET
+
+import pytest
 import torch
+
 import data
+import figures
 import model
 import probe
 import robustness as rb
+import selection
+
+METRICS = ("later", "acc_drop", "loss_rise")
 
 
-def tiny_scan(net, tok, naive=False, seed=0, modules=("q", "k", "v", "o", "down")):
+def tiny_scan(net, tok, naive=False, seed=0, modules=("q", "k", "v", "o", "down"), repeats=1):
     H, S = data.builtin("harmful", "train")[:12], data.builtin("harmless", "train")[:12]
     X, y = probe.labelled(probe.features(net, tok, H), probe.features(net, tok, S))
     probes = probe.fit_layers(X, y)
-    return rb.scan(
-        net,
-        probes,
-        rb.prefix(net, tok, H + S, batch_size=8),
-        y,
-        modules,
-        scale=0.5,
-        seed=seed,
-        naive=naive,
-    )
+    batches = rb.prefix(net, tok, H + S, batch_size=8)
+    return rb.scan(net, probes, batches, y, modules, 0.5, repeats, seed, naive=naive)
 
 
 def test_scan_exact_restore_and_prefix_reuse(tiny):
@@ -28,23 +29,23 @@ def test_scan_exact_restore_and_prefix_reuse(tiny):
     before = {k: v.clone() for k, v in net.state_dict().items()}
     fast = tiny_scan(net, tok)
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
-    # cached prefix: the same table as full recomputes
+    # cached prefix: the same tables as full recomputes
     assert fast == tiny_scan(net, tok, naive=True)
-    assert fast == tiny_scan(net, tok)  # fixed seed: the same table twice
+    assert fast == tiny_scan(net, tok)  # fixed seed: the same tables twice
     assert fast != tiny_scan(net, tok, seed=1)
-    # noise per module
-    assert tiny_scan(net, tok, modules=("down", "k")) == {
-        "down": fast["down"],
-        "k": fast["k"],
-    }
-    assert len(set(fast["q"] + fast["v"])) > 4  # perturbations do move the probes
-    rob, fragile = rb.choose(fast, 4)
-    every = sorted(v for row in fast.values() for v in row)
-    assert (
-        sorted(fast[m][l] for l, m in rob) == every[:4]
-        and sorted(fast[m][l] for l, m in fragile) == every[-4:]
-    )
-    assert len(rb.heatmap(fast).splitlines()) == 7
+    # noise per module: a module's change is the same whichever others are scanned with it
+    two = tiny_scan(net, tok, modules=("down", "k"))
+    for metric in METRICS:
+        assert two[metric] == {"down": fast[metric]["down"], "k": fast[metric]["k"]}
+    assert len(set(fast["later"]["q"] + fast["later"]["v"])) > 4  # perturbations move the probes
+    rob, fragile = rb.choose(fast, 4, "later")
+    every = sorted(v for row in fast["later"].values() for v in row)
+    assert sorted(fast["later"][m][l] for l, m in rob) == every[:4]
+    assert sorted(fast["later"][m][l] for l, m in fragile) == every[-4:]
+    # the readout metric: by accuracy drop, then log-loss rise
+    keys = [(fast["acc_drop"][m][l], fast["loss_rise"][m][l]) for l, m in rb.ranking(fast)]
+    assert keys == sorted(keys)
+    assert len(figures.heatmap(fast).splitlines()) == 7
 
 
 def test_scan_on_qwen2_biases(tmp_path):
@@ -57,3 +58,79 @@ def test_scan_on_qwen2_biases(tmp_path):
     assert any(p.ndim == 1 for p in rb.module(net, 1, "q").parameters())
     tiny_scan(net, tok)
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+
+
+def fragile_model(tiny):
+    """The tiny model with layer 1's o made fragile by construction: its weights scaled up 30 times,
+    so that noise of the same relative size moves the residual stream, and the readout, far more."""
+    net, tok = model.load(tiny)
+    with torch.no_grad():
+        net.model.layers[1].self_attn.o_proj.weight.mul_(30)
+    return net, tok
+
+
+def test_readout_metric_ranks_a_fragile_module_last_and_the_search_leaves_it_out(tiny):
+    net, tok = fragile_model(tiny)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    harmful = data.builtin("harmful", "train")
+    harmless = data.builtin("harmless", "train")
+    X, y = probe.labelled(probe.features(net, tok, harmful), probe.features(net, tok, harmless))
+    probes = probe.fit_layers(X, y)
+    picked = selection.select_mods_rob(
+        net, tok, harmful, harmless, probes, n=24, k=11, repeats=2, tolerance=0.05
+    )
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    scan = picked["scan"]
+    assert rb.ranking(scan)[-1] == (1, "o")  # the least robust by the readout probe
+    assert scan["acc_drop"]["o"][1] == max(v for row in scan["acc_drop"].values() for v in row)
+    assert [1, "o"] not in picked["mods_rob"] and [1, "o"] in picked["mods_fragile"]
+    curve = picked["selection"]["curve"]
+    assert [c["module"] for c in curve if c["kept"]] == picked["mods_rob"]
+    assert all(c["change"] <= 0.05 for c in curve if c["kept"])
+    stable = picked["stability"]
+    assert stable["draws"] == 2 and -1 <= stable["spearman_between_draws"] <= 1
+    assert -1 <= stable["spearman_between_prompt_halves"] <= 1
+    assert len(stable["spread"]["q"]) == net.cfg.n_layers
+
+
+def test_search_keeps_no_pair_that_is_harmless_alone_but_harmful_together():
+    """Modules a and b move the readout by nothing alone and by a lot together: the search, which
+    perturbs its whole candidate set at each step, keeps one of them, never both."""
+    order = [(0, "a"), (1, "c"), (2, "b"), (3, "d")]
+
+    def joint_change(modules):
+        names = {m for _, m in modules}
+        return 0.5 if {"a", "b"} <= names else 0.0
+
+    chosen, curve = selection.search(order, joint_change, tolerance=0.02, max_size=10)
+    assert chosen == [(0, "a"), (1, "c"), (3, "d")]
+    assert [c["kept"] for c in curve] == [True, True, False, True]
+    assert curve[2]["change"] == 0.5
+    # top-k by single-module change would have kept both
+    chosen, _ = selection.search(order, lambda ms: 0.0, tolerance=0.02, max_size=2)
+    assert chosen == order[:2]
+
+
+def test_spearman_matches_scipy():
+    from scipy.stats import spearmanr
+
+    first = list("abcdefgh")
+    second = list("bacdfehg")
+    ranks = [second.index(x) for x in first]
+    assert selection.spearman(first, second) == pytest.approx(spearmanr(range(8), ranks)[0])
+    assert selection.spearman(first, first) == 1.0
+    assert selection.spearman(first, first[::-1]) == -1.0
+
+
+def test_pictures_are_svg_with_a_cell_per_layer_and_module(tmp_path):
+    table = {m: [0.1 * i for i in range(5)] for m in ("q", "k", "v", "o")}
+    figures.heatmap_svg(str(tmp_path / "h.svg"), table, "a <title>", "unit", {(1, "q")})
+    root = ET.parse(tmp_path / "h.svg").getroot()
+    cells = [e for e in root.iter("{http://www.w3.org/2000/svg}rect") if e.get("class") == "cell"]
+    assert len(cells) == 5 * 4
+    assert sum(1 for c in cells if c.get("stroke") == "black") == 1
+    curve = [{"module": [i, "q"], "size": i, "change": 0.01 * i, "kept": i < 3} for i in range(5)]
+    figures.curve_svg(str(tmp_path / "c.svg"), curve, 0.02, "search")
+    root = ET.parse(tmp_path / "c.svg").getroot()
+    points = [e for e in root.iter("{http://www.w3.org/2000/svg}circle")]
+    assert len(points) == 5 and sum(p.get("fill") == "black" for p in points) == 3

@@ -17,6 +17,7 @@ import data
 import evaluation
 import hub
 import model
+import selection
 import swat_min
 from conftest import ROOT, tiny_hf
 
@@ -56,9 +57,16 @@ def test_demo_end_to_end(tmp_path):
         assert r["task_loss"] > 0 and r["drift"] >= 0 and "settings" in r and "seed" in r
     assert res["rows"][0]["drift"] == 0
     scan = json.load(open(out / "scan.json"))
-    assert len(scan["mods_rob"]) == len(scan["mods_fragile"]) == 8  # half of 4 layers x q,k,v,o
+    # the searched Mods_Rob: at most half of 4 layers x q,k,v,o; the control is as large
+    n_rob = len(scan["mods_rob"])
+    assert 1 <= n_rob <= 8 and len(scan["mods_fragile"]) == n_rob
+    assert scan["selection"]["method"] == "search" and scan["stability"]["draws"] == 1
     ctl = next(r for r in res["rows"] if r["strategy"] == "control")
-    assert ctl["n_mods"] == 8 and ctl["scheme"] == "swat"
+    assert ctl["n_mods"] == n_rob and ctl["scheme"] == "swat"
+    for r in res["rows"][1:]:  # the mechanism: how far Mods_Rob and the rest moved
+        assert r["update_mods_rob"] >= 0 and r["update_rest"] >= 0
+        assert os.path.exists(out / f"updates-{r['strategy']}-seed0.svg")
+    assert os.path.exists(out / "scan.svg") and os.path.exists(out / "scan-search.svg")
     assert os.path.exists(out / "results.md") and os.path.exists(
         out / "swat-seed0" / "generations.jsonl"
     )
@@ -384,7 +392,9 @@ def test_bad_values_fail_before_any_work(tmp_path, tiny, capsys, monkeypatch):
         "--steps",
         1,
     )
-    monkeypatch.setattr(swat_min.rb, "scan", lambda *a: pytest.fail("scanned before checking --k"))
+    monkeypatch.setattr(
+        selection.rb, "scan", lambda *a, **k: pytest.fail("scanned before checking --k")
+    )
     with pytest.raises(
         SystemExit, match=r"^error: Mods_Rob of 99 modules: there are 12 to choose from"
     ):
@@ -811,7 +821,19 @@ def test_probe_scan_generate_commands(tmp_path, tiny, capsys):
     assert len(scores) == 4 and all(0 <= s["acc"] <= 1 and 0 <= s["auc"] <= 1 for s in scores)
     assert "best layer" in printed and printed.count("\n") >= 6
     run(
-        "scan", "--model", tiny, "--n", 4, "--k", 3, "--out", tmp_path / "s.json", "--device", "cpu"
+        "scan",
+        "--model",
+        tiny,
+        "--n",
+        4,
+        "--k",
+        3,
+        "--out",
+        tmp_path / "s.json",
+        "--device",
+        "cpu",
+        "--select",
+        "topk",
     )
     s = json.load(open(tmp_path / "s.json"))
     assert set(s["table"]) == {"q", "k", "v", "o"} and all(len(r) == 3 for r in s["table"].values())
@@ -819,13 +841,25 @@ def test_probe_scan_generate_commands(tmp_path, tiny, capsys):
         tuple(m) for m in s["mods_rob"]
     } & {tuple(m) for m in s["mods_fragile"]}
     printed = capsys.readouterr().out
-    assert "Mods_Rob (3 most robust)" in printed and "note: " not in printed
+    assert "Mods_Rob (3 modules, topk)" in printed and "note: " not in printed
     run(
-        "scan", "--model", tiny, "--n", 4, "--k", 8, "--out", tmp_path / "s.json", "--device", "cpu"
+        "scan",
+        "--model",
+        tiny,
+        "--n",
+        4,
+        "--k",
+        8,
+        "--out",
+        tmp_path / "s.json",
+        "--device",
+        "cpu",
+        "--select",
+        "topk",
     )
     assert (
-        "note: k=8 is over half of the 12 modules, so the control set (the 8 least robust) shares "
-        "4 modules" in capsys.readouterr().out
+        "note: Mods_Rob (8) is over half of the 12 modules, so the control set (as many of the "
+        "least robust) shares 4 modules" in capsys.readouterr().out
     )
     run(
         "generate",
