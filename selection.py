@@ -11,6 +11,7 @@ import json
 import os
 
 import torch
+from tqdm import tqdm
 
 import figures
 import robustness as rb
@@ -22,7 +23,7 @@ def search(order, joint_change, tolerance, max_size):
     <= tolerance; stop at max_size modules. -> (the set, the curve: one record per module tried)."""
     chosen = []
     curve = []
-    for module in order:
+    for module in tqdm(order, desc="search", leave=False):
         change = joint_change(chosen + [module])
         kept = change <= tolerance
         curve.append(
@@ -142,7 +143,9 @@ def select_mods_rob(
         robust, curve = search(order, joint, tolerance, k)
     else:
         robust = order[:k]
-    fragile = order[-len(robust) :]
+    # the control: as many of the least robust modules, outside Mods_Rob where there are enough
+    outside = [m for m in order if m not in set(robust)]
+    fragile = outside[-len(robust) :] if len(outside) >= len(robust) else order[-len(robust) :]
     settings = {"n_per_class": n, "scale": scale, "repeats": repeats, "seed": seed, "k": k}
     settings.update(metric=metric, readout=scan["readout"], select=select, tolerance=tolerance)
     return {
