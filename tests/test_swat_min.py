@@ -1044,3 +1044,13 @@ def test_each_command_reads_every_option_its_help_shows(tmp_path, tiny, monkeypa
         read = READ[id(parsed[-1])]
         shown = {option.replace("-", "_") for option in options.COMMANDS[name][1]}
         assert shown <= read, (name, sorted(shown - read))
+
+
+def test_pyproject_lists_every_module():
+    """`pip install -e .` maps only the modules pyproject.toml lists: a new file must be there."""
+    import tomllib
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        listed = set(tomllib.load(f)["tool"]["setuptools"]["py-modules"])
+    present = {f[:-3] for f in os.listdir(ROOT) if f.endswith(".py")}
+    assert listed == present
