@@ -99,7 +99,9 @@ def scan(
     halves = prompt_halves(y)
     clean = features_from(net, batches, 0)
     base = [p.score(x, y)["loss"] for p, x in zip(probes, clean)]
-    base_readout = [probe.score(clean[readout][h], y[h]) for h in [slice(None)] + halves]
+    # the readout probe's score before any noise: on all prompts, then on each half
+    base_readout = [probe.score(clean[readout], y)]
+    base_readout += [probe.score(clean[readout][h], y[h]) for h in halves]
 
     def zeros():
         return {m: [0.0] * n_layers for m in modules}
@@ -122,24 +124,33 @@ def scan(
                 later = range(layer + 1, n_layers + 1)
                 rise = [probes[j].score(X[j], y)["loss"] - base[j] for j in later]
                 result["later"][name][layer] += sum(rise) / len(rise) / repeats
-                # the readout probe, on all prompts and on each half
-                for h, (part, before) in enumerate(zip([slice(None)] + halves, base_readout)):
-                    after = probe.score(X[readout][part], y[part])
-                    acc_drop = before["acc"] - after["acc"]
-                    loss_rise = after["loss"] - before["loss"]
-                    if h == 0:
-                        result["acc_drop"][name][layer] += acc_drop / repeats
-                        result["loss_rise"][name][layer] += loss_rise / repeats
-                        result["draws"]["acc_drop"][name][layer].append(acc_drop)
-                        result["draws"]["loss_rise"][name][layer].append(loss_rise)
-                    else:
-                        result["halves"]["acc_drop"][h - 1][name][layer] += acc_drop / repeats
-                        result["halves"]["loss_rise"][h - 1][name][layer] += loss_rise / repeats
+                # the readout probe, on all prompts (this draw's figures), then on each half
+                acc_drop, loss_rise = readout_change(probe, X[readout], y, None, base_readout[0])
+                result["acc_drop"][name][layer] += acc_drop / repeats
+                result["loss_rise"][name][layer] += loss_rise / repeats
+                result["draws"]["acc_drop"][name][layer].append(acc_drop)
+                result["draws"]["loss_rise"][name][layer].append(loss_rise)
+                for h, half in enumerate(halves):
+                    acc_drop, loss_rise = readout_change(
+                        probe, X[readout], y, half, base_readout[h + 1]
+                    )
+                    result["halves"]["acc_drop"][h][name][layer] += acc_drop / repeats
+                    result["halves"]["loss_rise"][h][name][layer] += loss_rise / repeats
                 with torch.no_grad():  # put the weights back exactly
                     for p, s in zip(params, saved):
                         p.copy_(s)
             assert all(torch.equal(p, s) for p, s in zip(params, saved)), "weights not restored"
     return result
+
+
+def readout_change(probe, X, y, part, before):
+    """(accuracy drop, log-loss rise) of the readout probe on features X against its score before
+    the noise; part: the prompts to score (None: all)."""
+    if part is not None:
+        X = X[part]
+        y = y[part]
+    after = probe.score(X, y)
+    return before["acc"] - after["acc"], after["loss"] - before["loss"]
 
 
 def prompt_halves(y):

@@ -73,9 +73,10 @@ def spearman(first, second):
     return 1 - 6 * d2 / (n * (n * n - 1))
 
 
-def stability(scan_result, metric="readout"):
-    """How stable the ranking of a scan is: each module's mean and spread over the noise draws, the
-    rank correlation between draws (mean over pairs) and between the two halves of the prompts."""
+def stability(scan_result):
+    """How stable the readout ranking of a scan is: each module's mean and spread over the noise
+    draws, the rank correlation between draws (mean over pairs) and between the two halves of the
+    prompts. (The halves and draws are measured with the readout probe, whichever metric chose.)"""
     draws = scan_result["draws"]
     modules = list(draws["acc_drop"])
     n_layers = len(draws["acc_drop"][modules[0]])
@@ -93,9 +94,7 @@ def stability(scan_result, metric="readout"):
     if pairs:
         between_draws = sum(spearman(rankings[a], rankings[b]) for a, b in pairs) / len(pairs)
     halves = [{k: scan_result["halves"][k][h] for k in scan_result["halves"]} for h in (0, 1)]
-    if metric == "later":  # the halves are measured with the readout probe only
-        metric = "readout"
-    half_rankings = [rb.ranking(scan_result, metric, source=h) for h in halves]
+    half_rankings = [rb.ranking(scan_result, "readout", source=h) for h in halves]
     return {
         "draws": n_draws,
         "mean": scan_result["acc_drop"],  # each module's mean accuracy drop over the draws
@@ -154,7 +153,7 @@ def select_mods_rob(
         "mods_fragile": [list(m) for m in fragile],
         "settings": settings,
         "selection": {"method": select, "tolerance": tolerance, "curve": curve},
-        "stability": stability(scan, metric),
+        "stability": stability(scan),
     }
 
 
