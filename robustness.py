@@ -1,19 +1,20 @@
-"""Module robustness analysis: perturb each module (Q/K/V/O of every layer) with Gaussian noise,
-measure how far the per-layer security probes move, and call the modules that barely move them
-Mods_Rob.
+"""Module robustness analysis: perturb each module (Q/K/V/O of every layer) with Gaussian noise
+and measure how far the fixed security probe moves; the modules that barely move it are Mods_Rob
+(selection.py chooses the set).
 
 The rule: W <- W + scale * std(W) * N(0, 1) (its bias too, with the bias's own std), one seeded draw
-per (layer, module, repeat). The change of a module is the rise of the probes' mean log-loss,
-averaged over the layers after it (only those can change) and over repeats. Mods_Rob: the k modules
-with the smallest change. Hidden states below the perturbed layer do not change, so they are
-computed once and reused.
+per (layer, module, repeat). A module's change is the drop of the readout probe's accuracy (the
+paper's metric; the rise of its log-loss breaks ties) or, to compare, the rise of the probes' mean
+log-loss over the layers after it. Hidden states below the perturbed layer do not change, so they
+are computed once and reused (scan_cache.py keeps them).
 """
 
 import torch
 from tqdm import tqdm
 
 from files import SwatError
-from model import MODULES, pad_left
+from model import MODULES
+from scan_cache import features_from
 
 
 def module(net, layer, name):
@@ -28,37 +29,6 @@ def module(net, layer, name):
 def noise_seed(seed, layer, name, repeat):
     """The seed of one noise draw: a module's noise is the same whichever others are scanned."""
     return seed * 1_000_003 + layer * 1009 + list(MODULES).index(name) * 101 + repeat
-
-
-@torch.no_grad()
-def prefix(net, tok, instructions, batch_size=32):
-    """Per batch of prompts: the input of every layer at every position, the rotary table and
-    mask."""
-    device = net.model.embed_tokens.weight.device
-    prompts = [tok.encode_chat([{"role": "user", "content": s}]) for s in instructions]
-    batches = []
-    for b in range(0, len(prompts), batch_size):
-        ids, mask = pad_left(prompts[b : b + batch_size], device)
-        rope, attn = net.context(ids.shape[1], mask)
-        states = net.hidden_states(ids, mask)
-        batches.append((states[:-1], rope, attn))  # states[l] is the input of layer l
-    return batches
-
-
-@torch.no_grad()
-def features_from(net, batches, start):
-    """Last-token features [layers + 1, N, D], running only layers >= start on the cached prefix."""
-    last = net.cfg.n_layers - 1
-    out = []
-    for states, rope, attn in batches:
-        # the layers below start are unchanged: their features come from the cache
-        feats = [x[:, -1] for x in states[: start + 1]]
-        h = states[start]
-        for i in range(start, net.cfg.n_layers):
-            h = net.model.layers[i](h, rope, attn)
-            feats.append((net.model.norm(h) if i == last else h)[:, -1])
-        out.append(torch.stack(feats).float().cpu())
-    return torch.cat(out, 1)
 
 
 @torch.no_grad()

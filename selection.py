@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 import figures
 import robustness as rb
+import scan_cache
 from files import write_text
 
 
@@ -36,30 +37,56 @@ def search(order, joint_change, tolerance, max_size):
     return chosen, curve
 
 
-def joint_change_fn(net, probes, batches, y, readout, scale, seed):
+class JointChange:
     """joint_change(modules) for search(): the readout probe's accuracy drop when every module of
-    the set is perturbed at once, each with its own first noise draw (the scan's), weights
-    restored."""
-    base = probes[readout].score(rb.features_from(net, batches, 0)[readout], y)["acc"]
+    the set is perturbed at once, each with its own first noise draw (the scan's), weights restored.
 
-    def joint_change(modules):
+    The search grows its set one module at a time, so the states of the last set tried are kept:
+    when the next set contains it, only the layers from its new module on are rerun (the numbers
+    are the same as a rerun from the lowest module; incremental=False does that, to check)."""
+
+    def __init__(self, net, probes, batches, y, readout, scale, seed, incremental=True):
+        self.net = net
+        self.probe = probes[readout]
+        self.readout = readout
+        self.y = y
+        self.scale = scale
+        self.seed = seed
+        self.incremental = incremental
+        self.clean = (frozenset(), batches)
+        self.base = self.score(batches)
+        self.kept = self.clean  # the largest set tried whose states start the next rerun
+        self.last = self.clean  # the set tried last, and its states
+
+    def score(self, batches):
+        """The readout probe's accuracy on the cached batches' features."""
+        X = scan_cache.last_token_features(self.net, batches)
+        return self.probe.score(X[self.readout], self.y)["acc"]
+
+    def __call__(self, modules):
+        modules = frozenset(map(tuple, modules))
+        if self.incremental and self.last[0] <= modules:  # the last set was kept
+            self.kept = self.last
+        if not (self.incremental and self.kept[0] <= modules):
+            self.kept = self.clean
+        new = modules - self.kept[0]
+        # the kept states already hold the modules below the lowest new one
+        start = min((layer for layer, _ in new), default=self.net.cfg.n_layers)
         params = {}
         for layer, name in modules:
-            params[(layer, name)] = list(rb.module(net, layer, name).parameters())
+            if layer >= start:
+                params[(layer, name)] = list(rb.module(self.net, layer, name).parameters())
         saved = {key: [p.detach().clone() for p in ps] for key, ps in params.items()}
         for (layer, name), ps in params.items():
-            generator = torch.Generator().manual_seed(rb.noise_seed(seed, layer, name, 0))
-            rb.perturb(ps, generator, scale)
-        # the layers below the first perturbed one are unchanged: their cached states are reused
-        start = min(layer for layer, _ in modules)
-        X = rb.features_from(net, batches, start)
+            generator = torch.Generator().manual_seed(rb.noise_seed(self.seed, layer, name, 0))
+            rb.perturb(ps, generator, self.scale)
+        batches = scan_cache.advanced(self.net, self.kept[1], start)
         with torch.no_grad():
             for key, ps in params.items():
                 for p, s in zip(ps, saved[key]):
                     p.copy_(s)
-        return base - probes[readout].score(X[readout], y)["acc"]
-
-    return joint_change
+        self.last = (modules, batches)
+        return self.base - self.score(batches)
 
 
 def spearman(first, second):
@@ -132,13 +159,13 @@ def select_mods_rob(
     """
     n = min(n, len(harmful), len(harmless))
     k = k or round(frac * len(kinds) * net.cfg.n_layers)
-    batches = rb.prefix(net, tok, harmful[:n] + harmless[:n])
+    batches = scan_cache.prefix(net, tok, harmful[:n] + harmless[:n])
     labels = torch.cat([torch.ones(n), torch.zeros(n)])
     scan = rb.scan(net, probes, batches, labels, kinds, scale, repeats, seed, readout=readout)
     order = rb.ranking(scan, metric)
     curve = None
     if select == "search":
-        joint = joint_change_fn(net, probes, batches, labels, scan["readout"], scale, seed)
+        joint = JointChange(net, probes, batches, labels, scan["readout"], scale, seed)
         robust, curve = search(order, joint, tolerance, k)
     else:
         robust = order[:k]

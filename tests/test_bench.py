@@ -22,3 +22,4 @@ def test_bench_tiny(script):
     assert rows and all(row["ratio"] > 0 and row["date"] and row["device"] == "cpu" for row in rows)
     for row in rows:
         assert row.get("identical", True) is True and row.get("rows_identical", 1.0) == 1.0
+        assert row.get("max_diff_naive", 0.0) < 1e-5

@@ -11,6 +11,7 @@ import figures
 import model
 import probe
 import robustness as rb
+import scan_cache
 import selection
 
 METRICS = ("later", "acc_drop", "loss_rise")
@@ -20,7 +21,7 @@ def tiny_scan(net, tok, naive=False, seed=0, modules=("q", "k", "v", "o", "down"
     H, S = data.builtin("harmful", "train")[:12], data.builtin("harmless", "train")[:12]
     X, y = probe.labelled(probe.features(net, tok, H), probe.features(net, tok, S))
     probes = probe.fit_layers(X, y)
-    batches = rb.prefix(net, tok, H + S, batch_size=8)
+    batches = scan_cache.prefix(net, tok, H + S, batch_size=8)
     return rb.scan(net, probes, batches, y, modules, 0.5, repeats, seed, naive=naive)
 
 
@@ -46,6 +47,29 @@ def test_scan_exact_restore_and_prefix_reuse(tiny):
     keys = [(fast["acc_drop"][m][l], fast["loss_rise"][m][l]) for l, m in rb.ranking(fast)]
     assert keys == sorted(keys)
     assert len(figures.heatmap(fast).splitlines()) == 7
+
+
+def test_scan_cache_equals_the_full_forward(tiny, monkeypatch):
+    """The scan's cache (the shared opening computed once) gives the features of a plain forward
+    of each whole prompt, and so does a rerun from any layer; prompts with no shared opening too."""
+    assert scan_cache.shared_start([[1, 2, 3], [1, 2, 4], [1, 2, 3, 5]]) == 2
+    assert scan_cache.shared_start([[7, 8], [7, 8]]) == 1  # every prompt keeps a token of its own
+    assert scan_cache.shared_start([[1, 2], [3]]) == 0
+    net, tok = model.load(tiny)
+    prompts = data.builtin("harmful", "train")[:5] + data.builtin("harmless", "train")[:4]
+    for chat in (True, False):
+        if not chat:  # the bare instructions: they share no opening
+            monkeypatch.setattr(tok, "encode_chat", lambda msgs: tok.encode(msgs[0]["content"]))
+        ids = [tok.encode_chat([{"role": "user", "content": s}]) for s in prompts]
+        assert (scan_cache.shared_start(ids) > 10) == chat
+        full = probe.features(net, tok, prompts, batch_size=4)
+        batches = scan_cache.prefix(net, tok, prompts, batch_size=4)
+        torch.testing.assert_close(
+            scan_cache.features_from(net, batches, 0), full, atol=1e-5, rtol=0
+        )
+        torch.testing.assert_close(
+            scan_cache.features_from(net, batches, 2), full, atol=1e-5, rtol=0
+        )
 
 
 def test_scan_on_qwen2_biases(tmp_path):
@@ -91,6 +115,24 @@ def test_readout_metric_ranks_a_fragile_module_last_and_the_search_leaves_it_out
     assert stable["draws"] == 2 and -1 <= stable["spearman_between_draws"] <= 1
     assert -1 <= stable["spearman_between_prompt_halves"] <= 1
     assert len(stable["spread"]["q"]) == net.cfg.n_layers
+
+
+def test_the_incremental_search_equals_reruns_from_the_lowest_module(tiny):
+    net, tok = fragile_model(tiny)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    H, S = data.builtin("harmful", "train")[:12], data.builtin("harmless", "train")[:12]
+    X, y = probe.labelled(probe.features(net, tok, H), probe.features(net, tok, S))
+    probes = probe.fit_layers(X, y)
+    batches = scan_cache.prefix(net, tok, H + S, batch_size=8)
+    order = rb.ranking(rb.scan(net, probes, batches, y))[::-1]  # the fragile module first
+    runs = []
+    for incremental in (True, False):
+        joint = selection.JointChange(net, probes, batches, y, 2, 0.5, 0, incremental)
+        runs.append(selection.search(order, joint, tolerance=0.05, max_size=6))
+    assert runs[0] == runs[1]  # the same set and curve, number for number
+    kept = [c["kept"] for c in runs[0][1]]
+    assert True in kept and False in kept  # both paths taken: sets grown and sets refused
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
 
 
 def test_search_keeps_no_pair_that_is_harmless_alone_but_harmful_together():
