@@ -12,6 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from files import MARK, SwatError, check_folder, manifest, read_json, remove_ours
+import lora
 
 
 def read_config(path):
@@ -253,7 +254,8 @@ def save(net, tok, out, extra=None):
     out = os.path.abspath(os.fspath(out))
     recover(out)
     check_folder(out, tok)
-    state = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
+    # the plain model's tensors (LoRA adapters merged in): a checkpoint transformers loads
+    state = {k: v.contiguous() for k, v in lora.merged_state(net).items()}
     bad = [k for k, v in state.items() if not v.isfinite().all()]
     if bad:
         raise SwatError(
@@ -291,6 +293,7 @@ def write_files(net, state, tok, folder, extra):
             shutil.copy(source, folder)
     for file_name, obj in extra.items():
         path = os.path.join(folder, file_name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)  # e.g. adapter/
         if file_name.endswith(".safetensors"):
             save_file(obj, path)
         elif isinstance(obj, str):
@@ -301,9 +304,10 @@ def write_files(net, state, tok, folder, extra):
     source = tok.path and os.path.abspath(tok.path)
     mark = {"written_by": "swat-min", "from": source, "files": sorted(os.listdir(folder))}
     write_json(os.path.join(folder, MARK), mark)
-    for file_name in os.listdir(folder):  # ordinary file modes, not mkdtemp's private ones
-        os.chmod(os.path.join(folder, file_name), 0o644)
-    os.chmod(folder, 0o755)
+    for root, folders, files in os.walk(folder):  # ordinary modes, not mkdtemp's private ones
+        os.chmod(root, 0o755)
+        for file_name in files:
+            os.chmod(os.path.join(root, file_name), 0o644)
 
 
 def write_plain(path, text):
@@ -428,6 +432,9 @@ def save_trainer(net, tok, opt, out, step, rows, moments=True):
     # save() replaces the folder: the log goes too
     log = "".join(json.dumps(r) + "\n" for r in rows)
     extra = {"trainer.json": meta, "log.jsonl": log}
+    if lora.adapters(net):  # LoRA: the adapters alone too, as a folder PEFT loads
+        for file_name, obj in lora.peft_files(net, tok.path and os.path.abspath(tok.path)).items():
+            extra[f"adapter/{file_name}"] = obj
     if moments:
         extra["trainer.safetensors"] = tensors
     save(net, tok, out, extra=extra)
@@ -476,12 +483,17 @@ def _read_state(opt, net, out):
     tensors = None
     if meta.get("moments", True):  # a finished run's final checkpoint may leave them out
         tensors = load_file(os.path.join(out, "trainer.safetensors"), device=device)
-    with safe_open(os.path.join(out, "model.safetensors"), framework="pt", device=device) as f:
-        for name in f.keys():  # our own save: the same names; one tensor at a time, no second copy
-            t = f.get_tensor(name)
-            if name not in params or t.shape != params[name].shape:
-                raise other
-            params[name].copy_(t)
+    if lora.adapters(net):  # the base weights are the model's own; the adapters come back
+        path = os.path.join(out, "adapter", "adapter_model.safetensors")
+        lora.load_adapters(net, load_file(path, device=device), path)
+    else:
+        path = os.path.join(out, "model.safetensors")
+        with safe_open(path, framework="pt", device=device) as f:
+            for name in f.keys():  # our own save: the same names; one tensor at a time
+                t = f.get_tensor(name)
+                if name not in params or t.shape != params[name].shape:
+                    raise other
+                params[name].copy_(t)
     for g, group_step in zip(opt.param_groups, meta["group_steps"]):
         g["step"] = group_step
         for p, n in zip(g["params"], g["names"] if tensors else ()):

@@ -9,6 +9,8 @@ SWAT's switch to phase 2 is one named step of the loop (enter_phase): the Mods_R
 Adam moments (their optimisation just goes on), the released groups start from zero moments and
 their own bias correction (as if just created), and the learning-rate schedule starts again, so
 phase 2 is plain IFT from a better start.
+
+With LoRA (lora.py) the same holds for the adapters: the base weights are frozen throughout.
 """
 
 import hashlib
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import checks
+import lora as lora_adapters
 from checkpoint import fingerprint, load_trainer, read_log, recover, save_trainer
 from files import SwatError, check_folder, claim, read_json, write_text
 from model import MODULES
@@ -249,15 +252,17 @@ def parse_mods(spec, n_layers, key="mods_rob"):
 def param_groups(net, strategy, mods, lr, ratio, weight_decay, scope="all"):
     """Groups by (selected, slowed, matrix): the selected modules and the rest, matrices decayed,
     norms and biases not. mllr gives the rest lr * ratio: every other parameter (scope "all") or
-    only
-    the other modules of Mods_Rob's kinds, e.g. the other q/k/v/o (scope "modules": MLPs, embeddings
-    and norms keep lr). swat starts with the rest frozen."""
+    only the other modules of Mods_Rob's kinds, e.g. the other q/k/v/o (scope "modules": MLPs,
+    embeddings and norms keep lr). swat starts with the rest frozen. With LoRA the parameters are
+    the adapters, each belonging to the module it wraps."""
     if scope not in ("all", "modules"):
         raise SwatError(f"unknown mllr scope {scope!r}; choose all or modules")
     chosen = {f"model.layers.{layer}.{MODULES[m]}." for layer, m in mods}
     kinds = {f".{MODULES[m]}." for _, m in mods}
     groups = {}
     for name, p in net.named_parameters():
+        if not p.requires_grad:  # frozen before training starts: LoRA's base weights
+            continue
         selected = strategy == "ift" or any(name.startswith(c) for c in chosen)
         of_kind = scope == "all" or any(k in name for k in kinds)
         slowed = strategy == "mllr" and not selected and of_kind
@@ -330,6 +335,7 @@ def train(
     scope="all",  # mllr: "all" other parameters are slowed, or only other "modules" of its kinds
     keep_optimizer=False,  # keep the Adam moments in the final checkpoint (only resume needs them)
     label=None,  # the progress bar's name (default: the strategy)
+    lora=None,  # LoRA instead of full tuning: {"r": rank, "alpha": alpha, "targets": [q, ...]}
 ):
     """Tune net on chats; write an HF checkpoint (plus optimizer state) to out. -> the log rows.
 
@@ -340,7 +346,7 @@ def train(
     recover(out)  # a save that a fault interrupted is finished (or rolled back) first
     check_folder(out, tok)  # checked now, not after the training
     device = net.model.embed_tokens.weight.device
-    if net.model.embed_tokens.weight.dtype != torch.float32:
+    if net.model.embed_tokens.weight.dtype != torch.float32 and not lora:
         print(
             "training low-precision weights: small updates are rounded away; load with dtype fp32"
         )
@@ -348,6 +354,8 @@ def train(
         print("swat with 0 warm-up steps is plain ift (raise --warmup-frac or --warmup-steps)")
     data = encode_all(tok, chats, max_len, skip_long)
     source = fingerprint(net)  # the weights it starts from: resume checks them
+    if lora:  # adapters on the target modules; every other parameter frozen (lora.py)
+        lora_adapters.add(net, lora["r"], lora["alpha"], lora["targets"], seed)
     net.train()
     net.grad_ckpt = grad_ckpt
     if compile:  # per block, so parameter names (and checkpoints) stay those of the checkpoint
@@ -370,6 +378,7 @@ def train(
         seed=seed,
         model=source,
         data=data_hash,
+        lora=lora,
     )
     log = os.path.join(out, "log.jsonl")
     step = 0
@@ -455,7 +464,9 @@ def train(
 
 
 def finish(net, rows):
-    """The trained net, back to evaluation mode with every parameter trainable; -> the log rows."""
+    """The trained net (LoRA adapters merged in), back to evaluation mode with every parameter
+    trainable; -> the log rows."""
+    lora_adapters.merge(net)
     for p in net.parameters():
         p.requires_grad_(True)
     net.eval()
