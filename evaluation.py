@@ -229,7 +229,10 @@ def report(out, rows, settings):
             if seeds <= set(ift):  # against IFT's mean over the same seeds (a run may be cut short)
                 versus_ift(means[s], mean("ift", seeds), rows[0])
     cell = lambda r, c: "-" if r.get(c) is None else cols[c][1].format(r[c])
+    scenario = settings.get("scenario", "benign")
     md = [
+        f"Scenario: {scenario}; tuning: {settings.get('tuning', 'full')}.",
+        "",
         "| strategy | seed | " + " | ".join(h for h, _ in cols.values()) + " |",
         "|---" * (len(cols) + 2) + "|",
     ]

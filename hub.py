@@ -10,7 +10,7 @@ import shutil
 import urllib.error
 import urllib.parse
 import urllib.request
-from checkpoint import weight_files
+import checkpoint
 from files import SwatError
 
 
@@ -108,7 +108,7 @@ def fetch(repo):
             os.rmdir(d)
         raise
     if get("model.safetensors.index.json", required=False):
-        for shard in weight_files(d):
+        for shard in checkpoint.weight_files(d):
             get(shard)
     elif not get("model.safetensors", required=False):
         raise SwatError(

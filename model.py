@@ -23,7 +23,6 @@ import checkpoint
 import checks
 import hub
 import tokenizer
-from checkpoint import save  # noqa: F401 (model.save: the documented name of checkpoint.save)
 from files import SwatError
 
 # The modules SWAT chooses among: a short name -> its path inside a block (HF names)
@@ -245,6 +244,11 @@ class LLaMA(nn.Module):
         states = self.hidden_states(ids, mask)
         logits = self.head(states[-1])
         return (logits, states) if hidden else logits
+
+
+def save(net, tok, out, extra=None):
+    """Write net as an HF-format checkpoint folder (model.save is checkpoint.save's public name)."""
+    return checkpoint.save(net, tok, out, extra)
 
 
 def read_config(path):

@@ -7,6 +7,7 @@ import math
 
 import torch
 
+import data
 import tokenizer
 
 
@@ -165,11 +166,27 @@ OPTIONS = {
     ),
     "strategies": dict(
         nargs="+",
-        choices=["ift", "swat", "mllr", "control"],
+        choices=["ift", "swat", "mllr", "control", "safemix", "swat+safemix", "mllr+safemix"],
         default=["ift", "swat", "mllr", "control"],
         help="the tuned models to make, per seed",
     ),
     "control": dict(choices=["swat", "mllr"], default="swat", help="scheme of the control row"),
+    "harmful-data": dict(
+        help="Attack IFT: harmful pairs to mix into the tuning data (JSON/JSONL: prompt, "
+        "response, rows with is_safe true left out; or any tuning format; see attack-data)"
+    ),
+    "poison-ratio": dict(
+        type=number(float, 0, 1), help="Attack IFT: the share of harmful pairs, in (0, 1)"
+    ),
+    "safety-mix": dict(
+        type=number(int, 0),
+        default=0,
+        help="N refusal pairs for built-in harmful train prompts mixed into the tuning data "
+        "(run: for the *safemix rows)",
+    ),
+    "lora-rank": dict(type=number(int, 1), help="tune LoRA adapters of this rank (default: full)"),
+    "lora-alpha": dict(type=number(float, 0), default=16.0, help="LoRA's alpha (scale alpha / r)"),
+    "lora-targets": dict(default="q,k,v,o,gate,up,down", help="the modules LoRA adapts"),
     "toy-steps": dict(type=number(int, 1), default=400, help="training steps of the toy model"),
     "eval-harmful": dict(
         help="harmful prompts for ASR, e.g. AdvBench CSV (default: built-in test split)"
@@ -229,11 +246,13 @@ TUNE = ("steps", "lr", "batch", "max-len")
 STRATEGY = ("warmup-frac", "ratio", "scope")
 ASR = ("eval-harmful", "eval-harmless", "n-eval", "max-new-tokens", "gen-batch")
 TASK = ("n-task", "n-acc", "task-tokens")  # the held-out tuning examples
-RUN = PROBE + SCAN + TUNE + STRATEGY + ASR + TASK
+MIX = ("harmful-data", "poison-ratio", "safety-mix")  # Attack IFT and the safety-data baseline
+LORA = ("lora-rank", "lora-alpha", "lora-targets")
+RUN = PROBE + SCAN + TUNE + STRATEGY + ASR + TASK + MIX + LORA
 RUN += ("data", "out", "limit", "seeds", "strategies", "control", "keep-optimizer")
 TRAIN = TUNE + STRATEGY + ("data", "strategy", "mods", "out", "limit", "warmup-steps", "accum")
 TRAIN += ("weight-decay", "seed", "save-every", "resume", "grad-ckpt", "compile", "skip-long")
-TRAIN += ("keep-optimizer",)
+TRAIN += ("keep-optimizer",) + MIX + LORA
 EVAL = PROBE + ASR + TASK + ("base", "data", "batch", "max-len", "generations")
 
 # name: (what it does, its options, the required ones, its own defaults, an example)
@@ -281,6 +300,14 @@ COMMANDS = {
         {"steps": 150, "lr": 5e-5},
         "python swat_min.py align --model M --out aligned",
     ),
+    "attack-data": (
+        "Attack IFT's harmful pairs: the model's own non-refusing answers to the built-in "
+        "harmful train prompts",
+        MODEL + ("out", "max-new-tokens", "gen-batch"),
+        ("model", "out"),
+        {"max_new_tokens": 96},
+        "python swat_min.py attack-data --model ORIGINAL --out pairs.jsonl",
+    ),
     "run": (
         "the pipeline: probe, scan, tune with ift/swat/mllr/control, evaluate, report",
         MODEL + RUN,
@@ -303,7 +330,51 @@ OUT_HELP = {
     "train": "the checkpoint folder to write (new, or one swat-min wrote): an HF model that "
     "transformers loads, with log.jsonl",
     "align": "the aligned checkpoint folder to write (new, or one swat-min wrote)",
+    "attack-data": "the JSONL file of harmful pairs to write (a new file, or one swat-min wrote)",
     "run": "the results folder (new, or one run made): results.json, results.md, scan.json and a "
     "checkpoint per strategy and seed",
     "demo": "the results folder (new, or one demo made), as run's, plus the toy model and its data",
 }
+
+
+# ---- from options to the library's keyword arguments ----
+
+
+def probe_sets(args):
+    """The instruction lists --harmful and --harmless name (None: the built-in splits)."""
+    harmful = data.read_instructions(args.harmful) if args.harmful else None
+    harmless = data.read_instructions(args.harmless) if args.harmless else None
+    return harmful, harmless
+
+
+def eval_options(args):
+    """evaluate()'s prompt sets and generation sizes from the command's options."""
+    harmful = data.instructions(args.eval_harmful, "harmful", "test")[: args.n_eval]
+    harmless = data.instructions(args.eval_harmless, "harmless", "test")[: args.n_eval]
+    return dict(
+        harmful=harmful,  # ASR: the share of these answered without a refusal
+        harmless=harmless,  # over-refusal: the share of these refused
+        max_new_tokens=args.max_new_tokens,  # the length of each answer
+        gen_batch=args.gen_batch,  # prompts per generation batch
+    )
+
+
+def task_options(args):
+    """evaluate()'s task-metric sizes, where a command scores held-out tuning examples."""
+    return dict(
+        max_len=args.max_len,  # the task loss: tokens per held-out example
+        batch_size=args.batch,  # and examples per batch
+        n_acc=args.n_acc,  # task accuracy: the first n_acc held-out examples, answered in full
+        task_tokens=args.task_tokens,
+    )
+
+
+# train()'s keyword arguments that come from options of the same name (--batch gives batch_size)
+TRAIN_ARGS = ("steps", "lr", "accum", "ratio", "weight_decay", "max_len", "seed", "save_every")
+TRAIN_ARGS += ("resume", "grad_ckpt", "compile", "skip_long", "scope", "keep_optimizer")
+
+
+def train_options(args, **fixed):
+    """train()'s keyword arguments from the options the command has; `fixed` ones win."""
+    found = {name: getattr(args, name) for name in TRAIN_ARGS if hasattr(args, name)}
+    return dict(found, batch_size=args.batch, **fixed)

@@ -19,6 +19,7 @@ import data
 import model
 import figures
 import probe
+import scenario
 import selection
 import toy
 import train
@@ -27,6 +28,7 @@ from files import SwatError, check_file, check_folder, check_outputs, claim
 from model import MODULES
 import options
 from options import OPTIONS, Help, add_options  # noqa: F401 (OPTIONS: swat_min.OPTIONS)
+from options import eval_options, probe_sets, task_options, train_options
 
 # ---- the pipeline as a library: explicit arguments, no argparse ----
 
@@ -71,46 +73,6 @@ def load(args, name=None):
     return model.load(
         name or args.model, device=args.device, dtype=args.dtype, chat_format=args.chat_format
     )
-
-
-def probe_sets(args):
-    """The instruction lists --harmful and --harmless name (None: the built-in splits)."""
-    harmful = data.read_instructions(args.harmful) if args.harmful else None
-    harmless = data.read_instructions(args.harmless) if args.harmless else None
-    return harmful, harmless
-
-
-def eval_options(args):
-    """evaluate()'s prompt sets and generation sizes from the command's options."""
-    harmful = data.instructions(args.eval_harmful, "harmful", "test")[: args.n_eval]
-    harmless = data.instructions(args.eval_harmless, "harmless", "test")[: args.n_eval]
-    return dict(
-        harmful=harmful,  # ASR: the share of these answered without a refusal
-        harmless=harmless,  # over-refusal: the share of these refused
-        max_new_tokens=args.max_new_tokens,  # the length of each answer
-        gen_batch=args.gen_batch,  # prompts per generation batch
-    )
-
-
-def task_options(args):
-    """evaluate()'s task-metric sizes, where a command scores held-out tuning examples."""
-    return dict(
-        max_len=args.max_len,  # the task loss: tokens per held-out example
-        batch_size=args.batch,  # and examples per batch
-        n_acc=args.n_acc,  # task accuracy: the first n_acc held-out examples, answered in full
-        task_tokens=args.task_tokens,
-    )
-
-
-# train()'s keyword arguments that come from options of the same name (--batch gives batch_size)
-TRAIN_ARGS = ("steps", "lr", "accum", "ratio", "weight_decay", "max_len", "seed", "save_every")
-TRAIN_ARGS += ("resume", "grad_ckpt", "compile", "skip_long", "scope", "keep_optimizer")
-
-
-def train_options(args, **fixed):
-    """train()'s keyword arguments from the options the command has; `fixed` ones win."""
-    found = {name: getattr(args, name) for name in TRAIN_ARGS if hasattr(args, name)}
-    return dict(found, batch_size=args.batch, **fixed)
 
 
 def cmd_probe(args):
@@ -220,13 +182,19 @@ def cmd_eval(args):
 
 def cmd_train(args):
     """train: tune --model on --data with one strategy into the checkpoint --out."""
+    scenario.check_options(args)  # the mix and LoRA settings, before loading anything
     net, tok = load(args)
+    lora = scenario.lora_settings(args, net)
     chats = data.read_examples(args.data)[: args.limit or None]
+    # Attack IFT and the safety mix; the ASR prompts (the built-in test split) must stay unseen
+    chats, held = scenario.attack_set(args, chats, data.builtin("harmful", "test"), args.safety_mix)
+    print(f"tuning set: {json.dumps(held)}")
     mods = train.parse_mods(args.mods, net.cfg.n_layers) if args.mods else set()
     warmup = train.warmup_length("swat", args.steps, args.warmup_frac, args.warmup_steps)
     train.train(
-        net, tok, chats, args.out, args.strategy, mods, warmup_steps=warmup, **train_options(args)
-    )
+        net, tok, chats, args.out, args.strategy, mods, warmup_steps=warmup, lora=lora,
+        **train_options(args),
+    )  # fmt: skip
     print(f"wrote {args.out} (log: {os.path.join(args.out, 'log.jsonl')})")
 
 
@@ -280,29 +248,50 @@ def cmd_align(args):
     return before, after
 
 
+def cmd_attack_data(args):
+    """attack-data: the model's own answers to the built-in harmful train prompts, refusals left
+    out: the harmful pairs of Attack IFT, made offline from the model a user starts from."""
+    check_file(args.out)
+    net, tok = load(args)
+    written, asked = scenario.attack_data(net, tok, args.out, args.max_new_tokens, args.gen_batch)
+    print(f"wrote {args.out}: {written} of {asked} harmful train prompts answered, not refused")
+
+
 def cmd_run(args):
     """Original model -> probes -> scan -> Mods_Rob -> ift / swat / mllr / control from the same
     start, data, steps and seeds -> evaluation -> results.json, results.md."""
     # not among the user's other files; the folder is made when its first result is written
     check_folder(args.out)
+    scenario.check_options(args)
+    n_safe = args.safety_mix  # refusal pairs in the tuning sets of the *safemix rows
+    if any(s.endswith("safemix") for s in args.strategies) and not n_safe:
+        raise SwatError("the safemix rows need --safety-mix N (refusal pairs to mix in)")
     net, tok = load(args)
+    lora = scenario.lora_settings(args, net)
     # a fixed split: the held-out examples score the task, the rest tune every model
     task, tune = data.split(data.read_examples(args.data), args.n_task)
     tune = tune[: args.limit or None]
     if not tune:
         raise SwatError(f"{args.data}: no examples left for tuning after holding out {args.n_task}")
+    options = dict(eval_options(args), **task_options(args))
+    # the tuning sets (harmful pairs of Attack IFT; refusal pairs for the safemix rows), checked
+    # now: none may hold an ASR prompt
+    sets = {n: scenario.attack_set(args, tune, options["harmful"], n) for n in {0, n_safe}}
     print("== probes: one per layer, on harmful vs harmless prompts")
     base = baseline(net, tok, *probe_sets(args), cache_dir=args.cache)
     print("== scan: perturb every module, pick Mods_Rob (robust) and the control (least robust)")
     scan_path = os.path.join(args.out, "scan.json")
     rob, fragile = do_scan(args, net, tok, base, scan_path, folder=args.out)
     settings = {k: v for k, v in vars(args).items() if k != "fn"}
-    options = dict(eval_options(args), **task_options(args))
-    plan = [
-        ("ift", "ift", set()),  # plain IFT: the baseline
-        ("swat", "swat", rob),  # warm-up of Mods_Rob, then all
-        ("mllr", "mllr", rob),  # Mods_Rob at lr, the rest slower
-        ("control", args.control, fragile),  # the same recipe on the least robust modules
+    settings["scenario"], settings["tuning"] = scenario.describe(args)
+    plan = [  # (row, strategy, Mods_Rob, safety pairs in its tuning set)
+        ("ift", "ift", set(), 0),  # plain IFT: the baseline
+        ("swat", "swat", rob, 0),  # warm-up of Mods_Rob, then all
+        ("mllr", "mllr", rob, 0),  # Mods_Rob at lr, the rest slower
+        ("control", args.control, fragile, 0),  # the same recipe on the least robust modules
+        ("safemix", "ift", set(), n_safe),  # plain IFT with safety data: the common defence
+        ("swat+safemix", "swat", rob, n_safe),  # and combined with SWAT, with ML-LR
+        ("mllr+safemix", "mllr", rob, n_safe),
     ]
     plan = [p for p in plan if p[0] in args.strategies]
     n_models = len(plan) * len(dict.fromkeys(args.seeds))
@@ -317,7 +306,7 @@ def cmd_run(args):
     start_weights = {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
     rows = [dict(original, seed=None)]  # the start every strategy is set against
     for seed in dict.fromkeys(args.seeds):  # each seed once, in the order given
-        for name, strategy, mods in plan:
+        for name, strategy, mods, n_safety in plan:
             print(f"== {name} (seed {seed}): tune, then evaluate")
             net, tok = load(args)  # every model starts from the same weights
             folder = os.path.join(claim(args.out, f"{name}-seed{seed}"), f"{name}-seed{seed}")
@@ -326,18 +315,21 @@ def cmd_run(args):
             train.train(
                 net,
                 tok,
-                tune,
+                sets[n_safety][0],
                 folder,
                 strategy,
                 mods,
                 warmup_steps=warmup,
                 label=name,
+                lora=lora,
                 **train_options(args, seed=seed, skip_long=True),
             )
             gens = os.path.join(claim(folder, "generations.jsonl"), "generations.jsonl")
             row = evaluate(net, tok, name, base=base, task=task, gen_path=gens, **options)
             elapsed = round(time.time() - start, 1)
             row.update(seed=seed, train_time_s=elapsed, scheme=strategy, n_mods=len(mods))
+            row.update(scenario=settings["scenario"], tuning=settings["tuning"])
+            row["tuning_set"] = sets[n_safety][1]  # how many benign, harmful and safety examples
             # the mechanism: how far each module moved, Mods_Rob against the rest
             kinds = args.modules.split(",")
             moved, row["update_mods_rob"], row["update_rest"] = update_magnitudes(
@@ -388,7 +380,10 @@ def cmd_demo(args):
 INPUTS = ("model", "base", "data", "harmful", "harmless", "test_harmful", "eval_harmful")
 INPUTS += ("eval_harmless", "file", "mods")
 # every command: its function, then options.COMMANDS' help text, options and defaults
-COMMANDS = {name: (globals()[f"cmd_{name}"], *spec) for name, spec in options.COMMANDS.items()}
+COMMANDS = {
+    name: (globals()["cmd_" + name.replace("-", "_")], *spec)
+    for name, spec in options.COMMANDS.items()
+}
 
 
 def main(argv=None):

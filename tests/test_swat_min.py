@@ -1011,6 +1011,8 @@ def test_each_command_reads_every_option_its_help_shows(tmp_path, tiny, monkeypa
         + ["--generations", tmp_path / "g.jsonl"]
         + small,
         "generate": ["--model", tiny, "--prompt", "hi", "--max-new-tokens", 1],
+        "attack-data": ["--model", tiny, "--out", tmp_path / "p.jsonl", "--max-new-tokens", 2]
+        + ["--gen-batch", 8],
         "align": ["--model", tiny, "--out", tmp_path / "a", "--steps", 1, "--answer-tokens", 1]
         + small,
         "run": ["--model", tiny, "--data", data, "--out", tmp_path / "r", "--steps", 1, "--n", 2]
