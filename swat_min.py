@@ -279,9 +279,12 @@ def cmd_run(args):
     sets = {n: scenario.attack_set(args, tune, options["harmful"], n) for n in {0, n_safe}}
     print("== probes: one per layer, on harmful vs harmless prompts")
     base = baseline(net, tok, *probe_sets(args), cache_dir=args.cache)
-    print("== scan: perturb every module, pick Mods_Rob (robust) and the control (least robust)")
-    scan_path = os.path.join(args.out, "scan.json")
-    rob, fragile = do_scan(args, net, tok, base, scan_path, folder=args.out)
+    rob = set()
+    fragile = set()
+    if set(args.strategies) - {"ift", "safemix"}:  # only rows with a module set need the scan
+        print("== scan: perturb every module, pick Mods_Rob (robust) and the control")
+        scan_path = os.path.join(args.out, "scan.json")
+        rob, fragile = do_scan(args, net, tok, base, scan_path, folder=args.out)
     settings = {k: v for k, v in vars(args).items() if k != "fn"}
     settings["scenario"], settings["tuning"] = scenario.describe(args)
     plan = [  # (row, strategy, Mods_Rob, safety pairs in its tuning set)

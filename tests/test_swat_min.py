@@ -151,7 +151,7 @@ def test_report_sets_each_strategy_against_ift(tmp_path):
         "task_loss_vs_ift"
     ] == pytest.approx(-0.1)
     assert res[0]["settings"] == {"lr": 1e-4} and "asr_cut_vs_ift" not in res[0]
-    md = open(tmp_path / "results.md", encoding="utf-8").read().splitlines()
+    md = [l for l in open(tmp_path / "results.md", encoding="utf-8") if l.startswith("|")]
     # swat's mean is set against ift's over the same two seeds (seed 2 has no swat row): ift ASR 60
     # %, swat 50 % -> a cut of (60 - 50) / (60 - 10) = 20 %
     assert md[-1].startswith("| swat | mean of 2 | 50.0% | +20% |") and "| +0.0% | - |" in md[-1]
@@ -611,7 +611,7 @@ def test_dev_sweep_smoke(tmp_path, tiny):
     assert data.read_instructions(str(tmp_path / "s" / "dev_harmful.jsonl")) == [
         f"harmful request {i}" for i in range(2, 6)
     ]
-    md = open(tmp_path / "s" / "results.md", encoding="utf-8").read().splitlines()
+    md = [l for l in open(tmp_path / "s" / "results.md", encoding="utf-8") if l.startswith("|")]
     assert (
         len(md) == 6
         and "cut of the ASR rise vs ift" in md[0]
@@ -1016,10 +1016,10 @@ def test_each_command_reads_every_option_its_help_shows(tmp_path, tiny, monkeypa
         "align": ["--model", tiny, "--out", tmp_path / "a", "--steps", 1, "--answer-tokens", 1]
         + small,
         "run": ["--model", tiny, "--data", data, "--out", tmp_path / "r", "--steps", 1, "--n", 2]
-        + ["--n-task", 2, "--n-acc", 0, "--strategies", "ift"]
+        + ["--n-task", 2, "--n-acc", 0, "--strategies", "ift", "swat", "--k", 2]
         + small,
         "demo": ["--out", tmp_path / "dm", "--toy-steps", 1, "--steps", 1, "--n", 2, "--n-task", 4]
-        + ["--n-acc", 0, "--strategies", "ift"]
+        + ["--n-acc", 0, "--strategies", "ift", "swat", "--k", 2]
         + small,
     }
     assert set(argv) == set(options.COMMANDS)

@@ -1,0 +1,1 @@
+"""swat-min's porting kit: reference tensors for every stage (see golden/README.md)."""
