@@ -132,3 +132,20 @@ def test_lora_resume_equals_uninterrupted(tiny, tmp_path, monkeypatch):
             net, tok, CHATS, str(tmp_path / "b"), "mllr", {(1, "v")}, steps=4, lr=1e-2,
             batch_size=4, seed=3, lora=settings, resume=True, save_every=2,
         )  # fmt: skip
+
+
+def test_lora_on_bf16_base_weights(tiny, tmp_path):
+    """The base may stay in bf16: it is not touched; the adapters are fp32 and train."""
+    net, tok = model.load(tiny, dtype=torch.bfloat16)
+    base = {k: v.clone() for k, v in net.state_dict().items()}
+    settings = {"r": 2, "alpha": 4, "targets": ["q", "v"]}
+    rows = train.train(
+        net, tok, CHATS, str(tmp_path / "bf16"), steps=2, lr=1e-2, batch_size=4, lora=settings
+    )
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    tuned = load_file(str(tmp_path / "bf16" / "adapter" / "adapter_model.safetensors"))
+    assert all(v.dtype == torch.float32 for v in tuned.values())
+    assert any(v.abs().sum() > 0 for k, v in tuned.items() if "lora_B" in k)  # B has moved
+    merged = model.load(str(tmp_path / "bf16"), dtype=torch.bfloat16)[0].state_dict()
+    changed = {k for k in base if not torch.equal(base[k], merged[k])}
+    assert changed and all(".q_proj." in k or ".v_proj." in k for k in changed)
