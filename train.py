@@ -53,9 +53,10 @@ class AdamW:
         self.scale = 1.0
         on_gpu = all(p.is_cuda for g in self.param_groups for p in g["params"])
         self.impl = impl or ("fused" if on_gpu else "reference")
-        # the two moments of every parameter: m (mean of gradients), v (mean of squared gradients)
+        # m (mean of gradients) and v (mean of squared gradients) of every parameter
+        # the two moments of every parameter, fp32 whatever the weights' dtype
         self.state = {
-            p: (torch.zeros_like(p), torch.zeros_like(p))
+            p: (torch.zeros_like(p, dtype=torch.float32), torch.zeros_like(p, dtype=torch.float32))
             for g in self.param_groups
             for p in g["params"]
         }
@@ -73,6 +74,15 @@ class AdamW:
                 continue
             g["step"] += 1
             lr = g["lr"] * self.scale
+            hyper = (lr, *g["betas"], g["eps"], g["weight_decay"], g["step"])
+            for p in [p for p in params if p.dtype == torch.bfloat16]:
+                # bf16 weights: the update is made in fp32, then rounded stochastically
+                weight = p.float()
+                adamw_update(weight, p.grad.float(), *self.state[p], *hyper)
+                p.copy_(stochastic_round(weight))
+            params = [p for p in params if p.dtype != torch.bfloat16]
+            if not params:
+                continue
             if self.impl == "reference":
                 for p in params:
                     m, v = self.state[p]
@@ -116,6 +126,15 @@ def adamw_update(p, grad, m, v, lr, beta1, beta2, eps, weight_decay, step):
     denom.div_(math.sqrt(1 - beta2**step))
     denom.add_(eps)
     p.addcdiv_(m, denom, value=-lr / (1 - beta1**step))  # p <- p - lr m_hat / (sqrt(v_hat) + eps)
+
+
+def stochastic_round(x):
+    """fp32 -> bf16, rounded up or down at random, up with the probability of x's distance from the
+    lower neighbour: the mean of many roundings is x. (bf16 keeps fp32's top 16 bits; an update
+    smaller than half their last place would always round back to the old weight and vanish.)"""
+    bits = x.view(torch.int32)
+    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device)
+    return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)
 
 
 def adamw_foreach(ps, grads, ms, vs, lr, beta1, beta2, eps, weight_decay, step):
@@ -347,9 +366,7 @@ def train(
     check_folder(out, tok)  # checked now, not after the training
     device = net.model.embed_tokens.weight.device
     if net.model.embed_tokens.weight.dtype != torch.float32 and not lora:
-        print(
-            "training low-precision weights: small updates are rounded away; load with dtype fp32"
-        )
+        print("bf16 weights: fp32 Adam moments, each update rounded stochastically into bf16")
     if strategy == "swat" and warmup_steps == 0:
         print("swat with 0 warm-up steps is plain ift (raise --warmup-frac or --warmup-steps)")
     data = encode_all(tok, chats, max_len, skip_long)

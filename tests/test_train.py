@@ -448,3 +448,43 @@ def test_smollm2_strategies_reload_in_transformers(tmp_path, strategy):
     x = torch.tensor([tok.encode_chat([{"role": "user", "content": "What is 3 + 4?"}])])
     with torch.no_grad():
         assert (ref(x).logits - net(x)).abs().max() <= 1e-4
+
+
+def test_stochastic_rounding_is_unbiased():
+    ulp = 2.0**-7  # bf16's spacing in [1, 2)
+    for value, spacing in [(1 + 0.3 * ulp, ulp), (-(3 + 0.8 * 2 * ulp), 2 * ulp)]:
+        x = torch.full((200_000,), value)
+        rounded = train.stochastic_round(x).float()
+        assert rounded.dtype == torch.float32 and set(rounded.unique().abs().tolist()) == {
+            abs(value) - (abs(value) % spacing),
+            abs(value) - (abs(value) % spacing) + spacing,
+        }
+        assert abs(rounded.mean().item() - value) < 0.01 * spacing  # nearest: 0.3 or 0.2 off
+    exact = torch.tensor([1.0, -2.5, 0.0, 3.140625])
+    assert torch.equal(train.stochastic_round(exact).float(), exact)
+
+
+def test_bf16_with_stochastic_rounding_tracks_fp32_where_plain_bf16_stalls(
+    tiny, tmp_path, monkeypatch
+):
+    """Updates far below half a bf16 step: rounded to nearest they vanish, rounded stochastically
+    they add up as in fp32."""
+    gained = {}
+    for way in ("fp32", "stochastic", "nearest"):
+        net, tok = model.load(tiny, dtype=torch.float32 if way == "fp32" else torch.bfloat16)
+        data_ = train.encode_all(tok, CHATS, 512)
+        ids, labels = train.collate(data_, "cpu")
+
+        def loss(net):
+            with torch.no_grad():
+                return train.loss_fn(net.float(), ids, labels).item()
+
+        start = loss(model.load(tiny, dtype=net.model.embed_tokens.weight.dtype)[0])
+        if way == "nearest":
+            monkeypatch.setattr(train, "stochastic_round", lambda x: x.to(torch.bfloat16))
+        train.train(net, tok, CHATS, str(tmp_path / way), steps=40, lr=1e-5, batch_size=8)
+        monkeypatch.undo()
+        gained[way] = start - loss(net)
+    assert gained["fp32"] > 0
+    assert abs(gained["stochastic"] - gained["fp32"]) < 0.25 * gained["fp32"]
+    assert gained["nearest"] < 0.5 * gained["fp32"]
