@@ -184,6 +184,9 @@ OPTIONS = {
         help="N refusal pairs for built-in harmful train prompts mixed into the tuning data "
         "(run: for the *safemix rows)",
     ),
+    "dry-run": dict(
+        action="store_true", help="print the memory plan (weights, moments, activations) and stop"
+    ),
     "lora-rank": dict(type=number(int, 1), help="tune LoRA adapters of this rank (default: full)"),
     "lora-alpha": dict(type=number(float, 0), default=16.0, help="LoRA's alpha (scale alpha / r)"),
     "lora-targets": dict(default="q,k,v,o,gate,up,down", help="the modules LoRA adapts"),
@@ -252,7 +255,7 @@ RUN = PROBE + SCAN + TUNE + STRATEGY + ASR + TASK + MIX + LORA
 RUN += ("data", "out", "limit", "seeds", "strategies", "control", "keep-optimizer")
 TRAIN = TUNE + STRATEGY + ("data", "strategy", "mods", "out", "limit", "warmup-steps", "accum")
 TRAIN += ("weight-decay", "seed", "save-every", "resume", "grad-ckpt", "compile", "skip-long")
-TRAIN += ("keep-optimizer",) + MIX + LORA
+TRAIN += ("keep-optimizer", "dry-run") + MIX + LORA
 EVAL = PROBE + ASR + TASK + ("base", "data", "batch", "max-len", "generations")
 
 # name: (what it does, its options, the required ones, its own defaults, an example)

@@ -16,6 +16,7 @@ import torch
 
 from checkpoint import checkpoint_size
 import data
+import memory
 import model
 import figures
 import probe
@@ -183,6 +184,8 @@ def cmd_eval(args):
 def cmd_train(args):
     """train: tune --model on --data with one strategy into the checkpoint --out."""
     scenario.check_options(args)  # the mix and LoRA settings, before loading anything
+    if not memory.from_options(args):  # a run that cannot fit is refused before it starts
+        return
     net, tok = load(args)
     lora = scenario.lora_settings(args, net)
     chats = data.read_examples(args.data)[: args.limit or None]
