@@ -261,8 +261,9 @@ def cmd_attack_data(args):
 
 
 def cmd_run(args):
-    """Original model -> probes -> scan -> Mods_Rob -> ift / swat / mllr / control from the same
-    start, data, steps and seeds -> evaluation -> results.json, results.md."""
+    """Original model -> probes -> scan -> Mods_Rob -> ift / swat / mllr / control (and the safemix
+    rows) from the same start, data, steps and seeds, in the scenario asked (benign or attack IFT,
+    full or LoRA) -> evaluation -> results.json, results.md."""
     # not among the user's other files; the folder is made when its first result is written
     check_folder(args.out)
     scenario.check_options(args)
