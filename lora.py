@@ -29,6 +29,7 @@ class LoRALinear(nn.Linear):
     Linear's plus lora_A and lora_B."""
 
     def __init__(self, base, rank, alpha, generator):
+        # nn.Linear's own __init__ would allocate a new weight: the base's tensors are reused
         nn.Module.__init__(self)
         self.in_features = base.in_features
         self.out_features = base.out_features
@@ -48,6 +49,7 @@ class LoRALinear(nn.Linear):
         self.scaling = alpha / rank
 
     def forward(self, x):
+        # the frozen layer in its own dtype, the low-rank update in fp32, added in the input's dtype
         y = F.linear(x, self.weight, self.bias)
         update = F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B)
         return y + (self.scaling * update).to(y.dtype)
