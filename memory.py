@@ -13,6 +13,7 @@ import os
 import torch
 
 import hub
+import lora as adapters
 import model
 from files import SwatError
 
@@ -124,9 +125,9 @@ def from_options(args):
     """The plan of `train`'s options, printed (--dry-run) or checked against the device -> True
     when the run may go on."""
     cfg = model.read_config(os.path.join(hub.resolve(args.model), "config.json"))
-    lora = (
-        {"r": args.lora_rank, "targets": args.lora_targets.split(",")} if args.lora_rank else None
-    )
+    lora = None
+    if args.lora_rank:  # its targets checked here: an unknown one is one line, not a KeyError
+        lora = {"r": args.lora_rank, "targets": adapters.parse_targets(args.lora_targets)}
     weight_bytes = 2 if args.dtype == "bf16" else 4
     on_gpu = torch.device(args.device).type == "cuda"
     parts = plan(
