@@ -285,9 +285,17 @@ def make(folder=HERE):
         "stages": {s: {"atol": t[0], "rtol": t[1]} for s, t in STAGES.items()},
         "inputs": sorted(inputs),
         "results": sorted(results),
+        # the same bytes come back on the same torch and CPU kind; elsewhere kernels may round
+        # differently in the last bits (within the tolerances)
+        "made_with": made_with(),
     }
     with open(os.path.join(folder, "manifest.json"), "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1)
+
+
+def made_with():
+    """The torch version and CPU kind the kit was made with."""
+    return {"torch": torch.__version__, "cpu": torch.backends.cpu.get_cpu_capability()}
 
 
 def read_kit(folder=HERE):
