@@ -61,8 +61,10 @@ class LoRALinear(nn.Linear):
 
 
 def parse_targets(spec):
-    """'q,k,v,o,gate,up,down' -> the module names (keys of model.MODULES), checked."""
-    targets = [t for t in spec.replace(" ", "").split(",") if t]
+    """'q,k,v,o,gate,up,down' (or a list of names) -> the module names (keys of model.MODULES),
+    checked."""
+    names = spec.replace(" ", "").split(",") if isinstance(spec, str) else spec
+    targets = [t for t in names if t]
     unknown = [t for t in targets if t not in model.MODULES]
     if unknown or not targets:
         name = unknown[0] if unknown else spec
@@ -78,7 +80,7 @@ def check(net, rank, alpha, targets):
         raise SwatError(f"--lora-rank must be a whole number >= 1, not {rank!r}")
     if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
         raise SwatError(f"--lora-alpha must be a number > 0, not {alpha!r}")
-    for name in parse_targets(",".join(targets)):
+    for name in parse_targets(targets):
         linear = net.model.layers[0].get_submodule(model.MODULES[name])
         smallest = min(linear.in_features, linear.out_features)
         if rank > smallest:

@@ -123,16 +123,15 @@ def check(parts, device, room):
 
 def from_options(args):
     """The plan of `train`'s options, printed (--dry-run) or checked against the device -> True
-    when the run may go on."""
+    when the run may go on. Activations are those of one micro-batch of --batch: accumulation
+    adds none."""
     cfg = model.read_config(os.path.join(hub.resolve(args.model), "config.json"))
     lora = None
     if args.lora_rank:  # its targets checked here: an unknown one is one line, not a KeyError
         lora = {"r": args.lora_rank, "targets": adapters.parse_targets(args.lora_targets)}
     weight_bytes = 2 if args.dtype == "bf16" else 4
     on_gpu = torch.device(args.device).type == "cuda"
-    parts = plan(
-        cfg, args.batch * args.accum, args.max_len, weight_bytes, lora, args.grad_ckpt, on_gpu
-    )
+    parts = plan(cfg, args.batch, args.max_len, weight_bytes, lora, args.grad_ckpt, on_gpu)
     room = capacity(args.device)
     if args.dry_run:
         print(describe(parts, args.device, room))

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from files import SwatError
 from model import MODULES
-from scan_cache import features_from
+from scan_cache import features_from, last_token_features
 
 
 def module(net, layer, name):
@@ -67,7 +67,7 @@ def scan(
     readout = n_layers if readout is None else readout
     probe = probes[readout]
     halves = prompt_halves(y)
-    clean = features_from(net, batches, 0)
+    clean = last_token_features(net, batches)  # the cache already holds the unperturbed states
     base = [p.score(x, y)["loss"] for p, x in zip(probes, clean)]
     # the readout probe's score before any noise: on all prompts, then on each half
     base_readout = [probe.score(clean[readout], y)]

@@ -96,6 +96,8 @@ def mix(benign, size, harmful=(), ratio=0.0, n_safety=0, seed=MIX_SEED):
             f"a tuning set of {size} examples has no room for {n_harmful} harmful and "
             f"{n_safety} safety examples; lower --poison-ratio or --safety-mix"
         )
+    if n_harmful and not harmful:
+        raise SwatError("a poison ratio needs harmful pairs to mix in")
     rng = random.Random(seed)
     # every harmful pair once before any twice
     pool = []
