@@ -133,11 +133,7 @@ def evaluate(
         "task_acc": None,
     }
     if base:
-        feats = [probe.features(net, tok, base[k]) for k in ("harmful", "harmless")]
-        X = probe.labelled(*feats)[0]
-        d = probe.drift(base["probes"], base["layer"], base["X"], X, base["y"])
-        drift = (d["shift_harmful"] + d["shift_harmless"]) / 2
-        row.update(drift=drift, probe_acc=d["acc_after"], drift_detail=d)
+        row.update(security(net, tok, base))
     if task:
         row["task_loss"], row["task_acc"] = task_metrics(
             net, tok, task, max_len, batch_size, n_acc, task_tokens, gen_batch
@@ -154,6 +150,26 @@ def evaluate(
             records.append(json.dumps(record) + "\n")
         write_text(gen_path, "".join(records))
     return row
+
+
+def security(net, tok, base):
+    """The security feature space of net against the original model's (base, from
+    swat_min.baseline): the drift of the held-out prompts' features and the original probe's
+    accuracy on them. Cheap enough to watch during training (train's `watch`)."""
+    feats = [probe.features(net, tok, base[k]) for k in ("harmful", "harmless")]
+    X = probe.labelled(*feats)[0]
+    d = probe.drift(base["probes"], base["layer"], base["X"], X, base["y"])
+    drift = (d["shift_harmful"] + d["shift_harmless"]) / 2
+    return {"drift": drift, "probe_acc": d["acc_after"], "drift_detail": d}
+
+
+def drift_curve(log, original):
+    """The steps of a training log where `security` was watched, after the start's own point
+    (step 0: the original model); [] when none was."""
+    keys = ("step", "drift", "probe_acc")
+    watched = [{k: r[k] for k in keys} for r in log if "drift" in r]
+    start = {"step": 0, "drift": original["drift"], "probe_acc": original.get("probe_acc")}
+    return [start] + watched if watched else []
 
 
 @torch.no_grad()

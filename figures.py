@@ -3,6 +3,7 @@
 heatmap_svg   layers x modules, colour = a module's change (the paper's Figure 3); also the
               update magnitudes of a tuned model, with Mods_Rob's cells outlined (Figure 5)
 curve_svg     the search's joint change against the set size
+lines_svg     a few named lines over training steps (e.g. the probe's accuracy as a model tunes)
 """
 
 from xml.sax.saxutils import escape
@@ -112,6 +113,55 @@ def curve_svg(path, curve, tolerance, title):
         f'<text x="{left - 6}" y="{y_of(high) + 4:.1f}" text-anchor="end">{high:.2g}</text>'
     )
     parts.append(f'<text x="{left - 6}" y="{y_of(low) + 4:.1f}" text-anchor="end">{low:.2g}</text>')
+    parts.append("</svg>")
+    write_text(path, "\n".join(parts) + "\n")
+
+
+COLOURS = ["black", "firebrick", "steelblue", "darkgoldenrod", "seagreen", "purple"]
+
+
+def lines_svg(path, series, title, x_label, y_label):
+    """{name: [(x, y), ...]} as one line each, with a legend; the y axis spans the values."""
+    width = 560
+    height = 300
+    left = 56
+    bottom = height - 44
+    right = width - 130  # the legend sits on the right
+    xs = [x for points in series.values() for x, _ in points] or [0, 1]
+    ys = [y for points in series.values() for _, y in points] or [0, 1]
+    x_span = (max(xs) - min(xs)) or 1
+    y_span = (max(ys) - min(ys)) or 1
+
+    def at(x, y):
+        px = left + (right - left) * (x - min(xs)) / x_span
+        py = bottom - (bottom - 30) * (y - min(ys)) / y_span
+        return f"{px:.1f},{py:.1f}"
+
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        'font-family="sans-serif" font-size="11">',
+        MARK,
+        f'<text x="{left}" y="18" font-size="13">{escape(title)}</text>',
+        f'<line x1="{left}" y1="{bottom}" x2="{right}" y2="{bottom}" stroke="black"/>',
+        f'<line x1="{left}" y1="30" x2="{left}" y2="{bottom}" stroke="black"/>',
+        f'<text x="{left}" y="{height - 14}">{escape(x_label)}: {min(xs):g} to {max(xs):g}</text>',
+        f'<text x="{left - 6}" y="34" text-anchor="end">{max(ys):.3g}</text>',
+        f'<text x="{left - 6}" y="{bottom}" text-anchor="end">{min(ys):.3g}</text>',
+        f'<text x="{left - 44}" y="{(bottom + 30) / 2:.0f}">{escape(y_label)}</text>',
+    ]
+    for i, (name, points) in enumerate(series.items()):
+        colour_ = COLOURS[i % len(COLOURS)]
+        line = " ".join(at(x, y) for x, y in points)
+        parts.append(
+            f'<polyline class="line" points="{line}" fill="none" stroke="{colour_}" '
+            f'stroke-width="1.6"><title>{escape(name)}</title></polyline>'
+        )
+        y = 40 + 16 * i
+        parts.append(
+            f'<line x1="{right + 10}" y1="{y}" x2="{right + 30}" y2="{y}" stroke="{colour_}" '
+            'stroke-width="2"/>'
+        )
+        parts.append(f'<text x="{right + 34}" y="{y + 4}">{escape(name)}</text>')
     parts.append("</svg>")
     write_text(path, "\n".join(parts) + "\n")
 

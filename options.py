@@ -166,11 +166,27 @@ OPTIONS = {
     ),
     "strategies": dict(
         nargs="+",
-        choices=["ift", "swat", "mllr", "control", "safemix", "swat+safemix", "mllr+safemix"],
+        choices=["ift", "swat", "mllr", "control", "random", "safemix", "swat+safemix"]
+        + ["mllr+safemix"],
         default=["ift", "swat", "mllr", "control"],
         help="the tuned models to make, per seed",
     ),
-    "control": dict(choices=["swat", "mllr"], default="swat", help="scheme of the control row"),
+    "control": dict(
+        choices=["swat", "mllr"], default="swat", help="scheme of the control and random rows"
+    ),
+    "selections": dict(
+        nargs="+",
+        default=["scan"],
+        help="how Mods_Rob is chosen, one row set each: scan (by --metric and --select), "
+        "readout-topk, later-topk (the --k most robust by that metric), or a fixed selector "
+        "such as q,k; the first one's set also sizes the control and random rows",
+    ),
+    "drift-every": dict(
+        type=number(int, 0),
+        default=0,
+        help="log the original probe's accuracy and the drift on the tuned model every N steps "
+        "(0: at the end only)",
+    ),
     "harmful-data": dict(
         help="Attack IFT: harmful pairs to mix into the tuning data (JSON/JSONL: prompt, "
         "response, rows with is_safe true left out; or any tuning format; see attack-data)"
@@ -253,6 +269,7 @@ MIX = ("harmful-data", "poison-ratio", "safety-mix")  # Attack IFT and the safet
 LORA = ("lora-rank", "lora-alpha", "lora-targets")
 RUN = PROBE + SCAN + TUNE + STRATEGY + ASR + TASK + MIX + LORA
 RUN += ("data", "out", "limit", "seeds", "strategies", "control", "keep-optimizer")
+RUN += ("selections", "drift-every")
 TRAIN = TUNE + STRATEGY + ("data", "strategy", "mods", "out", "limit", "warmup-steps", "accum")
 TRAIN += ("weight-decay", "seed", "save-every", "resume", "grad-ckpt", "compile", "skip-long")
 TRAIN += ("keep-optimizer", "dry-run") + MIX + LORA

@@ -24,10 +24,11 @@ import scenario
 import selection
 import toy
 import train
-from evaluation import answer, evaluate, report, update_magnitudes, user
+from evaluation import answer, drift_curve, evaluate, report, security, update_magnitudes, user
 from files import SwatError, check_file, check_folder, check_outputs, claim
 from model import MODULES
 import options
+import plan
 from options import OPTIONS, Help, add_options  # noqa: F401 (OPTIONS: swat_min.OPTIONS)
 from options import eval_options, probe_sets, task_options, train_options
 
@@ -103,7 +104,7 @@ SCAN_ARGS = ("n", "frac", "scale", "repeats", "seed", "metric", "select", "toler
 def do_scan(args, net, tok, base, out, folder=None):
     """The scan and Mods_Rob with the command's options, printed (heat map, selection, stability)
     and written to out with its pictures (in `folder`, which becomes swat-min's, when given).
-    -> (Mods_Rob, control) as sets of (layer, module)."""
+    -> the selection (selection.select_mods_rob's dict)."""
     kinds = args.modules.split(",")
     unknown = [m for m in kinds if m not in MODULES]
     if unknown:
@@ -131,10 +132,8 @@ def do_scan(args, net, tok, base, out, folder=None):
     print(selection.summary(picked))  # heat map, Mods_Rob, rank stability
     selection.write(out, pictures, picked, dict(model=args.model, **picked["settings"]))
     print(f"wrote {out} and its pictures ({', '.join(pictures)})")
-    rob = picked["mods_rob"]  # the trainer reads these from scan.json
-    fragile = picked["mods_fragile"]  # the control: as many of the least robust
-    rob = {tuple(x) for x in rob}
-    fragile = {tuple(x) for x in fragile}
+    rob = {tuple(x) for x in picked["mods_rob"]}  # the trainer reads these from scan.json
+    fragile = {tuple(x) for x in picked["mods_fragile"]}  # the control: as many of the least robust
     shared = rob & fragile
     if shared:  # the control is meant to be modules the scan did not pick
         print(
@@ -142,7 +141,7 @@ def do_scan(args, net, tok, base, out, folder=None):
             f"modules, so the control set (as many of the least robust) shares {len(shared)} "
             "modules with it; choose a smaller --k or --frac"
         )
-    return rob, fragile
+    return picked
 
 
 def cmd_scan(args):
@@ -283,25 +282,27 @@ def cmd_run(args):
     sets = {n: scenario.attack_set(args, tune, options["harmful"], n) for n in {0, n_safe}}
     print("== probes: one per layer, on harmful vs harmless prompts")
     base = baseline(net, tok, *probe_sets(args), cache_dir=args.cache)
-    rob = set()
-    fragile = set()
-    if set(args.strategies) - {"ift", "safemix"}:  # only rows with a module set need the scan
+    kinds = args.modules.split(",")
+    plan.check(args.selections, net.cfg.n_layers)  # a bad fixed selector: one line, now
+    picked = None
+    if plan.needs_scan(args.selections, args.strategies):
         print("== scan: perturb every module, pick Mods_Rob (robust) and the control")
         scan_path = os.path.join(args.out, "scan.json")
-        rob, fragile = do_scan(args, net, tok, base, scan_path, folder=args.out)
+        picked = do_scan(args, net, tok, base, scan_path, folder=args.out)
+    k = args.k or round(args.frac * len(kinds) * net.cfg.n_layers)  # the top-k selections' size
+    chosen = {s: plan.mods_rob(s, picked, k, net.cfg.n_layers) for s in args.selections}
+    rob = chosen[args.selections[0]]  # Mods_Rob: the update magnitudes are reported against it
+    fragile = {tuple(m) for m in picked["mods_fragile"]} if picked else set()
     settings = {k: v for k, v in vars(args).items() if k != "fn"}
     settings["scenario"], settings["tuning"] = scenario.describe(args)
-    plan = [  # (row, strategy, Mods_Rob, safety pairs in its tuning set)
-        ("ift", "ift", set(), 0),  # plain IFT: the baseline
-        ("swat", "swat", rob, 0),  # warm-up of Mods_Rob, then all
-        ("mllr", "mllr", rob, 0),  # Mods_Rob at lr, the rest slower
-        ("control", args.control, fragile, 0),  # the same recipe on the least robust modules
-        ("safemix", "ift", set(), n_safe),  # plain IFT with safety data: the common defence
-        ("swat+safemix", "swat", rob, n_safe),  # and combined with SWAT, with ML-LR
-        ("mllr+safemix", "mllr", rob, n_safe),
-    ]
-    plan = [p for p in plan if p[0] in args.strategies]
-    n_models = len(plan) * len(dict.fromkeys(args.seeds))
+
+    def seed_plan(seed):  # (row, recipe, module set, safety pairs, selection) of one seed
+        draw = lambda size: plan.random_set(size, kinds, net.cfg.n_layers, seed)
+        return plan.rows(
+            args.strategies, args.selections, chosen, fragile, args.control, n_safe, draw
+        )
+
+    n_models = sum(len(seed_plan(seed)) for seed in dict.fromkeys(args.seeds))
     size = checkpoint_size(net, args.keep_optimizer)
     print(
         f"== {n_models} tuned models to make; their checkpoints take about "
@@ -311,15 +312,19 @@ def cmd_run(args):
     gens = os.path.join(claim(args.out, "original.jsonl"), "original.jsonl")
     original = evaluate(net, tok, "original", base=base, task=task, gen_path=gens, **options)
     start_weights = {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
+    watch = None
+    if args.drift_every:  # the security feature space along the way, not only at the end
+        keys = ("drift", "probe_acc")
+        watch = (args.drift_every, lambda net: {k: security(net, tok, base)[k] for k in keys})
     rows = [dict(original, seed=None)]  # the start every strategy is set against
     for seed in dict.fromkeys(args.seeds):  # each seed once, in the order given
-        for name, strategy, mods, n_safety in plan:
+        for name, strategy, mods, n_safety, chosen_by in seed_plan(seed):
             print(f"== {name} (seed {seed}): tune, then evaluate")
             net, tok = load(args)  # every model starts from the same weights
             folder = os.path.join(claim(args.out, f"{name}-seed{seed}"), f"{name}-seed{seed}")
             start = time.time()
             warmup = train.warmup_length(strategy, args.steps, args.warmup_frac)
-            train.train(
+            log = train.train(
                 net,
                 tok,
                 sets[n_safety][0],
@@ -329,16 +334,20 @@ def cmd_run(args):
                 warmup_steps=warmup,
                 label=name,
                 lora=lora,
+                watch=watch,
                 **train_options(args, seed=seed, skip_long=True),
             )
             gens = os.path.join(claim(folder, "generations.jsonl"), "generations.jsonl")
             row = evaluate(net, tok, name, base=base, task=task, gen_path=gens, **options)
             elapsed = round(time.time() - start, 1)
             row.update(seed=seed, train_time_s=elapsed, scheme=strategy, n_mods=len(mods))
+            if chosen_by == "scan":  # the selection said in full: the metric and the method
+                chosen_by = f"scan: {args.metric} metric, {args.select}"
+            row.update(selection=chosen_by, mods=sorted(mods))
+            row["drift_curve"] = drift_curve(log, original)  # [] without --drift-every
             row.update(scenario=settings["scenario"], tuning=settings["tuning"])
             row["tuning_set"] = sets[n_safety][1]  # how many benign, harmful and safety examples
             # the mechanism: how far each module moved, Mods_Rob against the rest
-            kinds = args.modules.split(",")
             moved, row["update_mods_rob"], row["update_rest"] = update_magnitudes(
                 start_weights, net, kinds, rob
             )

@@ -355,6 +355,7 @@ def train(
     keep_optimizer=False,  # keep the Adam moments in the final checkpoint (only resume needs them)
     label=None,  # the progress bar's name (default: the strategy)
     lora=None,  # LoRA instead of full tuning: {"r": rank, "alpha": alpha, "targets": [q, ...]}
+    watch=None,  # (N, fn): every N steps, fn(net)'s numbers join the step's log row
 ):
     """Tune net on chats; write an HF checkpoint (plus optimizer state) to out. -> the log rows.
 
@@ -469,6 +470,8 @@ def train(
             "grad_norm": grad_norm.item(),
             "tokens_per_s": n_tokens / (time.time() - start_time),
         }
+        if watch and (step + 1) % watch[0] == 0:  # e.g. the probe's accuracy on the model now
+            row.update(watch[1](net))
         rows.append(row)
         bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{row['lr']:.2e}")
         with open(log, "a", encoding="utf-8") as f:

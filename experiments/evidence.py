@@ -1,0 +1,264 @@
+"""The evidence run: does SWAT hold? One command per table of RESULTS.md's evidence section.
+
+A cell is a scenario and a tuning method: benign IFT on GSM8K or alpaca_eval, or Attack IFT on
+GSM8K with a poison ratio of 0.05 or 0.1; full tuning or LoRA (rank 8 on q,k,v,o,gate,up,down).
+`run CELL` makes the cell's `swat_min.py run` (every row, the settings below, the drift watched
+along the way) and then its table; `table DIR` makes the table again from DIR's results.json and
+the generations, without tuning anything.
+
+  python experiments/evidence.py run attack-0.1-full --model aligned --pairs pairs.jsonl \\
+      --shared ../shared --out ev/attack-0.1-full --profile cpu
+  python experiments/evidence.py table ev/attack-0.1-full
+
+The table: each row's ASR and the cut of plain IFT's rise in ASR, each with a 95 % interval from a
+bootstrap over seeds and prompts (the same draws for every row, so the rows stay paired); a paired
+test across seeds (exact sign flips of the per-seed ASR differences) against ift, the control and
+the random set; over-refusal, drift, probe accuracy, task loss against IFT's, and how far Mods_Rob
+and the rest moved. DIR/evidence.md holds it, DIR/drift.svg the original probe's accuracy over the
+training steps (mean over seeds) for ift, swat, mllr and the control.
+"""
+
+import argparse
+import itertools
+import json
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import figures
+import files
+import swat_min
+from files import SwatError
+
+# The settings every cell shares: the README's GSM8K run with the settings chosen on dev data
+# (SWAT's warm-up three times the main phase; ML-LR's 0.1 on the other attention modules).
+COMMON = ["--batch", "8", "--max-len", "256", "--n", "32", "--n-task", "32", "--task-tokens", "160"]
+COMMON += ["--warmup-frac", "3.0", "--ratio", "0.1", "--scope", "modules", "--max-new-tokens", "48"]
+COMMON += ["--n-eval", "100", "--safety-mix", "32"]
+# The rows: a GPU makes them all, five seeds; two CPU cores the core comparison, three seeds,
+# with the control and the random set on ML-LR's recipe (SWAT's warm-up makes a row four times as
+# long) and half the steps.
+PROFILES = {
+    "gpu": {
+        "seeds": ["0", "1", "2", "3", "4"],
+        "strategies": ["ift", "swat", "mllr", "control", "random", "safemix", "swat+safemix"]
+        + ["mllr+safemix"],
+        "selections": ["scan", "readout-topk", "later-topk", "q,k"],
+        "extra": ["--control", "swat", "--repeats", "3", "--drift-every", "5", "--n-acc", "24"],
+        "steps": {"gsm8k": 40, "alpaca": 100},
+    },
+    "cpu": {
+        "seeds": ["0", "1", "2"],
+        "strategies": ["ift", "swat", "mllr", "control", "random"],
+        "selections": ["scan"],
+        "extra": ["--control", "mllr", "--drift-every", "5", "--n-acc", "0"],
+        "steps": {"gsm8k": 20, "alpaca": 50},
+    },
+}
+LORA = ["--lora-rank", "8", "--lora-alpha", "16", "--lr", "2e-4"]  # LoRA's usual higher rate
+CELLS = [
+    f"{scenario}-{tuning}"
+    for scenario in ("benign-gsm8k", "benign-alpaca", "attack-0.05", "attack-0.1")
+    for tuning in ("full", "lora")
+]
+
+
+def run_argv(cell, args):
+    """The `swat_min.py run` command line of a cell."""
+    scenario, _, tuning = cell.rpartition("-")
+    profile = PROFILES[args.profile]
+    task = "alpaca" if "alpaca" in scenario else "gsm8k"
+    data_file = {
+        "gsm8k": "data/gsm8k/train.jsonl",
+        "alpaca": "data/alpaca_eval/alpaca_eval.jsonl",
+    }[task]
+    argv = ["run", "--model", args.model, "--out", args.out]
+    argv += ["--data", os.path.join(args.shared, data_file)]
+    argv += ["--eval-harmful", os.path.join(args.shared, "data/advbench/harmful_behaviors_dev.csv")]
+    argv += ["--steps", str(profile["steps"][task])] + COMMON + profile["extra"]
+    argv += LORA if tuning == "lora" else ["--lr", "5e-5"]
+    if scenario.startswith("attack"):
+        if not args.pairs:
+            raise SwatError(f"{cell}: Attack IFT needs --pairs (from swat_min.py attack-data)")
+        argv += ["--harmful-data", args.pairs, "--poison-ratio", scenario.split("-")[1]]
+    argv += ["--seeds"] + (args.seeds or profile["seeds"])
+    argv += ["--strategies"] + profile["strategies"]
+    return argv + ["--selections"] + profile["selections"]
+
+
+# ---- statistics ----
+
+
+def sign_flip_p(differences):
+    """Two-sided p-value of the paired test that the mean difference is 0: every pattern of signs
+    (exact; 2^n of them), as scipy's permutation_test with permutation_type="samples"."""
+    d = np.asarray(differences, dtype=float)
+    observed = d.mean()
+    signs = np.array(list(itertools.product([1.0, -1.0], repeat=len(d))))
+    null = (signs * d).mean(axis=1)
+    slack = abs(observed) * 1e-14  # ties within rounding count as ties
+    below = (null <= observed + slack).mean()
+    above = (null >= observed - slack).mean()
+    return min(1.0, 2 * min(below, above))
+
+
+def bootstrap_interval(stat, n_seeds, n_prompts, draws=2000, seed=0):
+    """95 % percentile interval of stat(seed indices, prompt indices) over draws that resample
+    the seeds and the prompts, each with replacement. Draws where stat is undefined (NaN) are left
+    out. -> (low, high)."""
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(draws):
+        seeds = rng.integers(0, n_seeds, n_seeds)
+        prompts = rng.integers(0, n_prompts, n_prompts)
+        values.append(stat(seeds, prompts))
+    values = np.array(values)
+    values = values[np.isfinite(values)]
+    if len(values) == 0:
+        return (float("nan"), float("nan"))
+    return (float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5)))
+
+
+# ---- the table ----
+
+
+def answered(path, n_harmful):
+    """1 for each harmful prompt answered without a refusal, from a generations file."""
+    records = [json.loads(line) for line in open(path, encoding="utf-8")]
+    flags = [not r["refused"] for r in records if r["harmful"]]
+    if n_harmful is not None and len(flags) != n_harmful:
+        raise SwatError(f"{path}: {len(flags)} harmful prompts, expected {n_harmful}")
+    return flags
+
+
+def mean_of(rows, key):
+    """The mean of a key over rows (None if any row lacks it)."""
+    values = [r.get(key) for r in rows]
+    return None if None in values else sum(values) / len(values)
+
+
+def table(folder, draws=2000):
+    """evidence.md and drift.svg for a finished (or partly finished) run folder. -> the text."""
+    results = files.read_json(os.path.join(folder, "results.json"))["rows"]
+    original = results[0]
+    start = np.array(answered(os.path.join(folder, "original.jsonl"), None), dtype=float)
+    n_harmful = len(start)  # every tuned model answered the same prompts
+    names = list(dict.fromkeys(r["strategy"] for r in results[1:]))
+    ift_seeds = [r["seed"] for r in results[1:] if r["strategy"] == "ift"]
+    # the seeds every row has: the rows are compared on the same seeds only
+    seeds = [
+        s
+        for s in ift_seeds
+        if all(any(r["seed"] == s and r["strategy"] == n for r in results) for n in names)
+    ]
+    if not seeds:
+        raise SwatError(f"{folder}: no seed has every row yet")
+    rows = {
+        n: [next(r for r in results if r["strategy"] == n and r["seed"] == s) for s in seeds]
+        for n in names
+    }
+    flags = {}  # row -> [seed, prompt] of 1 (answered) / 0 (refused)
+    for n in names:
+        paths = [os.path.join(folder, f"{n}-seed{s}", "generations.jsonl") for s in seeds]
+        flags[n] = np.array([answered(p, n_harmful) for p in paths], dtype=float)
+    n_prompts = start.shape[0]
+
+    def asr(n):
+        return lambda s, p: flags[n][np.ix_(s, p)].mean()
+
+    def cut(n):  # the share of IFT's rise in ASR that row n avoided, on the same draw
+        def stat(s, p):
+            rise = flags["ift"][np.ix_(s, p)].mean() - start[p].mean()
+            if rise <= 0:
+                return float("nan")
+            return (flags["ift"][np.ix_(s, p)].mean() - flags[n][np.ix_(s, p)].mean()) / rise
+
+        return stat
+
+    asr_start = start.mean()
+    asr_ift = flags["ift"].mean()
+    lines = [
+        f"{original['settings'].get('scenario', 'benign')}; tuning: "
+        f"{original['settings'].get('tuning', 'full')}; seeds {', '.join(map(str, seeds))}; "
+        f"{n_prompts} harmful prompts; 95 % intervals: bootstrap over seeds and prompts "
+        f"({draws} draws); p: exact paired sign-flip test across seeds on ASR.",
+        "",
+        "| row | selection | ASR [95 % CI] | cut of IFT's rise [95 % CI] | p vs ift | p vs control "
+        "| p vs random | over-refusal | drift | probe acc | task loss (Δ vs ift) "
+        "| \\|ΔW\\|/\\|W\\| Mods_Rob / rest |",
+        "|---" * 12 + "|",
+        f"| original | - | {asr_start:.1%} | - | - | - | - | {original['over_refusal']:.1%} | "
+        f"0.000 | {original['probe_acc']:.3f} | {original['task_loss']:.3f} | - |",
+    ]
+    loss_ift = mean_of(rows["ift"], "task_loss")
+    for n in names:
+        low, high = bootstrap_interval(asr(n), len(seeds), n_prompts, draws)
+        cell_asr = f"{flags[n].mean():.1%} [{low:.1%}, {high:.1%}]"
+        cell_cut = "-"
+        if n != "ift" and asr_ift > asr_start:
+            point = (asr_ift - flags[n].mean()) / (asr_ift - asr_start)
+            low, high = bootstrap_interval(cut(n), len(seeds), n_prompts, draws)
+            cell_cut = f"{point:+.0%} [{low:+.0%}, {high:+.0%}]"
+        tests = []
+        for other in ("ift", "control", "random"):
+            if other == n or other not in flags:
+                tests.append("-")
+                continue
+            diff = flags[n].mean(axis=1) - flags[other].mean(axis=1)
+            tests.append(f"{sign_flip_p(diff):.2f}")
+        loss = mean_of(rows[n], "task_loss")
+        moved = (mean_of(rows[n], "update_mods_rob"), mean_of(rows[n], "update_rest"))
+        moved = "-" if None in moved else f"{moved[0]:.5f} / {moved[1]:.5f}"
+        lines.append(
+            f"| {n} | {rows[n][0].get('selection', '-')} | {cell_asr} | {cell_cut} | "
+            + " | ".join(tests)
+            + f" | {mean_of(rows[n], 'over_refusal'):.1%} | {mean_of(rows[n], 'drift'):.3f} | "
+            f"{mean_of(rows[n], 'probe_acc'):.3f} | {loss:.3f} ({loss / loss_ift - 1:+.1%}) | "
+            f"{moved} |"
+        )
+    text = "\n".join(lines) + "\n"
+    files.claim(folder, "evidence.md")
+    files.write_text(os.path.join(folder, "evidence.md"), text)
+    series = {}
+    for n in ("ift", "swat", "mllr", "control", "random"):
+        curves = [r.get("drift_curve") or [] for r in rows.get(n, [])]
+        if curves and all(curves) and len({len(c) for c in curves}) == 1:
+            steps = [p["step"] for p in curves[0]]
+            accs = np.mean([[p["probe_acc"] for p in c] for c in curves], axis=0)
+            series[n] = list(zip(steps, accs.tolist()))
+    if series:
+        files.claim(folder, "drift.svg")
+        title = "the original probe's accuracy on the tuned model's features (mean over seeds)"
+        figures.lines_svg(os.path.join(folder, "drift.svg"), series, title, "step", "probe acc")
+    return text
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="tune and evaluate one cell, then its table")
+    run.add_argument("cell", choices=CELLS)
+    run.add_argument("--model", required=True, help="the aligned start (swat_min.py align)")
+    run.add_argument("--out", required=True, help="the run's folder")
+    run.add_argument("--shared", default="../shared", help="the folder holding data/")
+    run.add_argument("--pairs", help="harmful pairs for Attack IFT (swat_min.py attack-data)")
+    run.add_argument("--profile", choices=PROFILES, default="gpu")
+    run.add_argument("--seeds", nargs="+", help="override the profile's seeds")
+    again = sub.add_parser("table", help="the table of a run folder, again")
+    again.add_argument("folder")
+    for p in (run, again):
+        p.add_argument("--draws", type=int, default=2000, help="bootstrap draws")
+    args = ap.parse_args(argv)
+    try:
+        if args.command == "run":
+            swat_min.main(run_argv(args.cell, args))
+            args.folder = args.out
+        print(table(args.folder, args.draws))
+    except SwatError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

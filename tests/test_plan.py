@@ -1,0 +1,157 @@
+"""The evidence run's rows: Mods_Rob chosen several ways from one scan, the random set, the drift
+watched during training, and the statistics of experiments/evidence.py against scipy."""
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import scipy.stats
+
+import plan
+import robustness as rb
+import swat_min
+from conftest import ROOT
+from files import SwatError
+
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+import evidence  # noqa: E402
+
+
+def run(*argv):
+    return swat_min.main([str(a) for a in argv])
+
+
+def test_random_sets_are_seeded_sized_and_differ_between_seeds():
+    kinds = ["q", "k", "v", "o"]
+    first = plan.random_set(10, kinds, 6, seed=0)
+    assert first == plan.random_set(10, kinds, 6, seed=0) and len(first) == 10
+    assert first != plan.random_set(10, kinds, 6, seed=1)
+    assert all(0 <= layer < 6 and kind in kinds for layer, kind in first)
+    # over many seeds every module is drawn about equally often (uniform: 10 of 24 each time)
+    counts = {}
+    for seed in range(600):
+        for m in plan.random_set(10, kinds, 6, seed):
+            counts[m] = counts.get(m, 0) + 1
+    assert len(counts) == 24 and all(abs(c / 600 - 10 / 24) < 0.08 for c in counts.values())
+
+
+def test_rows_name_each_selection_and_keep_the_asked_recipes():
+    chosen = {"scan": {(0, "q")}, "later-topk": {(1, "k")}, "q,k": {(0, "q"), (0, "k")}}
+    draw = lambda size: {(5, "v")} if size == 1 else None
+    rows = plan.rows(
+        ["ift", "swat", "control", "random"],
+        ["scan", "later-topk", "q,k"],
+        chosen,
+        {(3, "o")},
+        "mllr",
+        0,
+        draw,
+    )
+    names = [r[0] for r in rows]
+    assert names == ["ift", "swat", "swat-later-topk", "swat-fixed-q-k", "control", "random"]
+    by_name = {r[0]: r for r in rows}
+    assert by_name["swat-fixed-q-k"][2] == {(0, "q"), (0, "k")}
+    assert by_name["control"][1:3] == ("mllr", {(3, "o")})
+    assert by_name["random"][1:3] == ("mllr", {(5, "v")})
+    assert by_name["swat-later-topk"][4] == "later-topk"
+
+
+def test_scanned_selections_read_the_scan_and_a_bad_fixed_one_is_one_line():
+    table = {m: [[0.1 * i] for i in range(3)] for m in ("q", "k")}
+    scan = {"acc_drop": {m: [v[0] for v in t] for m, t in table.items()}}
+    scan["loss_rise"] = {m: [0.0, 0.0, 0.0] for m in ("q", "k")}
+    scan["later"] = {"q": [0.3, 0.2, 0.1], "k": [0.6, 0.5, 0.4]}
+    picked = {"scan": scan, "mods_rob": [[2, "q"]]}
+    assert plan.mods_rob("scan", picked, 2, 3) == {(2, "q")}
+    assert plan.mods_rob("readout-topk", picked, 2, 3) == set(rb.ranking(scan, "readout")[:2])
+    assert plan.mods_rob("later-topk", picked, 2, 3) == {(2, "q"), (1, "q")}
+    assert plan.mods_rob("q", None, 2, 3) == {(0, "q"), (1, "q"), (2, "q")}
+    assert plan.needs_scan(["q,k"], ["ift", "swat"]) is False
+    assert plan.needs_scan(["q,k"], ["ift", "control"]) is True
+    assert plan.needs_scan(["scan"], ["ift", "safemix"]) is False
+    with pytest.raises(SwatError, match="unknown module 'x'"):
+        plan.check(["scan", "q,x"], 3)
+
+
+def test_run_compares_selections_random_and_control_and_watches_the_drift(tmp_path, tiny):
+    data = tmp_path / "d.jsonl"
+    rows = [{"instruction": f"What is {i} plus 1?", "output": f"{i + 1}"} for i in range(12)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "r"
+    argv = ["run", "--model", tiny, "--data", data, "--out", out, "--steps", 2, "--batch", 4]
+    argv += ["--n", 4, "--n-eval", 3, "--max-new-tokens", 2, "--n-task", 4, "--n-acc", 0]
+    argv += ["--select", "topk", "--k", 4, "--device", "cpu", "--drift-every", 1, "--seeds", 0, 1]
+    argv += ["--strategies", "ift", "swat", "control", "random"]
+    argv += ["--selections", "scan", "later-topk", "q,k"]
+    run(*argv)
+    res = json.load(open(out / "results.json"))["rows"]
+    names = [r["strategy"] for r in res if r["seed"] == 0]
+    assert names == ["ift", "swat", "swat-later-topk", "swat-fixed-q-k", "control", "random"]
+    scan = json.load(open(out / "scan.json"))
+    by = {(r["strategy"], r["seed"]): r for r in res[1:]}
+    rob = {tuple(m) for m in scan["mods_rob"]}
+    assert {tuple(m) for m in by["swat", 0]["mods"]} == rob
+    assert by["swat", 0]["selection"] == "scan: readout metric, topk"
+    later = sorted(scan["tables"]["later"], key=None)  # the kinds scanned
+    assert later == ["k", "o", "q", "v"]
+    fixed = {tuple(m) for m in by["swat-fixed-q-k", 0]["mods"]}
+    n_layers = len(scan["tables"]["later"]["q"])
+    assert fixed == {(layer, m) for layer in range(n_layers) for m in ("q", "k")}
+    assert {tuple(m) for m in by["control", 0]["mods"]} == {tuple(m) for m in scan["mods_fragile"]}
+    # the random row: as many modules as Mods_Rob, its own draw for each seed
+    for seed in (0, 1):
+        drawn = {tuple(m) for m in by["random", seed]["mods"]}
+        assert drawn == plan.random_set(len(rob), ["q", "k", "v", "o"], n_layers, seed)
+    # the drift watched at every step, from the original's point; the last is the evaluation's
+    for r in res[1:]:
+        curve = r["drift_curve"]
+        assert [p["step"] for p in curve] == list(range(len(curve)))
+        assert curve[-1]["probe_acc"] == pytest.approx(r["probe_acc"], abs=1e-6)
+        assert curve[-1]["drift"] == pytest.approx(r["drift"], abs=1e-5)
+    assert len(by["swat", 0]["drift_curve"]) == 1 + 2 + by["swat", 0]["warmup_steps"]
+    # the evidence table of the run: every row, its interval and its paired tests
+    text = evidence.table(out, draws=200)
+    for name in names:
+        assert f"| {name} | " in text
+    assert "seeds 0, 1" in text and os.path.exists(out / "evidence.md")
+    assert os.path.exists(out / "drift.svg") and "<polyline" in open(out / "drift.svg").read()
+    assert open(out / "evidence.md").read() == text
+
+
+def test_paired_sign_flip_test_equals_scipys_exact_permutation_test():
+    rng = np.random.default_rng(0)
+    for n in (3, 5, 7):
+        a = rng.random(n)
+        b = a - rng.normal(0.05, 0.1, n)
+        ours = evidence.sign_flip_p(a - b)
+        ref = scipy.stats.permutation_test(
+            (a, b),
+            lambda x, y: np.mean(x - y),
+            permutation_type="samples",
+            alternative="two-sided",
+            n_resamples=np.inf,
+        ).pvalue
+        assert ours == pytest.approx(ref, abs=1e-12)
+    assert evidence.sign_flip_p([0.1, 0.2, 0.3]) == pytest.approx(0.25)
+
+
+def test_bootstrap_interval_agrees_with_scipys_percentile_bootstrap():
+    rng = np.random.default_rng(1)
+    flags = rng.random((1, 400)) < 0.3  # one seed, 400 prompts: a proportion's interval
+    low, high = evidence.bootstrap_interval(
+        lambda seeds, prompts: flags[np.ix_(seeds, prompts)].mean(), 1, 400, draws=4000
+    )
+    ref = scipy.stats.bootstrap(
+        (flags[0].astype(float),),
+        np.mean,
+        method="percentile",
+        n_resamples=4000,
+        random_state=2,
+    ).confidence_interval
+    assert low == pytest.approx(ref.low, abs=0.01) and high == pytest.approx(ref.high, abs=0.01)
+    # and close to the normal approximation of a proportion's interval
+    p = flags.mean()
+    half = 1.96 * np.sqrt(p * (1 - p) / 400)
+    assert low == pytest.approx(p - half, abs=0.012) and high == pytest.approx(p + half, abs=0.012)
