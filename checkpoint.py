@@ -12,6 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from files import MARK, SwatError, check_folder, manifest, read_json, remove_ours
+import distributed
 import lora
 
 
@@ -252,10 +253,26 @@ def save(net, tok, out, extra=None):
     one.
     """
     out = os.path.abspath(os.fspath(out))
+    # the plain model's tensors (LoRA adapters merged in): a checkpoint transformers loads; under
+    # torchrun each process gathers its shards, and the first one alone writes
+    state = distributed.gather({k: v.contiguous() for k, v in lora.merged_state(net).items()})
+    extra = {
+        k: distributed.gather(v) if k.endswith(".safetensors") else v
+        for k, v in (extra or {}).items()
+    }
+    if distributed.rank() != 0:
+        distributed.barrier()  # until the first process has written the checkpoint
+        return out
+    try:
+        return write_whole(net, state, tok, out, extra)
+    finally:
+        distributed.barrier()  # the others go on once it is written (or has failed)
+
+
+def write_whole(net, state, tok, out, extra):
+    """save()'s writing: checked, into a temporary sibling, then swapped into place."""
     recover(out)
     check_folder(out, tok)
-    # the plain model's tensors (LoRA adapters merged in): a checkpoint transformers loads
-    state = {k: v.contiguous() for k, v in lora.merged_state(net).items()}
     bad = [k for k, v in state.items() if not v.isfinite().all()]
     if bad:
         raise SwatError(
@@ -265,7 +282,7 @@ def save(net, tok, out, extra=None):
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".{name}.swat-new-")
     try:
-        write_files(net, state, tok, tmp, extra or {})
+        write_files(net, state, tok, tmp, extra)
     except BaseException as e:
         shutil.rmtree(tmp)  # made in this call: nobody else's
         if not isinstance(e, Exception):  # Ctrl-C
@@ -493,10 +510,10 @@ def _read_state(opt, net, out):
                 t = f.get_tensor(name)
                 if name not in params or t.shape != params[name].shape:
                     raise other
-                params[name].copy_(t)
+                distributed.put(params[name], t)  # under torchrun: this process's shard
     for g, group_step in zip(opt.param_groups, meta["group_steps"]):
         g["step"] = group_step
         for p, n in zip(g["params"], g["names"] if tensors else ()):
-            opt.state[p][0].copy_(tensors[f"m.{n}"])
-            opt.state[p][1].copy_(tensors[f"v.{n}"])
+            distributed.put(opt.state[p][0], tensors[f"m.{n}"])
+            distributed.put(opt.state[p][1], tensors[f"v.{n}"])
     return meta["step"]

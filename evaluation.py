@@ -6,6 +6,7 @@ import json
 import os
 import re
 import torch
+import figures
 import model
 import probe
 import train
@@ -189,6 +190,16 @@ def update_magnitudes(before, net, kinds, mods):
     robust = [v for cell, v in cells.items() if cell in mods]
     rest = [v for cell, v in cells.items() if cell not in mods]
     return table, mean(robust), mean(rest)
+
+
+def moved(before, net, kinds, mods, title, picture):
+    """update_magnitudes as a results row's entries, and its heat map (Mods_Rob outlined) at
+    picture."""
+    table, robust, rest = update_magnitudes(before, net, kinds, mods)
+    figures.heatmap_svg(
+        picture, table, f"{title}: |dW| / |W| (Mods_Rob outlined)", "|dW|/|W|", mods
+    )
+    return {"update_mods_rob": robust, "update_rest": rest}
 
 
 def mean(values):

@@ -16,15 +16,15 @@ import torch
 
 from checkpoint import checkpoint_size
 import data
+import distributed
 import memory
 import model
-import figures
 import probe
 import scenario
 import selection
 import toy
 import train
-from evaluation import answer, drift_curve, evaluate, report, security, update_magnitudes, user
+from evaluation import answer, drift_curve, evaluate, moved, report, security, user
 from files import SwatError, check_file, check_folder, check_outputs, claim
 from model import MODULES
 import options
@@ -183,6 +183,7 @@ def cmd_eval(args):
 def cmd_train(args):
     """train: tune --model on --data with one strategy into the checkpoint --out."""
     scenario.check_options(args)  # the mix and LoRA settings, before loading anything
+    args.device = distributed.setup(args.device)  # under torchrun: join the others (FSDP2)
     if not memory.from_options(args):  # a run that cannot fit is refused before it starts
         return
     net, tok = load(args)
@@ -347,19 +348,10 @@ def cmd_run(args):
             row["drift_curve"] = drift_curve(log, original)  # [] without --drift-every
             row.update(scenario=settings["scenario"], tuning=settings["tuning"])
             row["tuning_set"] = sets[n_safety][1]  # how many benign, harmful and safety examples
-            # the mechanism: how far each module moved, Mods_Rob against the rest
-            moved, row["update_mods_rob"], row["update_rest"] = update_magnitudes(
-                start_weights, net, kinds, rob
-            )
+            # the mechanism: how far each module moved, Mods_Rob against the rest (and a picture)
             picture = f"updates-{name}-seed{seed}.svg"
-            claim(args.out, picture)
-            figures.heatmap_svg(
-                os.path.join(args.out, picture),
-                moved,
-                f"{name}, seed {seed}: |dW| / |W| (Mods_Rob outlined)",
-                "|dW|/|W|",
-                rob,
-            )
+            picture = os.path.join(claim(args.out, picture), picture)
+            row.update(moved(start_weights, net, kinds, rob, f"{name}, seed {seed}", picture))
             row["warmup_steps"] = warmup  # steps of SWAT's phase 1 (0 for the other strategies)
             rows.append(row)
             report(args.out, rows, settings)  # after every model: an interrupted run keeps them
@@ -428,6 +420,8 @@ def main(argv=None):
         inputs = [getattr(args, name, None) for name in INPUTS]
         outputs = [getattr(args, name, None) for name in ("out", "generations")]
         check_outputs(inputs, outputs)  # before any work; nothing is made yet
+        if distributed.size() > 1 and args.cmd != "train":
+            raise SwatError("under torchrun only `train` runs (FSDP2); run the others alone")
         return args.fn(args)
     except KeyboardInterrupt:  # Ctrl-C: one line; what was written stays whole (outputs are atomic)
         out = getattr(args, "out", None)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import checks
+import distributed
 import lora as lora_adapters
 from checkpoint import fingerprint, load_trainer, read_log, recover, save_trainer
 from files import SwatError, check_folder, claim, read_json, write_text
@@ -363,7 +364,9 @@ def train(
     """
     checks.train_args(dict(locals()))  # every argument, before anything else is defined
     out = os.path.abspath(os.fspath(out))
-    recover(out)  # a save that a fault interrupted is finished (or rolled back) first
+    main = distributed.rank() == 0  # under torchrun (distributed.py) only the first one writes
+    if main:
+        recover(out)  # a save that a fault interrupted is finished (or rolled back) first
     check_folder(out, tok)  # checked now, not after the training
     device = net.model.embed_tokens.weight.device
     if net.model.embed_tokens.weight.dtype != torch.float32 and not lora:
@@ -374,6 +377,8 @@ def train(
     source = fingerprint(net)  # the weights it starts from: resume checks them
     if lora:  # adapters on the target modules; every other parameter frozen (lora.py)
         lora_adapters.add(net, lora["r"], lora["alpha"], lora["targets"], seed)
+    if distributed.size() > 1:  # FSDP2: each process keeps a shard of every block
+        distributed.shard(net, lora, batch_size)
     net.train()
     net.grad_ckpt = grad_ckpt
     if compile:  # per block, so parameter names (and checkpoints) stay those of the checkpoint
@@ -410,8 +415,9 @@ def train(
             return finish(net, rows)
     elif resume:
         print(f"{out}: no checkpoint to resume from; starting afresh")
-    claim(out, "log.jsonl")  # the folder is swat-min's from now on; the log grows at every step
-    if step == 0:
+    if main:  # the folder is swat-min's from now on; the log grows at every step
+        claim(out, "log.jsonl")
+    if main and step == 0:
         write_text(log, "")
     saved = step  # the step of the checkpoint in out (0: none yet)
     if device.type == "cuda":
@@ -420,7 +426,9 @@ def train(
         amp = torch.autocast("cpu", enabled=False)
     enter_phase(opt, 1 if step < phase1 else 2)
     per_epoch = max(1, len(data) // batch_size)
-    bar = tqdm(range(step, total), desc=label or strategy, initial=step, total=total)
+    bar = tqdm(
+        range(step, total), desc=label or strategy, initial=step, total=total, disable=not main
+    )
     for step in bar:
         if step == phase1 and phase1 > 0:
             enter_phase(opt, 2)  # SWAT's switch: the rest is released
@@ -441,14 +449,16 @@ def train(
         loss_sum = 0.0
         n_tokens = 0
         for mb in micro:
-            ids, labels = collate(mb, device)
+            ids, labels = collate(distributed.share(mb), device)  # this process's part
             with amp:
-                loss = loss_fn(net, ids, labels) / max(1, n_resp)
+                # FSDP averages the processes' gradients: each one's part counts size() times
+                loss = loss_fn(net, ids, labels) * distributed.size() / max(1, n_resp)
             loss.backward()
             loss_sum += loss.item()
             n_tokens += ids.numel()
+        loss_sum = distributed.total(loss_sum) / distributed.size()  # the whole step's loss
         with_grad = [p for p in net.parameters() if p.grad is not None]
-        grad_norm = torch.nn.utils.clip_grad_norm_(with_grad, clip)
+        grad_norm = distributed.whole(torch.nn.utils.clip_grad_norm_(with_grad, clip))
         if not (math.isfinite(loss_sum) and grad_norm.isfinite()):
             # stopped before the update: the weights and the checkpoint stay whole
             kept = (
@@ -474,8 +484,9 @@ def train(
             row.update(watch[1](net))
         rows.append(row)
         bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{row['lr']:.2e}")
-        with open(log, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        if main:
+            with open(log, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
         if save_every and (step + 1) % save_every == 0 and step + 1 < total:
             save_trainer(net, tok, opt, out, step + 1, rows)
             saved = step + 1

@@ -1,0 +1,131 @@
+"""FSDP2 under torchrun, on CPU: two gloo processes train exactly as one process does (ift, swat,
+mllr), SWAT's frozen modules stay bit-identical through phase 1, the checkpoint is an ordinary HF
+one, and an interrupted run resumes to the same weights."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import swat_min
+from conftest import ROOT
+
+WORKER = os.path.join(ROOT, "tests", "fsdp_worker.py")
+
+
+def data_file(tmp_path):
+    path = tmp_path / "d.jsonl"
+    rows = [
+        {"instruction": f"What is {i} plus {i % 3}?", "output": f"{i + i % 3}"} for i in range(16)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def train_argv(tiny, data, out, *extra):
+    argv = ["train", "--model", tiny, "--data", data, "--out", out, "--device", "cpu"]
+    argv += ["--batch", 4, "--lr", 1e-4, "--seed", 3, "--weight-decay", 0.01] + list(extra)
+    return [str(a) for a in argv]
+
+
+def torchrun(argv, stop=0):
+    """swat_min.py's command line in two gloo processes; -> the finished process."""
+    env = dict(os.environ, SWAT_TEST_STOP=str(stop), OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    command += ["--standalone", WORKER] + argv
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+
+def one_process(tiny, data, out, extra):
+    """The same steps in one process: each batch of 4 as two micro-batches of 2, the halves the
+    two processes take (the same examples, loss normalisation and gradient sum)."""
+    argv = train_argv(tiny, data, out, *extra)
+    argv[argv.index("--batch") + 1] = "2"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each torchrun process: sums split the same way
+    os.environ["OMP_NUM_THREADS"] = "1"  # so that main() keeps it
+    try:
+        swat_min.main(argv + ["--accum", "2"])
+    finally:
+        os.environ.pop("OMP_NUM_THREADS")
+        torch.set_num_threads(threads)
+
+
+def weights(folder):
+    return load_file(os.path.join(folder, "model.safetensors"))
+
+
+def max_diff(a, b):
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+SETTINGS = {
+    "ift": ["--steps", 3],
+    "swat": ["--steps", 2, "--warmup-steps", 2, "--mods", "0:q;2:o"],
+    "mllr": ["--steps", 3, "--mods", "q,k", "--ratio", 0.1],
+}
+
+
+@pytest.mark.parametrize("strategy", ["ift", "swat", "mllr"])
+def test_two_processes_train_as_one(tiny, tmp_path, strategy):
+    data = data_file(tmp_path)
+    extra = ["--strategy", strategy] + SETTINGS[strategy]
+    one_process(tiny, data, tmp_path / "one", extra)
+    done = torchrun(train_argv(tiny, data, tmp_path / "two", *extra))
+    assert done.returncode == 0, done.stderr[-3000:]
+    one = weights(tmp_path / "one")
+    two = weights(tmp_path / "two")
+    start = weights(tiny)
+    assert max_diff(one, start) > 1e-4  # it trained
+    assert max_diff(one, two) <= 1e-6
+    # the same log, step for step (the loss of the whole batch, summed over the processes)
+    logs = [open(tmp_path / f / "log.jsonl").read().splitlines() for f in ("one", "two")]
+    losses = [[json.loads(line)["loss"] for line in log] for log in logs]
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5) and len(losses[0]) == 3 + (
+        strategy == "swat"
+    )
+
+
+def test_swat_phase_one_leaves_the_other_modules_bit_identical(tiny, tmp_path):
+    data = data_file(tmp_path)
+    argv = train_argv(tiny, data, tmp_path / "w", "--strategy", "swat", "--mods", "0:q;2:o")
+    done = torchrun(argv + ["--steps", "0", "--warmup-steps", "3"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    start = weights(tiny)
+    after = weights(tmp_path / "w")
+    robust = ("model.layers.0.self_attn.q_proj", "model.layers.2.self_attn.o_proj")
+    for name in start:
+        if name.startswith(robust):
+            assert not torch.equal(start[name], after[name]), name
+        else:
+            assert torch.equal(start[name], after[name]), name
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights_in_hf_format(tiny, tmp_path):
+    import transformers
+
+    data = data_file(tmp_path)
+    extra = ["--strategy", "swat", "--steps", 3, "--warmup-steps", 2, "--mods", "1:v,o"]
+    one_process(tiny, data, tmp_path / "one", extra)
+    argv = train_argv(tiny, data, tmp_path / "two", *extra, "--save-every", 2)
+    cut = torchrun(argv, stop=4)  # interrupted as step 4 starts: the checkpoint of step 2 stays
+    assert cut.returncode != 0
+    trainer = json.load(open(tmp_path / "two" / "trainer.json"))
+    assert trainer["step"] == 2
+    done = torchrun(argv + ["--resume"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert max_diff(weights(tmp_path / "one"), weights(tmp_path / "two")) <= 1e-6
+    # an ordinary HF checkpoint: transformers loads it, every weight the gathered whole one
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "two").state_dict()
+    ours = weights(tmp_path / "two")
+    assert all(torch.equal(hf[k], ours[k]) for k in ours)
+
+
+def test_only_train_runs_under_torchrun(tiny, tmp_path):
+    done = torchrun(["eval", "--model", tiny, "--device", "cpu"])
+    assert done.returncode != 0 and "under torchrun only `train` runs" in done.stderr
