@@ -140,82 +140,83 @@ def mean_of(rows, key):
 
 
 def table(folder, draws=2000):
-    """evidence.md and drift.svg for a finished (or partly finished) run folder. -> the text."""
+    """evidence.md and drift.svg for a finished (or partly finished) run folder. -> the text.
+
+    A row is set against ift (and the control, the random set) on the seeds both have, so that a
+    run cut short still gives a true table; the seeds of each row are listed."""
     results = files.read_json(os.path.join(folder, "results.json"))["rows"]
     original = results[0]
     start = np.array(answered(os.path.join(folder, "original.jsonl"), None), dtype=float)
-    n_harmful = len(start)  # every tuned model answered the same prompts
+    n_prompts = len(start)  # every tuned model answered the same prompts
     names = list(dict.fromkeys(r["strategy"] for r in results[1:]))
-    ift_seeds = [r["seed"] for r in results[1:] if r["strategy"] == "ift"]
-    # the seeds every row has: the rows are compared on the same seeds only
-    seeds = [
-        s
-        for s in ift_seeds
-        if all(any(r["seed"] == s and r["strategy"] == n for r in results) for n in names)
-    ]
-    if not seeds:
-        raise SwatError(f"{folder}: no seed has every row yet")
-    rows = {
-        n: [next(r for r in results if r["strategy"] == n and r["seed"] == s) for s in seeds]
-        for n in names
-    }
-    flags = {}  # row -> [seed, prompt] of 1 (answered) / 0 (refused)
+    if "ift" not in names:
+        raise SwatError(f"{folder}: no ift row yet; every row is set against it")
+    rows = {n: {r["seed"]: r for r in results[1:] if r["strategy"] == n} for n in names}
+    flags = {}  # (row, seed) -> per prompt: 1 answered, 0 refused
     for n in names:
-        paths = [os.path.join(folder, f"{n}-seed{s}", "generations.jsonl") for s in seeds]
-        flags[n] = np.array([answered(p, n_harmful) for p in paths], dtype=float)
-    n_prompts = start.shape[0]
+        for seed in rows[n]:
+            path = os.path.join(folder, f"{n}-seed{seed}", "generations.jsonl")
+            flags[n, seed] = np.array(answered(path, n_prompts), dtype=float)
 
-    def asr(n):
-        return lambda s, p: flags[n][np.ix_(s, p)].mean()
+    def matrix(n, seeds):  # [seed, prompt] of row n
+        return np.stack([flags[n, seed] for seed in seeds])
 
-    def cut(n):  # the share of IFT's rise in ASR that row n avoided, on the same draw
-        def stat(s, p):
-            rise = flags["ift"][np.ix_(s, p)].mean() - start[p].mean()
-            if rise <= 0:
-                return float("nan")
-            return (flags["ift"][np.ix_(s, p)].mean() - flags[n][np.ix_(s, p)].mean()) / rise
-
-        return stat
+    def paired_p(n, other):  # the sign-flip test on the seeds both rows have
+        both = [seed for seed in rows[n] if seed in rows.get(other, {})]
+        if other == n or not both:
+            return "-"
+        diff = matrix(n, both).mean(axis=1) - matrix(other, both).mean(axis=1)
+        return f"{sign_flip_p(diff):.2f} ({len(both)})"
 
     asr_start = start.mean()
-    asr_ift = flags["ift"].mean()
     lines = [
         f"{original['settings'].get('scenario', 'benign')}; tuning: "
-        f"{original['settings'].get('tuning', 'full')}; seeds {', '.join(map(str, seeds))}; "
-        f"{n_prompts} harmful prompts; 95 % intervals: bootstrap over seeds and prompts "
-        f"({draws} draws); p: exact paired sign-flip test across seeds on ASR.",
+        f"{original['settings'].get('tuning', 'full')}; {n_prompts} harmful prompts. 95 % "
+        f"intervals: bootstrap over seeds and prompts ({draws} draws). p: exact paired sign-flip "
+        "test across seeds on ASR (the number of seeds both rows have in brackets); the cut and "
+        "Δ loss are against ift on the row's own seeds.",
         "",
-        "| row | selection | ASR [95 % CI] | cut of IFT's rise [95 % CI] | p vs ift | p vs control "
-        "| p vs random | over-refusal | drift | probe acc | task loss (Δ vs ift) "
+        "| row | seeds | selection | ASR [95 % CI] | cut of IFT's rise [95 % CI] | p vs ift "
+        "| p vs control | p vs random | over-refusal | drift | probe acc | task loss (Δ vs ift) "
         "| \\|ΔW\\|/\\|W\\| Mods_Rob / rest |",
-        "|---" * 12 + "|",
-        f"| original | - | {asr_start:.1%} | - | - | - | - | {original['over_refusal']:.1%} | "
-        f"0.000 | {original['probe_acc']:.3f} | {original['task_loss']:.3f} | - |",
+        "|---" * 13 + "|",
+        f"| original | - | - | {asr_start:.1%} | - | - | - | - | {original['over_refusal']:.1%} "
+        f"| 0.000 | {original['probe_acc']:.3f} | {original['task_loss']:.3f} | - |",
     ]
-    loss_ift = mean_of(rows["ift"], "task_loss")
     for n in names:
-        low, high = bootstrap_interval(asr(n), len(seeds), n_prompts, draws)
-        cell_asr = f"{flags[n].mean():.1%} [{low:.1%}, {high:.1%}]"
+        seeds = [seed for seed in rows[n] if seed in rows["ift"]]
+        if not seeds:
+            continue
+        mine = matrix(n, seeds)
+        ift = matrix("ift", seeds)
+        low, high = bootstrap_interval(
+            lambda s, p: mine[np.ix_(s, p)].mean(), len(seeds), n_prompts, draws
+        )
+        cell_asr = f"{mine.mean():.1%} [{low:.1%}, {high:.1%}]"
         cell_cut = "-"
-        if n != "ift" and asr_ift > asr_start:
-            point = (asr_ift - flags[n].mean()) / (asr_ift - asr_start)
-            low, high = bootstrap_interval(cut(n), len(seeds), n_prompts, draws)
+        if n != "ift" and ift.mean() > asr_start:
+
+            def cut(s, p):  # the share of IFT's rise in ASR that row n avoided, on one draw
+                rise = ift[np.ix_(s, p)].mean() - start[p].mean()
+                if rise <= 0:
+                    return float("nan")
+                return (ift[np.ix_(s, p)].mean() - mine[np.ix_(s, p)].mean()) / rise
+
+            point = (ift.mean() - mine.mean()) / (ift.mean() - asr_start)
+            low, high = bootstrap_interval(cut, len(seeds), n_prompts, draws)
             cell_cut = f"{point:+.0%} [{low:+.0%}, {high:+.0%}]"
-        tests = []
-        for other in ("ift", "control", "random"):
-            if other == n or other not in flags:
-                tests.append("-")
-                continue
-            diff = flags[n].mean(axis=1) - flags[other].mean(axis=1)
-            tests.append(f"{sign_flip_p(diff):.2f}")
-        loss = mean_of(rows[n], "task_loss")
-        moved = (mean_of(rows[n], "update_mods_rob"), mean_of(rows[n], "update_rest"))
+        tests = [paired_p(n, other) for other in ("ift", "control", "random")]
+        these = [rows[n][seed] for seed in seeds]
+        loss = mean_of(these, "task_loss")
+        loss_ift = mean_of([rows["ift"][seed] for seed in seeds], "task_loss")
+        moved = (mean_of(these, "update_mods_rob"), mean_of(these, "update_rest"))
         moved = "-" if None in moved else f"{moved[0]:.5f} / {moved[1]:.5f}"
         lines.append(
-            f"| {n} | {rows[n][0].get('selection', '-')} | {cell_asr} | {cell_cut} | "
+            f"| {n} | {', '.join(map(str, seeds))} | {these[0].get('selection', '-')} | "
+            f"{cell_asr} | {cell_cut} | "
             + " | ".join(tests)
-            + f" | {mean_of(rows[n], 'over_refusal'):.1%} | {mean_of(rows[n], 'drift'):.3f} | "
-            f"{mean_of(rows[n], 'probe_acc'):.3f} | {loss:.3f} ({loss / loss_ift - 1:+.1%}) | "
+            + f" | {mean_of(these, 'over_refusal'):.1%} | {mean_of(these, 'drift'):.3f} | "
+            f"{mean_of(these, 'probe_acc'):.3f} | {loss:.3f} ({loss / loss_ift - 1:+.1%}) | "
             f"{moved} |"
         )
     text = "\n".join(lines) + "\n"
@@ -223,11 +224,11 @@ def table(folder, draws=2000):
     files.write_text(os.path.join(folder, "evidence.md"), text)
     series = {}
     for n in ("ift", "swat", "mllr", "control", "random"):
-        curves = [r.get("drift_curve") or [] for r in rows.get(n, [])]
+        curves = [r.get("drift_curve") or [] for r in rows.get(n, {}).values()]
         if curves and all(curves) and len({len(c) for c in curves}) == 1:
             steps = [p["step"] for p in curves[0]]
             accs = np.mean([[p["probe_acc"] for p in c] for c in curves], axis=0)
-            series[n] = list(zip(steps, accs.tolist()))
+            series[f"{n} ({len(curves)} seeds)"] = list(zip(steps, accs.tolist()))
     if series:
         files.claim(folder, "drift.svg")
         title = "the original probe's accuracy on the tuned model's features (mean over seeds)"

@@ -115,9 +115,16 @@ def test_run_compares_selections_random_and_control_and_watches_the_drift(tmp_pa
     text = evidence.table(out, draws=200)
     for name in names:
         assert f"| {name} | " in text
-    assert "seeds 0, 1" in text and os.path.exists(out / "evidence.md")
+    assert "| swat | 0, 1 | scan: readout metric, topk |" in text
+    assert os.path.exists(out / "evidence.md")
     assert os.path.exists(out / "drift.svg") and "<polyline" in open(out / "drift.svg").read()
     assert open(out / "evidence.md").read() == text
+    # a run cut short: the last row (random, seed 1) missing; each row keeps its own seeds
+    results = json.load(open(out / "results.json"))
+    results["rows"] = results["rows"][:-1]
+    (out / "results.json").write_text(json.dumps(results))
+    text = evidence.table(out, draws=200)
+    assert "| random | 0 | random |" in text and "| control | 0, 1 |" in text
 
 
 def test_paired_sign_flip_test_equals_scipys_exact_permutation_test():
