@@ -82,6 +82,11 @@ def whole(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+def local(t):
+    """This process's shard of a DTensor (elementwise work such as rounding), else t itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def gather(tensors):
     """{name: tensor} with every DTensor gathered whole, in the same order on every process."""
     return {name: whole(t) for name, t in tensors.items()}

@@ -80,7 +80,7 @@ class AdamW:
                 # bf16 weights: the update is made in fp32, then rounded stochastically
                 weight = p.float()
                 adamw_update(weight, p.grad.float(), *self.state[p], *hyper)
-                p.copy_(stochastic_round(weight))
+                distributed.local(p).copy_(stochastic_round(distributed.local(weight)))
             params = [p for p in params if p.dtype != torch.bfloat16]
             if not params:
                 continue

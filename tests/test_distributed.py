@@ -126,6 +126,17 @@ def test_an_interrupted_run_resumes_to_the_same_weights_in_hf_format(tiny, tmp_p
     assert all(torch.equal(hf[k], ours[k]) for k in ours)
 
 
+def test_bf16_weights_train_under_torchrun_with_stochastic_rounding(tiny, tmp_path):
+    data = data_file(tmp_path)
+    argv = train_argv(tiny, data, tmp_path / "b", "--dtype", "bf16", "--steps", 2)
+    done = torchrun(argv)
+    assert done.returncode == 0, done.stderr[-3000:]
+    after = weights(tmp_path / "b")
+    start = weights(tiny)
+    assert all(t.dtype == torch.bfloat16 and t.isfinite().all() for t in after.values())
+    assert max_diff({k: v.float() for k, v in after.items()}, start) > 1e-4
+
+
 def test_only_train_runs_under_torchrun(tiny, tmp_path):
     done = torchrun(["eval", "--model", tiny, "--device", "cpu"])
     assert done.returncode != 0 and "under torchrun only `train` runs" in done.stderr
