@@ -4,6 +4,7 @@ one, and an interrupted run resumes to the same weights."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -37,7 +38,21 @@ def torchrun(argv, stop=0):
     env = dict(os.environ, SWAT_TEST_STOP=str(stop), OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
     command += ["--standalone", WORKER] + argv
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    # its own process group: on a timeout, the workers go with it
+    proc = subprocess.Popen(
+        command,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
 
 
 def one_process(tiny, data, out, extra):

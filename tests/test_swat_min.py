@@ -730,7 +730,7 @@ def test_readme_commands_parse(tmp_path, monkeypatch):
     )
     known = (
         {"--" + o for o in swat_min.OPTIONS}
-        | {"--help", "--extra-index-url", "--check"}  # and pip's and ruff's, in the set-up lines
+        | {"--help", "--extra-index-url", "--check", "--nproc-per-node"}  # pip, ruff, torchrun
         | set(re.findall(r'add_argument\("(--[a-z-]+)"', scripts))
     )
     assert set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]+", text)) <= known
