@@ -224,15 +224,19 @@ def table(folder, draws=2000):
     files.write_text(os.path.join(folder, "evidence.md"), text)
     series = {}
     for n in ("ift", "swat", "mllr", "control", "random"):
-        curves = [r.get("drift_curve") or [] for r in rows.get(n, {}).values()]
+        these = list(rows.get(n, {}).values())
+        curves = [r.get("drift_curve") or [] for r in these]
         if curves and all(curves) and len({len(c) for c in curves}) == 1:
-            steps = [p["step"] for p in curves[0]]
+            # step 0: the main phase begins (SWAT's warm-up is the steps before it)
+            warmup = these[0].get("warmup_steps") or 0
+            steps = [p["step"] - warmup for p in curves[0]]
             accs = np.mean([[p["probe_acc"] for p in c] for c in curves], axis=0)
             series[f"{n} ({len(curves)} seeds)"] = list(zip(steps, accs.tolist()))
     if series:
         files.claim(folder, "drift.svg")
         title = "the original probe's accuracy on the tuned model's features (mean over seeds)"
-        figures.lines_svg(os.path.join(folder, "drift.svg"), series, title, "step", "probe acc")
+        x_label = "step of the main phase (before 0: SWAT's warm-up)"
+        figures.lines_svg(os.path.join(folder, "drift.svg"), series, title, x_label, "probe acc")
     return text
 
 
