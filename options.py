@@ -179,7 +179,7 @@ OPTIONS = {
         default=["scan"],
         help="how Mods_Rob is chosen, one row set each: scan (by --metric and --select), "
         "readout-topk, later-topk (the --k most robust by that metric), or a fixed selector "
-        "such as q,k; the first one's set also sizes the control and random rows",
+        "such as q,k; the first one's set also sizes the random row",
     ),
     "drift-every": dict(
         type=number(int, 0),

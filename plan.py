@@ -62,7 +62,8 @@ def random_set(size, kinds, n_layers, seed):
 def rows(strategies, selections, chosen, fragile, control, n_safe, random_draw):
     """One seed's tuned models, in order: (row name, recipe, module set, safety pairs, how the set
     was chosen). chosen: {selection: module set}; the first selection's set is the Mods_Rob of
-    the swat, mllr and safemix rows, and the size of the control and the random set. The other
+    the swat, mllr and safemix rows and the size of the random set (fragile, the control, is the
+    scan's: as many of the least robust as the scan's own Mods_Rob). The other
     selections add rows named like swat-readout-topk, kept when their recipe is asked for."""
     first = selections[0]
     rob = chosen[first]
