@@ -4,11 +4,13 @@ A cell is a scenario and a tuning method: benign IFT on GSM8K or alpaca_eval, or
 GSM8K with a poison ratio of 0.05 or 0.1; full tuning or LoRA (rank 8 on q,k,v,o,gate,up,down).
 `run CELL` makes the cell's `swat_min.py run` (every row, the settings below, the drift watched
 along the way) and then its table; `table DIR` makes the table again from DIR's results.json and
-the generations, without tuning anything.
+the generations, without tuning anything, from one folder or from several folders of one cell
+(seeds run on other days or machines; checked to be the same run: settings, start, module sets).
 
   python experiments/evidence.py run attack-0.1-full --model aligned --pairs pairs.jsonl \\
       --shared ../shared --out ev/attack-0.1-full --profile cpu
   python experiments/evidence.py table ev/attack-0.1-full
+  python experiments/evidence.py table ev/seeds-0-1 ev/seed-2 --out ev/pooled   # seeds run apart
 
 The table: each row's ASR and the cut of plain IFT's rise in ASR, each with a 95 % interval from a
 bootstrap over seeds and prompts (the same draws for every row, so the rows stay paired); a paired
@@ -139,23 +141,67 @@ def mean_of(rows, key):
     return None if None in values else sum(values) / len(values)
 
 
-def table(folder, draws=2000):
-    """evidence.md and drift.svg for a finished (or partly finished) run folder. -> the text.
+# settings that may differ between the folders of one cell's table: where and which seeds ran
+PER_FOLDER = ("out", "seeds", "device", "cache")
+
+
+def gather(folders):
+    """The original row and every tuned row of one cell, run in one folder or several (seeds run
+    apart, or on other machines), each tuned row with the folder it lives in. Folders are checked
+    to hold the same experiment: settings, starting generations and module sets.
+    -> (original row, original's answered flags, tuned rows)."""
+    first = None
+    tuned = []
+    for folder in folders:
+        rows = files.read_json(os.path.join(folder, "results.json"))["rows"]
+        start = answered(os.path.join(folder, "original.jsonl"), None)
+        settings = {k: v for k, v in rows[0]["settings"].items() if k not in PER_FOLDER}
+        if first is None:
+            first = (folders[0], rows[0], start, settings)
+        elif settings != first[3]:
+            keys = sorted(settings.keys() | first[3].keys())
+            differ = [k for k in keys if settings.get(k) != first[3].get(k)]
+            raise SwatError(f"{folder}: not the same run as {first[0]} (settings: {differ})")
+        elif start != first[2]:
+            raise SwatError(f"{folder}: the original model answered otherwise than in {first[0]}")
+        tuned += [dict(r, folder=folder) for r in rows[1:]]
+    seen = {}
+    for r in tuned:
+        if (r["strategy"], r["seed"]) in seen:
+            raise SwatError(
+                f"{r['folder']}: {r['strategy']}, seed {r['seed']} is also in "
+                f"{seen[r['strategy'], r['seed']]}"
+            )
+        seen[r["strategy"], r["seed"]] = r["folder"]
+    # one module set per row (the scan's, the control's, a fixed one): else another scan chose
+    for name in {r["strategy"] for r in tuned if r["strategy"] != "random" and "mods" in r}:
+        sets = {tuple(map(tuple, r["mods"])) for r in tuned if r["strategy"] == name}
+        if len(sets) > 1:
+            raise SwatError(f"{', '.join(folders)}: the {name} rows tuned different modules")
+    return first[1], first[2], tuned
+
+
+def table(folders, draws=2000, out=None):
+    """evidence.md and drift.svg for a finished (or partly finished) run: one folder, or several
+    folders of the same cell (their rows pooled), written to out (default: the first folder).
+    -> the text.
 
     A row is set against ift (and the control, the random set) on the seeds both have, so that a
     run cut short still gives a true table; the seeds of each row are listed."""
-    results = files.read_json(os.path.join(folder, "results.json"))["rows"]
-    original = results[0]
-    start = np.array(answered(os.path.join(folder, "original.jsonl"), None), dtype=float)
+    folders = [folders] if isinstance(folders, (str, os.PathLike)) else folders
+    folders = [os.fspath(f) for f in folders]
+    out = out or folders[0]
+    original, start, tuned = gather(folders)
+    start = np.array(start, dtype=float)
     n_prompts = len(start)  # every tuned model answered the same prompts
-    names = list(dict.fromkeys(r["strategy"] for r in results[1:]))
+    names = list(dict.fromkeys(r["strategy"] for r in tuned))
     if "ift" not in names:
-        raise SwatError(f"{folder}: no ift row yet; every row is set against it")
-    rows = {n: {r["seed"]: r for r in results[1:] if r["strategy"] == n} for n in names}
+        raise SwatError(f"{', '.join(folders)}: no ift row yet; every row is set against it")
+    rows = {n: {r["seed"]: r for r in tuned if r["strategy"] == n} for n in names}
     flags = {}  # (row, seed) -> per prompt: 1 answered, 0 refused
     for n in names:
-        for seed in rows[n]:
-            path = os.path.join(folder, f"{n}-seed{seed}", "generations.jsonl")
+        for seed, r in rows[n].items():
+            path = os.path.join(r["folder"], f"{n}-seed{seed}", "generations.jsonl")
             flags[n, seed] = np.array(answered(path, n_prompts), dtype=float)
 
     def matrix(n, seeds):  # [seed, prompt] of row n
@@ -220,8 +266,8 @@ def table(folder, draws=2000):
             f"{moved} |"
         )
     text = "\n".join(lines) + "\n"
-    files.claim(folder, "evidence.md")
-    files.write_text(os.path.join(folder, "evidence.md"), text)
+    files.claim(out, "evidence.md")
+    files.write_text(os.path.join(out, "evidence.md"), text)
     series = {}
     for n in ("ift", "swat", "mllr", "control", "random"):
         these = list(rows.get(n, {}).values())
@@ -233,10 +279,10 @@ def table(folder, draws=2000):
             accs = np.mean([[p["probe_acc"] for p in c] for c in curves], axis=0)
             series[f"{n} ({len(curves)} seeds)"] = list(zip(steps, accs.tolist()))
     if series:
-        files.claim(folder, "drift.svg")
+        files.claim(out, "drift.svg")
         title = "the original probe's accuracy on the tuned model's features (mean over seeds)"
         x_label = "step of the main phase (before 0: SWAT's warm-up)"
-        figures.lines_svg(os.path.join(folder, "drift.svg"), series, title, x_label, "probe acc")
+        figures.lines_svg(os.path.join(out, "drift.svg"), series, title, x_label, "probe acc")
     return text
 
 
@@ -251,16 +297,21 @@ def main(argv=None):
     run.add_argument("--pairs", help="harmful pairs for Attack IFT (swat_min.py attack-data)")
     run.add_argument("--profile", choices=PROFILES, default="gpu")
     run.add_argument("--seeds", nargs="+", help="override the profile's seeds")
-    again = sub.add_parser("table", help="the table of a run folder, again")
-    again.add_argument("folder")
+    again = sub.add_parser(
+        "table", help="the table of a run folder (or of several: one cell's seeds)"
+    )
+    again.add_argument("folders", nargs="+", help="run folders of one cell; their rows are pooled")
+    again.add_argument(
+        "--out", help="where evidence.md and drift.svg go (default: the first folder)"
+    )
     for p in (run, again):
         p.add_argument("--draws", type=int, default=2000, help="bootstrap draws")
     args = ap.parse_args(argv)
     try:
         if args.command == "run":
             swat_min.main(run_argv(args.cell, args))
-            args.folder = args.out
-        print(table(args.folder, args.draws))
+            args.folders, args.out = [args.out], None
+        print(table(args.folders, args.draws, args.out))
     except SwatError as e:
         sys.exit(f"error: {e}")
 

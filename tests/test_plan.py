@@ -3,6 +3,7 @@ watched during training, and the statistics of experiments/evidence.py against s
 
 import json
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -119,6 +120,29 @@ def test_run_compares_selections_random_and_control_and_watches_the_drift(tmp_pa
     assert os.path.exists(out / "evidence.md")
     assert os.path.exists(out / "drift.svg") and "<polyline" in open(out / "drift.svg").read()
     assert open(out / "evidence.md").read() == text
+    # the same run made as two (seed 0 here, seed 1 there): the pooled table is the same table
+    whole = json.load(open(out / "results.json"))
+    settings = whole["rows"][0]["settings"]
+    halves = []
+    for seed in (0, 1):
+        half = tmp_path / f"half{seed}"
+        shutil.copytree(out, half)
+        part = dict(whole, rows=[whole["rows"][0]] + [r for r in res[1:] if r["seed"] == seed])
+        part["rows"][0] = dict(
+            part["rows"][0], settings=dict(settings, seeds=[seed], out=str(half))
+        )
+        (half / "results.json").write_text(json.dumps(part))
+        halves.append(half)
+    assert evidence.table(halves, draws=200, out=tmp_path / "pooled") == text
+    assert open(tmp_path / "pooled" / "evidence.md").read() == text
+    with pytest.raises(SwatError, match="half0: ift, seed 0 is also in"):
+        evidence.table([halves[0], halves[0]], draws=10, out=tmp_path / "pooled")
+    part["rows"][0]["settings"]["steps"] = 3  # another run: refused, naming what differs
+    (halves[1] / "results.json").write_text(json.dumps(part))
+    with pytest.raises(
+        SwatError, match=r"half1: not the same run as .*half0 \(settings: \['steps'\]"
+    ):
+        evidence.table(halves, draws=10, out=tmp_path / "pooled")
     # a run cut short: the last row (random, seed 1) missing; each row keeps its own seeds
     results = json.load(open(out / "results.json"))
     results["rows"] = results["rows"][:-1]
