@@ -1,4 +1,5 @@
-"""Training across several processes with FSDP2: `torchrun --nproc-per-node N swat_min.py train`.
+"""Training across several processes with FSDP2: `torchrun --nproc-per-node N swat_min.py train`
+(or `run`).
 
 Every process holds a shard of each block's weights (torch.distributed.fsdp.fully_shard, one call
 per block, then the root); a block's weights are gathered for its forward and backward and its
@@ -9,11 +10,17 @@ gradients reduce-scattered back into shards. The trainer itself changes in four 
   hand-written AdamW work on them unchanged, element by element on each shard;
 - a checkpoint is gathered into whole tensors (gather) and written by the first process alone, in
   the same HF format as a single process writes; resume puts each process's shard back (put).
+`run` shards only the tuning: every process makes the probes, the scan and the evaluations whole
+(the same work, so the first process's files are the run's and the others write to scratch
+folders); after each tuning the gathered weights are put into an unsharded copy (whole_model).
 Without torchrun (WORLD_SIZE unset or 1) every function here is the identity.
 """
 
+import atexit
 import datetime
 import os
+import shutil
+import tempfile
 
 import torch
 import torch.distributed as dist
@@ -108,3 +115,41 @@ def barrier():
     """Wait for every process (the first one's files are written before the others go on)."""
     if size() > 1:
         dist.barrier()
+
+
+def scratch(out):
+    """The folder this process writes `run`'s files into: out for the first process; for each of
+    the others a new scratch folder, deleted at exit (each computes what the first one writes)."""
+    if rank() == 0:
+        return out
+    folder = tempfile.mkdtemp(prefix=f"swat-min-rank{rank()}-")
+    atexit.register(shutil.rmtree, folder, True)
+    return os.path.join(folder, os.path.basename(os.path.normpath(out)))
+
+
+def unsharded(fn):
+    """fn(net), made to work on a sharded net too: the root's own weights (embeddings, final norm,
+    head) are gathered around the call, since fn may call net's parts rather than net itself
+    (each block gathers its own weights in its forward)."""
+
+    def call(net):
+        if not hasattr(net, "unshard"):
+            return fn(net)
+        net.unshard()
+        try:
+            return fn(net)
+        finally:
+            net.reshard()
+
+    return call
+
+
+@torch.no_grad()
+def whole_model(net, fresh):
+    """The tuned net whole on every process (for the evaluations, generation among them): a new
+    unsharded model from fresh() given net's gathered weights. Without torchrun: net itself."""
+    if size() == 1:
+        return net
+    copy = fresh()
+    copy.load_state_dict(gather(net.state_dict()))
+    return copy

@@ -43,7 +43,13 @@ def add_options(parser, names, required=(), command=None):
         settings = dict(OPTIONS[name])
         if name == "out" and command in OUT_HELP:
             settings["help"] = OUT_HELP[command]
-        parser.add_argument("--" + name, required=name in required, **settings)
+        flags = ["--" + name] + ALIASES.get(name, [])
+        parser.add_argument(*flags, required=name in required, **settings)
+
+
+# torchrun reads its own options out of the script's too, and takes a bare --n for an
+# abbreviation of its --nnodes or --nproc-per-node: under torchrun, --n is spelled --n-scan
+ALIASES = {"n": ["--n-scan"]}
 
 
 # Every option once, by name; swat_min.COMMANDS names the ones each command takes.

@@ -267,6 +267,8 @@ def cmd_run(args):
     # not among the user's other files; the folder is made when its first result is written
     check_folder(args.out)
     scenario.check_options(args)
+    args.device = distributed.setup(args.device)  # under torchrun: tuning sharded (FSDP2)
+    args.out = distributed.scratch(args.out)  # the first process's files are the run's
     n_safe = args.safety_mix  # refusal pairs in the tuning sets of the *safemix rows
     if any(s.endswith("safemix") for s in args.strategies) and not n_safe:
         raise SwatError("the safemix rows need --safety-mix N (refusal pairs to mix in)")
@@ -316,7 +318,8 @@ def cmd_run(args):
     watch = None
     if args.drift_every:  # the security feature space along the way, not only at the end
         keys = ("drift", "probe_acc")
-        watch = (args.drift_every, lambda net: {k: security(net, tok, base)[k] for k in keys})
+        watched = distributed.unsharded(lambda net: {k: security(net, tok, base)[k] for k in keys})
+        watch = (args.drift_every, watched)
     rows = [dict(original, seed=None)]  # the start every strategy is set against
     for seed in dict.fromkeys(args.seeds):  # each seed once, in the order given
         for name, strategy, mods, n_safety, chosen_by in seed_plan(seed):
@@ -338,6 +341,7 @@ def cmd_run(args):
                 watch=watch,
                 **train_options(args, seed=seed, skip_long=True),
             )
+            net = distributed.whole_model(net, lambda: load(args)[0])  # whole for evaluation
             gens = os.path.join(claim(folder, "generations.jsonl"), "generations.jsonl")
             row = evaluate(net, tok, name, base=base, task=task, gen_path=gens, **options)
             elapsed = round(time.time() - start, 1)
@@ -420,8 +424,10 @@ def main(argv=None):
         inputs = [getattr(args, name, None) for name in INPUTS]
         outputs = [getattr(args, name, None) for name in ("out", "generations")]
         check_outputs(inputs, outputs)  # before any work; nothing is made yet
-        if distributed.size() > 1 and args.cmd != "train":
-            raise SwatError("under torchrun only `train` runs (FSDP2); run the others alone")
+        if distributed.size() > 1 and args.cmd not in ("train", "run"):
+            raise SwatError(
+                "under torchrun only `train` and `run` run (FSDP2); run the others alone"
+            )
         return args.fn(args)
     except KeyboardInterrupt:  # Ctrl-C: one line; what was written stays whole (outputs are atomic)
         out = getattr(args, "out", None)

@@ -33,9 +33,9 @@ def train_argv(tiny, data, out, *extra):
     return [str(a) for a in argv]
 
 
-def torchrun(argv, stop=0):
+def torchrun(argv, stop=0, env=None):
     """swat_min.py's command line in two gloo processes; -> the finished process."""
-    env = dict(os.environ, SWAT_TEST_STOP=str(stop), OMP_NUM_THREADS="1")
+    env = dict(os.environ, SWAT_TEST_STOP=str(stop), OMP_NUM_THREADS="1", **(env or {}))
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
     command += ["--standalone", WORKER] + argv
     # its own process group: on a timeout, the workers go with it
@@ -152,6 +152,49 @@ def test_bf16_weights_train_under_torchrun_with_stochastic_rounding(tiny, tmp_pa
     assert max_diff({k: v.float() for k, v in after.items()}, start) > 1e-4
 
 
-def test_only_train_runs_under_torchrun(tiny, tmp_path):
+def test_run_under_torchrun_makes_the_one_process_run(tiny, tmp_path):
+    data = data_file(tmp_path)
+    argv = ["run", "--model", tiny, "--data", data, "--device", "cpu", "--steps", 2, "--batch", 4]
+    argv += ["--lr", 1e-4, "--n-scan", 4, "--n-eval", 3, "--max-new-tokens", 3, "--n-task", 4]
+    argv += ["--n-acc", 0, "--select", "topk", "--k", 3, "--drift-every", 1, "--warmup-frac", 1]
+    argv += ["--strategies", "ift", "swat", "mllr"]
+    argv = [str(a) for a in argv]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each torchrun process
+    try:
+        swat_min.main(argv + ["--out", str(tmp_path / "one")])
+    finally:
+        torch.set_num_threads(threads)
+    scratch = tmp_path / "scratch"  # where the second process's scratch folder goes
+    scratch.mkdir()
+    done = torchrun(argv + ["--out", str(tmp_path / "two")], env={"TMPDIR": str(scratch)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    # the second process's files: made, then deleted (torchrun keeps a folder of its own there)
+    assert [p for p in scratch.iterdir() if p.name.startswith("swat-min")] == []
+    # the same files, the same rows: each tuning sharded, each evaluation on the whole model
+    assert sorted(os.listdir(tmp_path / "one")) == sorted(os.listdir(tmp_path / "two"))
+    rows = [json.load(open(tmp_path / f / "results.json"))["rows"] for f in ("one", "two")]
+    assert [r["strategy"] for r in rows[0]] == [r["strategy"] for r in rows[1]]
+    assert len(rows[0]) == 4
+    for a, b in zip(*rows):
+        for key in ("asr", "over_refusal", "probe_acc", "n_mods", "mods", "warmup_steps"):
+            assert a.get(key) == b.get(key), key
+        for key in ("drift", "task_loss", "update_mods_rob", "update_rest"):
+            assert a.get(key) == (b.get(key) if key not in a else pytest.approx(b[key], rel=1e-4))
+        curves = [[p["probe_acc"] for p in r.get("drift_curve", [])] for r in (a, b)]
+        assert curves[0] == curves[1]
+    for name in ("ift", "swat", "mllr"):
+        answers = [
+            open(tmp_path / f / f"{name}-seed0" / "generations.jsonl").read()
+            for f in ("one", "two")
+        ]
+        assert answers[0] == answers[1]
+        one = weights(tmp_path / "one" / f"{name}-seed0")
+        two = weights(tmp_path / "two" / f"{name}-seed0")
+        assert max_diff(one, weights(tiny)) > 1e-5 and max_diff(one, two) <= 1e-5, name
+    assert len(rows[1][2]["drift_curve"]) == 1 + 2 + rows[1][2]["warmup_steps"]
+
+
+def test_only_train_and_run_run_under_torchrun(tiny, tmp_path):
     done = torchrun(["eval", "--model", tiny, "--device", "cpu"])
-    assert done.returncode != 0 and "under torchrun only `train` runs" in done.stderr
+    assert done.returncode != 0 and "under torchrun only `train` and `run` run" in done.stderr

@@ -17,6 +17,7 @@ import data
 import evaluation
 import hub
 import model
+import options
 import selection
 import swat_min
 from conftest import ROOT, tiny_hf
@@ -730,6 +731,7 @@ def test_readme_commands_parse(tmp_path, monkeypatch):
     )
     known = (
         {"--" + o for o in swat_min.OPTIONS}
+        | {flag for flags in options.ALIASES.values() for flag in flags}
         | {"--help", "--extra-index-url", "--check", "--nproc-per-node"}  # pip, ruff, torchrun
         | set(re.findall(r'add_argument\("(--[a-z-]+)"', scripts))
     )
