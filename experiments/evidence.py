@@ -310,8 +310,9 @@ def main(argv=None):
     try:
         if args.command == "run":
             swat_min.main(run_argv(args.cell, args))
-            args.folders, args.out = [args.out], None
-        print(table(args.folders, args.draws, args.out))
+            print(table([args.out], args.draws))  # the table beside the run
+        else:
+            print(table(args.folders, args.draws, args.out))
     except SwatError as e:
         sys.exit(f"error: {e}")
 
