@@ -15,6 +15,7 @@ import json
 import random
 
 import data
+import distributed
 import lora
 from evaluation import answer, refused, user
 from files import SwatError, write_text
@@ -137,6 +138,8 @@ def check_options(args):
         raise SwatError(f"--poison-ratio must be between 0 and 1 (both excluded), not {ratio}")
     if args.harmful_data:
         read_pairs(args.harmful_data)  # a file with no usable pairs is refused now
+    if args.lora_rank and distributed.size() > 1:  # before run's scan, not at its first tuning
+        raise SwatError("LoRA under torchrun is not supported: tune LoRA in one process")
 
 
 def describe(args):

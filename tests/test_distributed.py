@@ -198,3 +198,8 @@ def test_run_under_torchrun_makes_the_one_process_run(tiny, tmp_path):
 def test_only_train_and_run_run_under_torchrun(tiny, tmp_path):
     done = torchrun(["eval", "--model", tiny, "--device", "cpu"])
     assert done.returncode != 0 and "under torchrun only `train` and `run` run" in done.stderr
+    # LoRA in one process only: refused before any work (run's probes and scan take minutes)
+    argv = ["run", "--model", tiny, "--data", data_file(tmp_path), "--lora-rank", "4"]
+    done = torchrun([str(a) for a in argv + ["--out", tmp_path / "r", "--device", "cpu"]])
+    assert done.returncode != 0 and "LoRA under torchrun is not supported" in done.stderr
+    assert not os.path.exists(tmp_path / "r") and "features" not in done.stderr
