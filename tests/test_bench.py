@@ -1,5 +1,6 @@
 """Smoke test of the benchmarks: each script runs its tiny CPU case and prints well-formed JSON
-lines with both figures; the scan and generation cases must also agree with their reference."""
+lines with both figures; the scan, generation and scale cases must also agree with their
+reference."""
 
 import json
 import os
@@ -9,7 +10,9 @@ import pytest
 from conftest import ROOT
 
 
-@pytest.mark.parametrize("script", ["bench_train.py", "bench_generate.py", "bench_scan.py"])
+@pytest.mark.parametrize(
+    "script", ["bench_train.py", "bench_generate.py", "bench_scan.py", "bench_scale.py"]
+)
 def test_bench_tiny(script):
     r = subprocess.run(
         [sys.executable, os.path.join(ROOT, "bench", script), "--tiny", "--device", "cpu"],
@@ -23,3 +26,5 @@ def test_bench_tiny(script):
     for row in rows:
         assert row.get("identical", True) is True and row.get("rows_identical", 1.0) == 1.0
         assert row.get("max_diff_naive", 0.0) < 1e-5
+        ours, theirs = row.get("first_loss", (0.0, 0.0))  # the same weights, the same first loss
+        assert abs(ours - theirs) < 2e-2
