@@ -390,7 +390,7 @@ def cmd_demo(args):
 
 # the options that name an input: no output may replace one of them
 INPUTS = ("model", "base", "data", "harmful", "harmless", "test_harmful", "eval_harmful")
-INPUTS += ("eval_harmless", "file", "mods")
+INPUTS += ("eval_harmless", "file", "mods", "harmful_data")
 # every command: its function, then options.COMMANDS' help text, options and defaults
 COMMANDS = {
     name: (globals()["cmd_" + name.replace("-", "_")], *spec)

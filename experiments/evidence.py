@@ -141,7 +141,8 @@ def mean_of(rows, key):
     return None if None in values else sum(values) / len(values)
 
 
-# settings that may differ between the folders of one cell's table: where and which seeds ran
+# settings that may differ between the folders of one cell's table: where and which seeds ran (and
+# the inputs' folders: they are compared by file name)
 PER_FOLDER = ("out", "seeds", "device", "cache")
 
 
@@ -156,6 +157,9 @@ def gather(folders):
         rows = files.read_json(os.path.join(folder, "results.json"))["rows"]
         start = answered(os.path.join(folder, "original.jsonl"), None)
         settings = {k: v for k, v in rows[0]["settings"].items() if k not in PER_FOLDER}
+        for k in swat_min.INPUTS:  # the inputs by name: another machine keeps them elsewhere
+            if isinstance(settings.get(k), str):
+                settings[k] = os.path.basename(os.path.normpath(settings[k]))
         if first is None:
             first = (folders[0], rows[0], start, settings)
         elif settings != first[3]:

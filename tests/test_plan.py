@@ -128,9 +128,9 @@ def test_run_compares_selections_random_and_control_and_watches_the_drift(tmp_pa
         half = tmp_path / f"half{seed}"
         shutil.copytree(out, half)
         part = dict(whole, rows=[whole["rows"][0]] + [r for r in res[1:] if r["seed"] == seed])
-        part["rows"][0] = dict(
-            part["rows"][0], settings=dict(settings, seeds=[seed], out=str(half))
-        )
+        mine = dict(settings, seeds=[seed], out=str(half))
+        mine["data"] = os.path.join(f"/elsewhere{seed}", "d.jsonl")  # the same file, elsewhere
+        part["rows"][0] = dict(part["rows"][0], settings=mine)
         (half / "results.json").write_text(json.dumps(part))
         halves.append(half)
     assert evidence.table(halves, draws=200, out=tmp_path / "pooled") == text
