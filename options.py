@@ -43,8 +43,10 @@ def add_options(parser, names, required=(), command=None):
         settings = dict(OPTIONS[name])
         if name == "out" and command in OUT_HELP:
             settings["help"] = OUT_HELP[command]
-        flags = ["--" + name] + ALIASES.get(name, [])
-        parser.add_argument(*flags, required=name in required, **settings)
+        parser.add_argument("--" + name, required=name in required, **settings)
+        for alias in ALIASES.get(name, []):  # the same option under another name
+            also = dict(settings, help=f"--{name}, spelled so that torchrun leaves it alone")
+            parser.add_argument(alias, dest=name.replace("-", "_"), **also)
 
 
 # torchrun reads its own options out of the script's too, and takes a bare --n for an

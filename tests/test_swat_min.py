@@ -273,6 +273,8 @@ def test_bad_values_fail_before_any_work(tmp_path, tiny, capsys, monkeypatch):
         ("scan", "--harmful", tmp_path / "h.txt", "--out", tmp_path / "h.txt"),
         ("scan", "--out", os.path.join(tiny, "config.json")),
         ("run", "--data", tmp_path / "d.jsonl", "--out", tiny),
+        ("train", "--data", tmp_path / "d.jsonl", "--out", tmp_path / "h.txt")
+        + ("--harmful-data", tmp_path / "h.txt", "--poison-ratio", 0.1),
     ):
         with pytest.raises(
             SystemExit, match=r"^error: .*: would overwrite the input .*; choose another path"
