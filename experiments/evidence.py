@@ -5,7 +5,8 @@ GSM8K with a poison ratio of 0.05 or 0.1; full tuning or LoRA (rank 8 on q,k,v,o
 `run CELL` makes the cell's `swat_min.py run` (every row, the settings below, the drift watched
 along the way) and then its table; `table DIR` makes the table again from DIR's results.json and
 the generations, without tuning anything, from one folder or from several folders of one cell
-(seeds run on other days or machines; checked to be the same run: settings, start, module sets).
+(seeds run on other days or machines; checked to be the same run: settings, start, module sets;
+a row made twice must have made the same answers, and counts once).
 
   python experiments/evidence.py run attack-0.1-full --model aligned --pairs pairs.jsonl \\
       --shared ../shared --out ev/attack-0.1-full --profile cpu
@@ -146,6 +147,12 @@ def mean_of(rows, key):
 PER_FOLDER = ("out", "seeds", "device", "cache")
 
 
+def generations(row):
+    """The answers a tuned row's model gave (its generations file, as text)."""
+    path = os.path.join(row["folder"], f"{row['strategy']}-seed{row['seed']}", "generations.jsonl")
+    return open(path, encoding="utf-8").read()
+
+
 def gather(folders):
     """The original row and every tuned row of one cell, run in one folder or several (seeds run
     apart, or on other machines), each tuned row with the folder it lives in. Folders are checked
@@ -169,14 +176,19 @@ def gather(folders):
         elif start != first[2]:
             raise SwatError(f"{folder}: the original model answered otherwise than in {first[0]}")
         tuned += [dict(r, folder=folder) for r in rows[1:]]
+    # a row and seed made twice (a cut-short run, then its seeds again elsewhere): kept once when
+    # both made the same answers, as a seeded run does; else the folders disagree
     seen = {}
     for r in tuned:
-        if (r["strategy"], r["seed"]) in seen:
+        key = (r["strategy"], r["seed"])
+        if key not in seen:
+            seen[key] = r
+        elif generations(r) != generations(seen[key]):
             raise SwatError(
-                f"{r['folder']}: {r['strategy']}, seed {r['seed']} is also in "
-                f"{seen[r['strategy'], r['seed']]}"
+                f"{r['folder']}: {r['strategy']}, seed {r['seed']} answered otherwise in "
+                f"{seen[key]['folder']}"
             )
-        seen[r["strategy"], r["seed"]] = r["folder"]
+    tuned = list(seen.values())
     # one module set per row (the scan's, the control's, a fixed one): else another scan chose
     for name in {r["strategy"] for r in tuned if r["strategy"] != "random" and "mods" in r}:
         sets = {tuple(map(tuple, r["mods"])) for r in tuned if r["strategy"] == name}

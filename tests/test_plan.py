@@ -135,8 +135,13 @@ def test_run_compares_selections_random_and_control_and_watches_the_drift(tmp_pa
         halves.append(half)
     assert evidence.table(halves, draws=200, out=tmp_path / "pooled") == text
     assert open(tmp_path / "pooled" / "evidence.md").read() == text
-    with pytest.raises(SwatError, match="half0: ift, seed 0 is also in"):
-        evidence.table([halves[0], halves[0]], draws=10, out=tmp_path / "pooled")
+    # a row made twice with the same answers counts once; with other answers, refused
+    assert evidence.table([halves[0], halves[1], halves[0]], draws=200) == text
+    answers = halves[1] / "ift-seed1" / "generations.jsonl"
+    answers.write_text(answers.read_text().replace('"refused": false', '"refused": true', 1))
+    with pytest.raises(SwatError, match="half1: ift, seed 1 answered otherwise in .*half1b"):
+        shutil.copytree(out, tmp_path / "half1b")
+        evidence.table([tmp_path / "half1b", halves[1]], draws=10, out=tmp_path / "pooled")
     part["rows"][0]["settings"]["steps"] = 3  # another run: refused, naming what differs
     (halves[1] / "results.json").write_text(json.dumps(part))
     with pytest.raises(
