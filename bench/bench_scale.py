@@ -26,23 +26,6 @@ import lora
 import memory
 import train
 
-SHAPES["llama-3.1-8b"] = dict(
-    vocab_size=128256,
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    tie_word_embeddings=False,
-    rope_theta=5e5,
-    rope_scaling={
-        "rope_type": "llama3",
-        "factor": 8.0,
-        "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 8192,
-    },
-)
 CASES = [("llama-3.1-8b", "lora", 8, 1024), ("llama-3.1-8b", "full", 8, 1024)]
 TINY = [("tiny", "lora", 4, 64), ("tiny", "full", 4, 64)]
 TARGETS = ["q", "k", "v", "o", "gate", "up", "down"]

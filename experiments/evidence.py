@@ -148,9 +148,14 @@ PER_FOLDER = ("out", "seeds", "device", "cache")
 
 
 def generations(row):
-    """The answers a tuned row's model gave (its generations file, as text)."""
-    path = os.path.join(row["folder"], f"{row['strategy']}-seed{row['seed']}", "generations.jsonl")
-    return open(path, encoding="utf-8").read()
+    """The generations file of a tuned row (its folder, as gather() notes it)."""
+    return os.path.join(row["folder"], f"{row['strategy']}-seed{row['seed']}", "generations.jsonl")
+
+
+def same_answers(a, b):
+    """Whether two rows' models gave the same answers, word for word."""
+    texts = [open(generations(r), encoding="utf-8").read() for r in (a, b)]
+    return texts[0] == texts[1]
 
 
 def gather(folders):
@@ -158,23 +163,25 @@ def gather(folders):
     apart, or on other machines), each tuned row with the folder it lives in. Folders are checked
     to hold the same experiment: settings, starting generations and module sets.
     -> (original row, original's answered flags, tuned rows)."""
-    first = None
+    original = start = expected = None  # the first folder's; every other one must agree
     tuned = []
     for folder in folders:
         rows = files.read_json(os.path.join(folder, "results.json"))["rows"]
-        start = answered(os.path.join(folder, "original.jsonl"), None)
+        flags = answered(os.path.join(folder, "original.jsonl"), None)
         settings = {k: v for k, v in rows[0]["settings"].items() if k not in PER_FOLDER}
         for k in swat_min.INPUTS:  # the inputs by name: another machine keeps them elsewhere
             if isinstance(settings.get(k), str):
                 settings[k] = os.path.basename(os.path.normpath(settings[k]))
-        if first is None:
-            first = (folders[0], rows[0], start, settings)
-        elif settings != first[3]:
-            keys = sorted(settings.keys() | first[3].keys())
-            differ = [k for k in keys if settings.get(k) != first[3].get(k)]
-            raise SwatError(f"{folder}: not the same run as {first[0]} (settings: {differ})")
-        elif start != first[2]:
-            raise SwatError(f"{folder}: the original model answered otherwise than in {first[0]}")
+        if original is None:
+            original = rows[0]
+            start = flags
+            expected = settings
+        elif settings != expected:
+            keys = sorted(settings.keys() | expected.keys())
+            differ = [k for k in keys if settings.get(k) != expected.get(k)]
+            raise SwatError(f"{folder}: not the same run as {folders[0]} (settings: {differ})")
+        elif flags != start:
+            raise SwatError(f"{folder}: the original model answered otherwise than in {folders[0]}")
         tuned += [dict(r, folder=folder) for r in rows[1:]]
     # a row and seed made twice (a cut-short run, then its seeds again elsewhere): kept once when
     # both made the same answers, as a seeded run does; else the folders disagree
@@ -183,7 +190,7 @@ def gather(folders):
         key = (r["strategy"], r["seed"])
         if key not in seen:
             seen[key] = r
-        elif generations(r) != generations(seen[key]):
+        elif not same_answers(r, seen[key]):
             raise SwatError(
                 f"{r['folder']}: {r['strategy']}, seed {r['seed']} answered otherwise in "
                 f"{seen[key]['folder']}"
@@ -194,7 +201,7 @@ def gather(folders):
         sets = {tuple(map(tuple, r["mods"])) for r in tuned if r["strategy"] == name}
         if len(sets) > 1:
             raise SwatError(f"{', '.join(folders)}: the {name} rows tuned different modules")
-    return first[1], first[2], tuned
+    return original, start, tuned
 
 
 def table(folders, draws=2000, out=None):
@@ -217,8 +224,7 @@ def table(folders, draws=2000, out=None):
     flags = {}  # (row, seed) -> per prompt: 1 answered, 0 refused
     for n in names:
         for seed, r in rows[n].items():
-            path = os.path.join(r["folder"], f"{n}-seed{seed}", "generations.jsonl")
-            flags[n, seed] = np.array(answered(path, n_prompts), dtype=float)
+            flags[n, seed] = np.array(answered(generations(r), n_prompts), dtype=float)
 
     def matrix(n, seeds):  # [seed, prompt] of row n
         return np.stack([flags[n, seed] for seed in seeds])
