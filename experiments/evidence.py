@@ -13,6 +13,9 @@ a row made twice must have made the same answers, and counts once).
   python experiments/evidence.py table ev/attack-0.1-full
   python experiments/evidence.py table ev/seeds-0-1 ev/seed-2 --out ev/pooled   # seeds run apart
 
+A run cut short keeps the rows it finished; `run ... --rows mllr control random --out OTHER` makes
+the rest into another folder, and `table` pools the two.
+
 The table: each row's ASR and the cut of plain IFT's rise in ASR, each with a 95 % interval from a
 bootstrap over seeds and prompts (the same draws for every row, so the rows stay paired); a paired
 test across seeds (exact sign flips of the per-seed ASR differences) against ift, the control and
@@ -87,7 +90,11 @@ def run_argv(cell, args):
             raise SwatError(f"{cell}: Attack IFT needs --pairs (from swat_min.py attack-data)")
         argv += ["--harmful-data", args.pairs, "--poison-ratio", scenario.split("-")[1]]
     argv += ["--seeds"] + (args.seeds or profile["seeds"])
-    argv += ["--strategies"] + profile["strategies"]
+    rows = args.rows or profile["strategies"]
+    unknown = [r for r in rows if r not in profile["strategies"]]
+    if unknown:
+        raise SwatError(f"--rows: {', '.join(unknown)} not among {' '.join(profile['strategies'])}")
+    argv += ["--strategies"] + rows
     return argv + ["--selections"] + profile["selections"]
 
 
@@ -142,9 +149,9 @@ def mean_of(rows, key):
     return None if None in values else sum(values) / len(values)
 
 
-# settings that may differ between the folders of one cell's table: where and which seeds ran (and
-# the inputs' folders: they are compared by file name)
-PER_FOLDER = ("out", "seeds", "device", "cache")
+# settings that may differ between the folders of one cell's table: where, which seeds and which
+# rows ran (and the inputs' folders: they are compared by file name)
+PER_FOLDER = ("out", "seeds", "strategies", "device", "cache")
 
 
 def generations(row):
@@ -319,6 +326,9 @@ def main(argv=None):
     run.add_argument("--pairs", help="harmful pairs for Attack IFT (swat_min.py attack-data)")
     run.add_argument("--profile", choices=PROFILES, default="gpu")
     run.add_argument("--seeds", nargs="+", help="override the profile's seeds")
+    run.add_argument(
+        "--rows", nargs="+", help="only these of the profile's rows (the rest of a cut-short run)"
+    )
     again = sub.add_parser(
         "table", help="the table of a run folder (or of several: one cell's seeds)"
     )

@@ -1,6 +1,7 @@
 """The evidence run's rows: Mods_Rob chosen several ways from one scan, the random set, the drift
 watched during training, and the statistics of experiments/evidence.py against scipy."""
 
+import argparse
 import json
 import os
 import shutil
@@ -135,6 +136,23 @@ def test_run_compares_selections_random_and_control_and_watches_the_drift(tmp_pa
         halves.append(half)
     assert evidence.table(halves, draws=200, out=tmp_path / "pooled") == text
     assert open(tmp_path / "pooled" / "evidence.md").read() == text
+    # ... or by rows (the rest of a cut-short run made with --rows into another folder)
+    parts = []
+    groups = [["ift", "swat", "swat-later-topk"], ["swat-fixed-q-k", "control", "random"]]
+    for i, these in enumerate(groups):
+        part_dir = tmp_path / f"rows{i}"
+        shutil.copytree(out, part_dir)
+        kept = [r for r in res[1:] if r["strategy"] in these]
+        mine = dict(settings, strategies=these, out=str(part_dir))
+        part = dict(whole, rows=[dict(whole["rows"][0], settings=mine)] + kept)
+        (part_dir / "results.json").write_text(json.dumps(part))
+        parts.append(part_dir)
+    assert evidence.table(parts, draws=200, out=tmp_path / "pooled") == text
+    args = argparse.Namespace(model="m", out="o", shared="s", pairs=None, profile="cpu", seeds=None)
+    argv = evidence.run_argv("benign-gsm8k-lora", argparse.Namespace(**vars(args), rows=["mllr"]))
+    assert argv[argv.index("--strategies") + 1 :][:2] == ["mllr", "--selections"]
+    with pytest.raises(SwatError, match="--rows: safemix not among ift swat mllr control random"):
+        evidence.run_argv("benign-gsm8k-full", argparse.Namespace(**vars(args), rows=["safemix"]))
     # a row made twice with the same answers counts once; with other answers, refused
     assert evidence.table([halves[0], halves[1], halves[0]], draws=200) == text
     answers = halves[1] / "ift-seed1" / "generations.jsonl"
