@@ -25,6 +25,7 @@ import data
 import evaluation
 import files
 import options
+import scenario
 import swat_min
 import train
 from files import SwatError
@@ -49,11 +50,11 @@ def parse(setting):
     if (
         strategy not in ("ift", "swat", "mllr")
         or kw is None
-        or not set(kw) <= {"ratio", "warmup_steps", "weight_decay", "accum", "scope"}
+        or not set(kw) <= {"ratio", "warmup_steps", "weight_decay", "accum", "scope", "lr"}
     ):
         raise SwatError(
             f"setting {setting!r}: expected ift, swat or mllr[:key=value,...] with keys ratio, "
-            "warmup_steps, weight_decay, accum, scope"
+            "warmup_steps, weight_decay, accum, scope, lr"
         )
     return strategy, kw
 
@@ -63,7 +64,7 @@ def main(argv=None):
     ap.add_argument(
         "settings",
         nargs="+",
-        help="strategy[:key=value,...] of train.train, e.g. ift, "
+        help="strategy[:key=value,...] of train.train, e.g. ift, ift:lr=1e-3, "
         "mllr:ratio=0.5, swat:warmup_steps=40 (swat's warm-up defaults to 20%% of --steps)",
     )
     names = (
@@ -84,6 +85,9 @@ def main(argv=None):
         "max-new-tokens",
         "gen-batch",
         "n-task",
+        "lora-rank",
+        "lora-alpha",
+        "lora-targets",
     )
     options.add_options(ap, names, required=("model", "data", "mods", "out"))
     ap.add_argument("--dev-harmful", required=True, help="harmful prompts (CSV, JSON/JSONL, text)")
@@ -133,6 +137,7 @@ def main(argv=None):
             if strategy:
                 net, tok = swat_min.load(args)
                 kw.setdefault("warmup_steps", train.warmup_length(strategy, args.steps))
+                kw.setdefault("lr", args.lr)  # a setting may choose its own rate (LoRA's)
                 train.train(
                     net,
                     tok,
@@ -141,7 +146,7 @@ def main(argv=None):
                     strategy,
                     set() if strategy == "ift" else mods,
                     steps=args.steps,
-                    lr=args.lr,
+                    lora=scenario.lora_settings(args, net),  # None: full tuning
                     batch_size=args.batch,
                     max_len=args.max_len,
                     seed=args.seed,

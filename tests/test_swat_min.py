@@ -646,6 +646,29 @@ def test_dev_sweep_smoke(tmp_path, tiny):
     assert bad.returncode == 1 and "setting 'mllr:ratio': expected" in bad.stderr
 
 
+def test_dev_sweep_tunes_lora_at_each_settings_own_rate(tmp_path, tiny):
+    """The LoRA rate sweep: adapters on the chosen modules, each setting at its own rate."""
+    tune = tmp_path / "d.jsonl"
+    rows = [{"instruction": f"Add {i} and {i}.", "output": str(2 * i)} for i in range(20)]
+    tune.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    harmful = tmp_path / "h.txt"
+    harmful.write_text("".join(f"harmful request {i}\n" for i in range(4)))
+    script = os.path.join(ROOT, "experiments", "dev_sweep.py")
+    argv = [sys.executable, script, "--model", tiny, "--data", tune, "--mods", "q,k"]
+    argv += ["--out", tmp_path / "s", "--dev-harmful", harmful, "--dev-start", 0, "--n-task", 4]
+    argv += ["--n-dev", 4, "--steps", 2, "--batch", 2, "--n-eval", 2, "--max-new-tokens", 2]
+    argv += ["--device", "cpu", "--lora-rank", 2, "--lora-targets", "q,v"]
+    argv += ["ift:lr=1e-3", "ift:lr=3e-2"]
+    r = subprocess.run([str(x) for x in argv], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    scored = [json.loads(line) for line in open(tmp_path / "s" / "sweep.jsonl")]
+    assert [x["strategy"] for x in scored] == ["original", "ift:lr=1e-3", "ift:lr=3e-2"]
+    assert scored[1]["task_loss"] != scored[2]["task_loss"]  # the rates were used
+    for name in ("ift-lr=1e-3", "ift-lr=3e-2"):
+        config = json.load(open(tmp_path / "s" / name / "adapter" / "adapter_config.json"))
+        assert config["r"] == 2 and sorted(config["target_modules"]) == ["q_proj", "v_proj"]
+
+
 def test_dev_sweep_reads_numbers_in_every_spelling():
     sys.path.insert(
         0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
@@ -656,6 +679,7 @@ def test_dev_sweep_reads_numbers_in_every_spelling():
         "swat",
         {"warmup_steps": 40, "weight_decay": 1e-5},
     )
+    assert dev_sweep.parse("ift:lr=2e-4") == ("ift", {"lr": 2e-4})
     assert dev_sweep.parse("mllr:ratio=.5,scope=modules,accum=-1") == (
         "mllr",
         {"ratio": 0.5, "scope": "modules", "accum": -1},
