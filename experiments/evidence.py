@@ -63,7 +63,9 @@ PROFILES = {
         "steps": {"gsm8k": 20, "alpaca": 50},
     },
 }
-LORA = ["--lora-rank", "8", "--lora-alpha", "16", "--lr", "2e-4"]  # LoRA's usual higher rate
+# LoRA's rate, chosen on dev data (RESULTS.md): the rate whose dev task loss after the cpu profile's
+# 20 steps comes nearest full IFT's (the security figures play no part in the choice)
+LORA = ["--lora-rank", "8", "--lora-alpha", "16", "--lr", "1e-3"]
 CELLS = [
     f"{scenario}-{tuning}"
     for scenario in ("benign-gsm8k", "benign-alpaca", "attack-0.05", "attack-0.1")
