@@ -12,6 +12,18 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import model  # noqa: E402
 
+
+def llama3_rope(factor):
+    """Llama 3's long-context RoPE scaling, as its config.json spells it (the factor differs)."""
+    return {
+        "rope_type": "llama3",
+        "factor": factor,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+
+
 SHAPES = {  # name: transformers LlamaConfig keywords
     "smollm2-135m": dict(
         vocab_size=49152,
@@ -32,13 +44,7 @@ SHAPES = {  # name: transformers LlamaConfig keywords
         num_key_value_heads=8,
         tie_word_embeddings=True,
         rope_theta=5e5,
-        rope_scaling={
-            "rope_type": "llama3",
-            "factor": 32.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192,
-        },
+        rope_scaling=llama3_rope(32.0),
     ),
     "llama-3.1-8b": dict(
         vocab_size=128256,
@@ -49,13 +55,7 @@ SHAPES = {  # name: transformers LlamaConfig keywords
         num_key_value_heads=8,
         tie_word_embeddings=False,
         rope_theta=5e5,
-        rope_scaling={
-            "rope_type": "llama3",
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192,
-        },
+        rope_scaling=llama3_rope(8.0),
     ),
     "tiny": dict(
         vocab_size=512,

@@ -1,5 +1,5 @@
-"""The dev-set sweep behind the chosen settings (SWAT's warm-up length, ML-LR's ratio; RESULTS.md
-has its runs).
+"""The dev-set sweep behind the chosen settings (SWAT's warm-up length, ML-LR's ratio, LoRA's rate;
+RESULTS.md has its runs).
 
 Every setting tunes the same start on the same data, steps and seed, and is scored only on data that
 the reported results never use: the harmful prompts of --dev-harmful from row --dev-start on (the
