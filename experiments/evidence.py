@@ -344,7 +344,11 @@ def main(argv=None):
     try:
         if args.command == "run":
             swat_min.main(run_argv(args.cell, args))
-            print(table([args.out], args.draws))  # the table beside the run
+            if args.rows and "ift" not in args.rows:
+                # every row is set against ift: this folder's table comes from pooling
+                print(f"rows made; the table: evidence.py table FOLDER_WITH_IFT {args.out}")
+            else:
+                print(table([args.out], args.draws))  # the table beside the run
         else:
             print(table(args.folders, args.draws, args.out))
     except SwatError as e:

@@ -77,7 +77,9 @@ def test_scanned_selections_read_the_scan_and_a_bad_fixed_one_is_one_line():
         plan.check(["scan", "q,x"], 3)
 
 
-def test_run_compares_selections_random_and_control_and_watches_the_drift(tmp_path, tiny):
+def test_run_compares_selections_random_and_control_and_watches_the_drift(
+    tmp_path, tiny, monkeypatch, capsys
+):
     data = tmp_path / "d.jsonl"
     rows = [{"instruction": f"What is {i} plus 1?", "output": f"{i + 1}"} for i in range(12)]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -153,6 +155,14 @@ def test_run_compares_selections_random_and_control_and_watches_the_drift(tmp_pa
     assert argv[argv.index("--strategies") + 1 :][:2] == ["mllr", "--selections"]
     with pytest.raises(SwatError, match="--rows: safemix not among ift swat mllr control random"):
         evidence.run_argv("benign-gsm8k-full", argparse.Namespace(**vars(args), rows=["safemix"]))
+    # rows made without ift: no table of their own (every row is set against ift), said so
+    made = []
+    monkeypatch.setattr(evidence.swat_min, "main", made.append)
+    evidence.main(["run", "benign-gsm8k-full", "--model", "m", "--out", "o", "--rows", "mllr"])
+    assert (
+        made
+        and "rows made; the table: evidence.py table FOLDER_WITH_IFT o" in capsys.readouterr().out
+    )
     # a row made twice with the same answers counts once; with other answers, refused
     assert evidence.table([halves[0], halves[1], halves[0]], draws=200) == text
     answers = halves[1] / "ift-seed1" / "generations.jsonl"
