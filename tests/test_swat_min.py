@@ -759,7 +759,7 @@ def test_readme_commands_parse(tmp_path, monkeypatch):
         {"--" + o for o in swat_min.OPTIONS}
         | {flag for flags in options.ALIASES.values() for flag in flags}
         | {"--help", "--extra-index-url", "--check", "--nproc-per-node"}  # pip, ruff, torchrun
-        | set(re.findall(r'add_argument\("(--[a-z-]+)"', scripts))
+        | set(re.findall(r'add_argument\(\s*"(--[a-z-]+)"', scripts))  # also wrapped by ruff
     )
     assert set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]+", text)) <= known
 
