@@ -159,10 +159,8 @@ def test_run_compares_selections_random_and_control_and_watches_the_drift(
     made = []
     monkeypatch.setattr(evidence.swat_min, "main", made.append)
     evidence.main(["run", "benign-gsm8k-full", "--model", "m", "--out", "o", "--rows", "mllr"])
-    assert (
-        made
-        and "rows made; the table: evidence.py table FOLDER_WITH_IFT o" in capsys.readouterr().out
-    )
+    assert made  # the rows were made
+    assert "rows made; the table: evidence.py table FOLDER_WITH_IFT o" in capsys.readouterr().out
     # a row made twice with the same answers counts once; with other answers, refused
     assert evidence.table([halves[0], halves[1], halves[0]], draws=200) == text
     answers = halves[1] / "ift-seed1" / "generations.jsonl"
