@@ -20,6 +20,7 @@ import atexit
 import datetime
 import os
 import shutil
+import sys
 import tempfile
 
 import torch
@@ -49,6 +50,8 @@ def setup(device):
         device = f"cuda:{local}"
     backend = "nccl" if str(device).startswith("cuda") else "gloo"
     dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+    if rank() != 0:  # the first process speaks for all: the others' lines would repeat its own
+        sys.stdout = open(os.devnull, "w", encoding="utf-8")  # errors still go to stderr
     return device
 
 

@@ -93,6 +93,8 @@ def test_two_processes_train_as_one(tiny, tmp_path, strategy):
     one_process(tiny, data, tmp_path / "one", extra)
     done = torchrun(train_argv(tiny, data, tmp_path / "two", *extra))
     assert done.returncode == 0, done.stderr[-3000:]
+    # the first process speaks for both: each line once, not once per process
+    assert done.stdout.count("tuning set:") == 1 and done.stdout.count("wrote ") == 1
     one = weights(tmp_path / "one")
     two = weights(tmp_path / "two")
     start = weights(tiny)
@@ -171,6 +173,7 @@ def test_run_under_torchrun_makes_the_one_process_run(tiny, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     # the second process's files: made, then deleted (torchrun keeps a folder of its own there)
     assert [p for p in scratch.iterdir() if p.name.startswith("swat-min")] == []
+    assert done.stdout.count("== scan:") == 1 and done.stdout.count("/results.json") == 1
     # the same files, the same rows: each tuning sharded, each evaluation on the whole model
     assert sorted(os.listdir(tmp_path / "one")) == sorted(os.listdir(tmp_path / "two"))
     rows = [json.load(open(tmp_path / f / "results.json"))["rows"] for f in ("one", "two")]
