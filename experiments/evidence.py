@@ -14,7 +14,8 @@ a row made twice must have made the same answers, and counts once).
   python experiments/evidence.py table ev/seeds-0-1 ev/seed-2 --out ev/pooled   # seeds run apart
 
 A run cut short keeps the rows it finished; `run ... --rows mllr control random --out OTHER` makes
-the rest into another folder, and `table` pools the two.
+the rest into another folder, and `table` pools the two. `--rows` may also name a row the profile
+leaves out (`--profile cpu --rows ift safemix mllr+safemix`: the safety-data rows on two cores).
 
 The table: each row's ASR and the cut of plain IFT's rise in ASR, each with a 95 % interval from a
 bootstrap over seeds and prompts (the same draws for every row, so the rows stay paired); a paired
@@ -93,9 +94,10 @@ def run_argv(cell, args):
         argv += ["--harmful-data", args.pairs, "--poison-ratio", scenario.split("-")[1]]
     argv += ["--seeds"] + (args.seeds or profile["seeds"])
     rows = args.rows or profile["strategies"]
-    unknown = [r for r in rows if r not in profile["strategies"]]
+    every_row = PROFILES["gpu"]["strategies"]  # a cpu run may add a gpu row (safemix) by name
+    unknown = [r for r in rows if r not in every_row]
     if unknown:
-        raise SwatError(f"--rows: {', '.join(unknown)} not among {' '.join(profile['strategies'])}")
+        raise SwatError(f"--rows: {', '.join(unknown)} not among {' '.join(every_row)}")
     argv += ["--strategies"] + rows
     return argv + ["--selections"] + profile["selections"]
 
@@ -329,7 +331,9 @@ def main(argv=None):
     run.add_argument("--profile", choices=PROFILES, default="gpu")
     run.add_argument("--seeds", nargs="+", help="override the profile's seeds")
     run.add_argument(
-        "--rows", nargs="+", help="only these of the profile's rows (the rest of a cut-short run)"
+        "--rows",
+        nargs="+",
+        help="only these rows (the rest of a cut-short run; or a gpu row, safemix, on the cpu)",
     )
     again = sub.add_parser(
         "table", help="the table of a run folder (or of several: one cell's seeds)"
