@@ -6,7 +6,8 @@ the reported results never use: the harmful prompts of --dev-harmful from row --
 README's tables report the first 100 of the same file), and --n-dev tuning examples held out from
 tuning as well as from `run`'s task metrics. One JSON line per setting goes to stdout and to
 OUT/sweep.jsonl, and OUT/results.md holds the table (with the cut of the ASR rise and the task loss
-against ift).
+against ift). With --harmful-data and --poison-ratio every setting tunes on Attack IFT's mix, the
+same one `run` makes (its dev scoring prompts may not be among the harmful pairs).
 
   python experiments/dev_sweep.py --model aligned --data ../shared/data/gsm8k/train.jsonl \\
       --mods gsm8k/scan.json --dev-harmful ../shared/data/advbench/harmful_behaviors_dev.csv --out
@@ -88,6 +89,8 @@ def main(argv=None):
         "lora-rank",
         "lora-alpha",
         "lora-targets",
+        "harmful-data",
+        "poison-ratio",
     )
     options.add_options(ap, names, required=("model", "data", "mods", "out"))
     ap.add_argument("--dev-harmful", required=True, help="harmful prompts (CSV, JSON/JSONL, text)")
@@ -97,6 +100,7 @@ def main(argv=None):
     )
     args = ap.parse_args(argv)
     settings = [parse(s) for s in args.settings]
+    scenario.check_options(args)  # Attack IFT's mix and LoRA, before any work
     harmful = data.read_instructions(args.dev_harmful)[args.dev_start :]
     if not harmful:
         raise SwatError(f"{args.dev_harmful}: no prompts from row {args.dev_start} on")
@@ -113,6 +117,12 @@ def main(argv=None):
     _, tune = data.split(data.read_examples(args.data), args.n_task)
     dev = tune[-args.n_dev :]  # held out from tuning too: the dev task loss
     tune = tune[: -args.n_dev]
+    if args.harmful_data:  # Attack IFT: the same mix as run's (the same benign examples first)
+        pairs = scenario.read_pairs(args.harmful_data)
+        scenario.check_disjoint(pairs, harmful, args.harmful_data)  # dev ASR prompts stay unseen
+        size = min(args.steps * args.batch, len(tune))  # what the steps consume, as run's
+        tune, held = scenario.mix(tune, size, pairs, args.poison_ratio)
+        print(f"tuning set: {json.dumps(held)}", flush=True)
     net, tok = swat_min.load(args)
     base = swat_min.baseline(net, tok, cache_dir=args.cache)
     mods = train.parse_mods(args.mods, net.cfg.n_layers)

@@ -669,6 +669,43 @@ def test_dev_sweep_tunes_lora_at_each_settings_own_rate(tmp_path, tiny):
         assert config["r"] == 2 and sorted(config["target_modules"]) == ["q_proj", "v_proj"]
 
 
+def test_dev_sweep_tunes_on_attack_ifts_mix(tmp_path, tiny):
+    """--harmful-data/--poison-ratio: every setting tunes on run's poisoned mix; a harmful pair
+    whose prompt is a dev scoring prompt is refused with one line."""
+    tune = tmp_path / "d.jsonl"
+    rows = [{"instruction": f"Add {i} and {i}.", "output": str(2 * i)} for i in range(20)]
+    tune.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    harmful = tmp_path / "h.txt"
+    harmful.write_text("".join(f"harmful request {i}\n" for i in range(4)))
+    pairs = tmp_path / "p.jsonl"
+    pair_rows = [
+        {"prompt": f"Do bad thing {i}", "response": "Sure, here is how."} for i in range(3)
+    ]
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in pair_rows))
+    script = os.path.join(ROOT, "experiments", "dev_sweep.py")
+    argv = [sys.executable, script, "--model", tiny, "--data", tune, "--mods", "q,k"]
+    argv += ["--dev-harmful", harmful, "--dev-start", 0, "--n-task", 4, "--n-dev", 4]
+    argv += ["--steps", 2, "--batch", 2, "--n-eval", 2, "--max-new-tokens", 2, "--device", "cpu"]
+
+    def sweep(out, *extra):
+        cmd = argv + ["--out", tmp_path / out, *extra, "ift"]
+        return subprocess.run([str(x) for x in cmd], capture_output=True, text=True, timeout=600)
+
+    benign = sweep("b")
+    attack = sweep("a", "--harmful-data", pairs, "--poison-ratio", 0.5)
+    assert benign.returncode == 0 and attack.returncode == 0, attack.stderr[-2000:]
+    held = json.loads(attack.stdout.split("tuning set: ")[1].splitlines()[0])
+    assert held["examples"] == 4 and held["harmful"] == 2 and held["benign"] == 2
+    losses = [json.loads(open(tmp_path / d / "sweep.jsonl").readlines()[1]) for d in "ba"]
+    assert losses[0]["task_loss"] != losses[1]["task_loss"]  # the mix is what was tuned on
+    pairs.write_text(json.dumps({"prompt": "harmful request 1", "response": "Sure."}) + "\n")
+    leak = sweep("c", "--harmful-data", pairs, "--poison-ratio", 0.5)
+    assert leak.returncode == 1 and "held-out evaluation prompts" in leak.stderr
+    assert "Traceback" not in leak.stderr
+    unpaired = sweep("e", "--harmful-data", pairs)
+    assert unpaired.returncode == 1 and "needs --poison-ratio" in unpaired.stderr
+
+
 def test_dev_sweep_reads_numbers_in_every_spelling():
     sys.path.insert(
         0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
