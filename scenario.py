@@ -72,7 +72,8 @@ def check_disjoint(chats, held_out, path):
 def set_size(args, n_benign):
     """The tuning set's size: --limit, or the examples the steps consume; at most n_benign."""
     consumed = args.steps * args.batch * getattr(args, "accum", 1)
-    return min(args.limit or consumed, n_benign)
+    limit = getattr(args, "limit", None)  # the dev sweep has no --limit
+    return min(limit or consumed, n_benign)
 
 
 def safety_pairs(n, seed=MIX_SEED):

@@ -117,12 +117,9 @@ def main(argv=None):
     _, tune = data.split(data.read_examples(args.data), args.n_task)
     dev = tune[-args.n_dev :]  # held out from tuning too: the dev task loss
     tune = tune[: -args.n_dev]
-    if args.harmful_data:  # Attack IFT: the same mix as run's (the same benign examples first)
-        pairs = scenario.read_pairs(args.harmful_data)
-        scenario.check_disjoint(pairs, harmful, args.harmful_data)  # dev ASR prompts stay unseen
-        size = min(args.steps * args.batch, len(tune))  # what the steps consume, as run's
-        tune, held = scenario.mix(tune, size, pairs, args.poison_ratio)
-        print(f"tuning set: {json.dumps(held)}", flush=True)
+    # Attack IFT: run's own mix (the same benign examples first); no dev ASR prompt may be in it
+    tune, held = scenario.attack_set(args, tune, harmful)
+    print(f"tuning set: {json.dumps(held)}", flush=True)
     net, tok = swat_min.load(args)
     base = swat_min.baseline(net, tok, cache_dir=args.cache)
     mods = train.parse_mods(args.mods, net.cfg.n_layers)
