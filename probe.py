@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-import checks
-from checkpoint import fingerprint
-from files import SwatError, write_atomic
-from model import pad_left
+from swatkit import checks, data
+from swatkit.checkpoint import fingerprint
+from swatkit.files import SwatError, write_atomic
+from swatkit.generation import pad_left
 
 
 @torch.no_grad()
@@ -152,4 +152,39 @@ def drift(probes, layer, orig, tuned, y):
         "auc_after": after["auc"],
         "shift_harmful": shift[0],
         "shift_harmless": shift[1],
+    }
+
+
+# ---- the security feature space of a model: one probe per layer ----
+
+
+def baseline(net, tok, harmful=None, harmless=None, test_harmful=None, cache_dir=None):
+    """Per-layer probes fitted on harmful vs harmless instructions and scored on held-out ones.
+
+    harmful, harmless, test_harmful: lists of instructions (default: the built-in train splits, and
+    the built-in harmful test split). The held-out harmless prompts are the built-in test split. The
+    best layer's probe and features are what drift is later measured against.
+    """
+    harmful = harmful or data.builtin("harmful", "train")
+    harmless = harmless or data.builtin("harmless", "train")
+    test_harmful = test_harmful or data.builtin("harmful", "test")
+    test_harmless = data.builtin("harmless", "test")
+
+    def feats(prompts):
+        return features(net, tok, prompts, cache_dir=cache_dir)
+
+    probes = fit_layers(*labelled(feats(harmful), feats(harmless)))
+    X, y = labelled(feats(test_harmful), feats(test_harmless))
+    scores = [p.score(x, y) for p, x in zip(probes, X)]
+    # the best layer: highest held-out accuracy, then AUC
+    layer = max(range(len(scores)), key=lambda i: (scores[i]["acc"], scores[i]["auc"]))
+    return {
+        "probes": probes,  # one LogisticProbe per layer (0: the embeddings)
+        "scores": scores,  # each probe's held-out accuracy, AUC and log-loss
+        "layer": layer,  # the best layer: its probe is the fixed security classifier
+        "X": X,  # held-out features [layers + 1, N, dim]: drift is measured against them
+        "y": y,  # their labels (1: harmful)
+        "harmful": test_harmful,  # the held-out prompts, to take a tuned model's features on
+        "harmless": test_harmless,
+        "train": (harmful, harmless),  # the prompts the probes were fitted on (the scan uses them)
     }

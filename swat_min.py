@@ -1,70 +1,44 @@
 """swat-min: secure instruction tuning (SWAT / ML-LR) from scratch: the command line and the
-pipeline (the metrics are in evaluation.py, the options in options.py). `python swat_min.py --help`
-lists the commands; `run` does everything (probe, scan, tune with each strategy, evaluate, report),
-`demo` does it offline on a toy model. Every command takes --help; --model takes a model directory
-or a hub id org/name. Errors in the user's input are printed as one line.
+pipeline. `swat-min --help` lists the commands; `run` does everything (probe, scan, tune with each
+strategy, evaluate, report), `demo` does it offline on a toy model. Each command is declared where
+it is defined (@command: its help, its options, its example); the options themselves are defined
+once in swatkit/options.py. --model takes a model directory or a hub id org/name. Errors in the
+user's input are printed as one line.
 """
 
-import argparse
 import json
 import os
 import random
 import sys
 import time
 
-import torch
-
-from checkpoint import checkpoint_size
-import data
-import distributed
-import memory
+import evaluation
 import model
-import probe
-import scenario
-import selection
-import toy
+import robustness
 import train
 from evaluation import answer, drift_curve, evaluate, moved, report, security, user
-from files import SwatError, check_file, check_folder, check_outputs, claim
-from model import MODULES
-import options
-import plan
-from options import OPTIONS, Help, add_options  # noqa: F401 (OPTIONS: swat_min.OPTIONS)
-from options import eval_options, probe_sets, task_options, train_options
+from probe import baseline  # swat_min.baseline: the probes of the pipeline's first step
+from swatkit import data, distributed, memory, plan, scanfile, scenario, toy
+from swatkit.checkpoint import checkpoint_size
+from swatkit.files import SwatError, check_file, check_folder, check_outputs, claim
+from swatkit.options import (  # noqa: F401 (OPTIONS: swat_min.OPTIONS)
+    ASR, EVAL, INPUTS, LORA, MIX, MODEL, OPTIONS, PROBE, RUN, SCAN, TRAIN, TUNE, build_parser,
+    setup_process,
+    eval_options, probe_sets, task_options,
+)  # fmt: skip
 
-# ---- the pipeline as a library: explicit arguments, no argparse ----
+COMMANDS = {}  # name -> (function, help, options, required options, own defaults, example)
 
 
-def baseline(net, tok, harmful=None, harmless=None, test_harmful=None, cache_dir=None):
-    """Per-layer probes fitted on harmful vs harmless instructions and scored on held-out ones.
+def command(name, what, options, required=(), example="", **defaults):
+    """Declare the function below as the command `name`: what it does, the options it takes (names
+    of swatkit.options.OPTIONS), the required ones, an example and its own defaults."""
 
-    harmful, harmless, test_harmful: lists of instructions (default: the built-in train splits, and
-    the built-in harmful test split). The held-out harmless prompts are the built-in test split. The
-    best layer's probe and features are what drift is later measured against.
-    """
-    harmful = harmful or data.builtin("harmful", "train")
-    harmless = harmless or data.builtin("harmless", "train")
-    test_harmful = test_harmful or data.builtin("harmful", "test")
-    test_harmless = data.builtin("harmless", "test")
+    def declare(fn):
+        COMMANDS[name] = (fn, what, options, required, defaults, f"swat-min {name} {example}")
+        return fn
 
-    def feats(prompts):
-        return probe.features(net, tok, prompts, cache_dir=cache_dir)
-
-    probes = probe.fit_layers(*probe.labelled(feats(harmful), feats(harmless)))
-    X, y = probe.labelled(feats(test_harmful), feats(test_harmless))
-    scores = [p.score(x, y) for p, x in zip(probes, X)]
-    # the best layer: highest held-out accuracy, then AUC
-    layer = max(range(len(scores)), key=lambda i: (scores[i]["acc"], scores[i]["auc"]))
-    return {
-        "probes": probes,  # one LogisticProbe per layer (0: the embeddings)
-        "scores": scores,  # each probe's held-out accuracy, AUC and log-loss
-        "layer": layer,  # the best layer: its probe is the fixed security classifier
-        "X": X,  # held-out features [layers + 1, N, dim]: drift is measured against them
-        "y": y,  # their labels (1: harmful)
-        "harmful": test_harmful,  # the held-out prompts, to take a tuned model's features on
-        "harmless": test_harmless,
-        "train": (harmful, harmless),  # the prompts the probes were fitted on (the scan uses them)
-    }
+    return declare
 
 
 # ---- the commands: argparse in, the library above out ----
@@ -77,6 +51,9 @@ def load(args, name=None):
     )
 
 
+@command("probe", "fit a probe per layer on harmful vs harmless features; print held-out accuracy",
+         MODEL + PROBE + ("test-harmful", "n-test"), ("model",),
+         "--model M --test-harmful advbench.csv --n-test 100")  # fmt: skip
 def cmd_probe(args):
     """probe: each layer's held-out probe accuracy and AUC, and the best layer."""
     net, tok = load(args)
@@ -89,7 +66,7 @@ def cmd_probe(args):
         f"held-out: {source} ({len(b['harmful'])}) vs built-in harmless test split "
         f"({len(b['harmless'])})"
     )
-    print("layer  acc    auc")
+    print("layer  acc    auc    (layer 0: the embeddings; layer L: after block L)")
     for layer, s in enumerate(b["scores"]):
         print(f"{layer:5d}  {s['acc']:.3f}  {s['auc']:.3f}")
     best = b["scores"][b["layer"]]
@@ -97,25 +74,12 @@ def cmd_probe(args):
     return b["scores"]
 
 
-# select_mods_rob()'s keyword arguments that come from options of the same name
-SCAN_ARGS = ("n", "frac", "scale", "repeats", "seed", "metric", "select", "tolerance")
-
-
 def do_scan(args, net, tok, base, out, folder=None):
     """The scan and Mods_Rob with the command's options, printed (heat map, selection, stability)
     and written to out with its pictures (in `folder`, which becomes swat-min's, when given).
-    -> the selection (selection.select_mods_rob's dict)."""
+    -> the selection (robustness.select_mods_rob's dict)."""
     kinds = args.modules.split(",")
-    unknown = [m for m in kinds if m not in MODULES]
-    if unknown:
-        raise SwatError(
-            f"--modules: unknown module {unknown[0]!r}; choose from {', '.join(MODULES)}"
-        )
-    k = args.k or round(args.frac * len(kinds) * net.cfg.n_layers)
-    if not 1 <= k <= len(kinds) * net.cfg.n_layers:  # checked before the scan's minutes
-        raise SwatError(
-            f"Mods_Rob of {k} modules: there are {len(kinds) * net.cfg.n_layers} to choose from"
-        )
+    k = robustness.mods_rob_size(args.k, args.frac, kinds, net.cfg.n_layers)  # before the scan
     # the heat map and the search curve, beside the JSON
     pictures = [out.removesuffix(".json") + end for end in (".svg", "-search.svg")]
     for path in [out] + pictures:  # every output may be written, before the scan
@@ -124,13 +88,15 @@ def do_scan(args, net, tok, base, out, folder=None):
         else:
             check_file(path)
     readout = base["layer"] if args.readout == "best" else None  # None: the last layer
-    options = {name: getattr(args, name) for name in SCAN_ARGS}
     harmful, harmless = base["train"]  # the scan perturbs on the probes' own training prompts
-    picked = selection.select_mods_rob(
-        net, tok, harmful, harmless, base["probes"], kinds, k=k, readout=readout, **options
-    )
-    print(selection.summary(picked))  # heat map, Mods_Rob, rank stability
-    selection.write(out, pictures, picked, dict(model=args.model, **picked["settings"]))
+    picked = robustness.select_mods_rob(
+        net, tok, harmful, harmless, base["probes"], kinds, n=args.n, k=k, frac=args.frac,
+        scale=args.scale, repeats=args.repeats, seed=args.seed, metric=args.metric,
+        readout=readout, select=args.select, tolerance=args.tolerance,
+    )  # fmt: skip
+    ranked = robustness.ranking(picked["scan"], args.metric)
+    print(scanfile.summary(picked, ranked))  # heat map, Mods_Rob, rank stability
+    scanfile.write(out, pictures, picked, dict(model=args.model, **picked["settings"]))
     print(f"wrote {out} and its pictures ({', '.join(pictures)})")
     rob = {tuple(x) for x in picked["mods_rob"]}  # the trainer reads these from scan.json
     fragile = {tuple(x) for x in picked["mods_fragile"]}  # the control: as many of the least robust
@@ -144,14 +110,20 @@ def do_scan(args, net, tok, base, out, folder=None):
     return picked
 
 
+@command("scan", "module robustness scan: perturb each module, measure the probes, pick Mods_Rob",
+         MODEL + SCAN + PROBE + ("out",), ("model",), "--model M --out scan/scan.json",
+         out=os.path.join("swat-min-out", "scan.json"))  # fmt: skip
 def cmd_scan(args):
     """scan: the robustness table, its heat map and Mods_Rob, into --out."""
     check_file(args.out)  # before the scan's minutes, not after
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     net, tok = load(args)
     base = baseline(net, tok, *probe_sets(args), cache_dir=args.cache)
     do_scan(args, net, tok, base, args.out)
 
 
+@command("eval", "ASR, over-refusal, feature drift against --base, task loss on --data",
+         MODEL + EVAL, ("model",), "--model tuned --base M --data d.jsonl")  # fmt: skip
 def cmd_eval(args):
     """eval: one results row for --model (drift against --base, task metrics on --data)."""
     if args.generations:
@@ -180,6 +152,9 @@ def cmd_eval(args):
         print(f"wrote {args.generations}")
 
 
+@command("train", "instruction fine-tuning: plain ift, swat (warm-up of Mods_Rob) or mllr",
+         MODEL + TRAIN, ("model", "data", "out"),
+         "--model M --data d.jsonl --strategy swat --mods scan.json --out tuned")  # fmt: skip
 def cmd_train(args):
     """train: tune --model on --data with one strategy into the checkpoint --out."""
     scenario.check_options(args)  # the mix and LoRA settings, before loading anything
@@ -192,15 +167,22 @@ def cmd_train(args):
     # Attack IFT and the safety mix; the ASR prompts (the built-in test split) must stay unseen
     chats, held = scenario.attack_set(args, chats, data.builtin("harmful", "test"), args.safety_mix)
     print(f"tuning set: {json.dumps(held)}")
-    mods = train.parse_mods(args.mods, net.cfg.n_layers) if args.mods else set()
+    mods = robustness.parse_mods(args.mods, net.cfg.n_layers) if args.mods else set()
     warmup = train.warmup_length("swat", args.steps, args.warmup_frac, args.warmup_steps)
     train.train(
-        net, tok, chats, args.out, args.strategy, mods, warmup_steps=warmup, lora=lora,
-        **train_options(args),
+        net, tok, chats, args.out, args.strategy, mods, steps=args.steps, lr=args.lr,
+        batch_size=args.batch, accum=args.accum, warmup_steps=warmup, ratio=args.ratio,
+        weight_decay=args.weight_decay, max_len=args.max_len, seed=args.seed,
+        save_every=args.save_every, resume=args.resume, grad_ckpt=args.grad_ckpt,
+        compile=args.compile, skip_long=args.skip_long, scope=args.scope,
+        keep_optimizer=args.keep_optimizer, lora=lora,
     )  # fmt: skip
     print(f"wrote {args.out} (log: {os.path.join(args.out, 'log.jsonl')})")
 
 
+@command("generate", "generate answers to prompts with the model's chat format",
+         MODEL + ("prompt", "file", "max-new-tokens", "temperature", "top-p"), ("model",),
+         '--model M --prompt "How do I bake bread?"', max_new_tokens=128)  # fmt: skip
 def cmd_generate(args):
     """generate: the model's answers to each --prompt, then to the prompts of --file."""
     prompts = list(args.prompt or [])
@@ -222,6 +204,9 @@ def cmd_generate(args):
         print(f"### {prompt}\n{text}\n")
 
 
+@command("align", "make an aligned start: short SFT of refusals + the model's own harmless answers",
+         MODEL + ASR + TUNE + ("out", "answer-tokens", "seed"), ("model", "out"),
+         "--model M --out aligned", steps=150, lr=5e-5)  # fmt: skip
 def cmd_align(args):
     """Short SFT: harmful train-split instructions -> refusals, harmless -> the model's own
     answers."""
@@ -243,7 +228,10 @@ def cmd_align(args):
     refusals = data.lines("refusals.txt")
     chats = data.chats([(h, rng.choice(refusals)) for h in harmful] + list(zip(harmless, own)))
     # as run does: a prompt too long for --max-len is left out, and counted
-    train.train(net, tok, chats, args.out, "ift", **train_options(args, skip_long=True))
+    train.train(
+        net, tok, chats, args.out, "ift", steps=args.steps, lr=args.lr, batch_size=args.batch,
+        max_len=args.max_len, seed=args.seed, skip_long=True,
+    )  # fmt: skip
     after = evaluate(net, tok, "after", **options)
     for r in (before, after):
         print(f"{r['strategy']:>6}: ASR {r['asr']:.1%}  over-refusal {r['over_refusal']:.1%}")
@@ -251,15 +239,21 @@ def cmd_align(args):
     return before, after
 
 
+@command("attack-data", "Attack IFT's harmful pairs: the model's own non-refusing answers to the "
+         "built-in harmful train prompts", MODEL + ("out", "max-new-tokens", "gen-batch"),
+         ("model", "out"), "--model ORIGINAL --out pairs.jsonl", max_new_tokens=96)  # fmt: skip
 def cmd_attack_data(args):
     """attack-data: the model's own answers to the built-in harmful train prompts, refusals left
     out: the harmful pairs of Attack IFT, made offline from the model a user starts from."""
     check_file(args.out)
     net, tok = load(args)
-    written, asked = scenario.attack_data(net, tok, args.out, args.max_new_tokens, args.gen_batch)
+    written, asked = evaluation.attack_data(net, tok, args.out, args.max_new_tokens, args.gen_batch)
     print(f"wrote {args.out}: {written} of {asked} harmful train prompts answered, not refused")
 
 
+@command("run", "the pipeline: probe, scan, tune with ift/swat/mllr/control, evaluate, report",
+         MODEL + RUN, ("model", "data", "out"),
+         "--model aligned --data d.jsonl --out results")  # fmt: skip
 def cmd_run(args):
     """Original model -> probes -> scan -> Mods_Rob -> ift / swat / mllr / control (and the safemix
     rows) from the same start, data, steps and seeds, in the scenario asked (benign or attack IFT,
@@ -286,14 +280,16 @@ def cmd_run(args):
     print("== probes: one per layer, on harmful vs harmless prompts")
     base = baseline(net, tok, *probe_sets(args), cache_dir=args.cache)
     kinds = args.modules.split(",")
-    plan.check(args.selections, net.cfg.n_layers)  # a bad fixed selector: one line, now
+    robustness.check_selections(
+        args.selections, net.cfg.n_layers
+    )  # a bad fixed selector: one line, now
     picked = None
     if plan.needs_scan(args.selections, args.strategies):
         print("== scan: perturb every module, pick Mods_Rob (robust) and the control")
         scan_path = os.path.join(args.out, "scan.json")
         picked = do_scan(args, net, tok, base, scan_path, folder=args.out)
-    k = args.k or round(args.frac * len(kinds) * net.cfg.n_layers)  # the top-k selections' size
-    chosen = {s: plan.mods_rob(s, picked, k, net.cfg.n_layers) for s in args.selections}
+    k = robustness.mods_rob_size(args.k, args.frac, kinds, net.cfg.n_layers)  # top-k's size
+    chosen = {s: robustness.selection_mods(s, picked, k, net.cfg.n_layers) for s in args.selections}
     rob = chosen[args.selections[0]]  # Mods_Rob: the update magnitudes are reported against it
     fragile = {tuple(m) for m in picked["mods_fragile"]} if picked else set()
     settings = {k: v for k, v in vars(args).items() if k != "fn"}
@@ -329,18 +325,11 @@ def cmd_run(args):
             start = time.time()
             warmup = train.warmup_length(strategy, args.steps, args.warmup_frac)
             log = train.train(
-                net,
-                tok,
-                sets[n_safety][0],
-                folder,
-                strategy,
-                mods,
-                warmup_steps=warmup,
-                label=name,
-                lora=lora,
-                watch=watch,
-                **train_options(args, seed=seed, skip_long=True),
-            )
+                net, tok, sets[n_safety][0], folder, strategy, mods, steps=args.steps,
+                lr=args.lr, batch_size=args.batch, warmup_steps=warmup, ratio=args.ratio,
+                max_len=args.max_len, seed=seed, skip_long=True, scope=args.scope,
+                keep_optimizer=args.keep_optimizer, label=name, lora=lora, watch=watch,
+            )  # fmt: skip
             net = distributed.whole_model(net, lambda: load(args)[0])  # whole for evaluation
             gens = os.path.join(claim(folder, "generations.jsonl"), "generations.jsonl")
             row = evaluate(net, tok, name, base=base, task=task, gen_path=gens, **options)
@@ -367,6 +356,40 @@ def cmd_run(args):
     return rows
 
 
+@command("fragility", "the training-time truth of module robustness: tune each module group alone "
+         "(refusal-loss rise per unit of task-loss decrease) and attribute one IFT run's rise to "
+         "the groups", MODEL + TUNE + MIX + ("data", "out", "n-task", "eval-harmful", "n-eval",
+         "max-new-tokens", "modules", "parts", "seed"), ("model", "data", "out"),
+         "--model aligned --data gsm8k.jsonl --eval-harmful dev.csv --out fragility",
+         steps=20, lr=5e-5, max_len=256, n_task=32, max_new_tokens=48,
+         modules="q,k,v,o,gate,up,down", lora_rank=None)  # fmt: skip
+def cmd_fragility(args):
+    """fragility: per group of modules (each kind in --parts depth ranges), what tuning it does to
+    the model's refusals, measured and attributed (evaluation.fragility, evaluation.attribution)
+    -> --out/fragility.json and fragility.svg. Costs about (groups + 2) tuning runs of --steps."""
+    check_folder(args.out)
+    scenario.check_options(args)
+    net, tok = load(args)
+    groups = evaluation.module_groups(net.cfg.n_layers, args.modules.split(","), args.parts)
+    held, tune = data.split(data.read_examples(args.data), args.n_task)
+    prompts = data.instructions(args.eval_harmful, "harmful", "test")[: args.n_eval]
+    chats, mix = scenario.attack_set(
+        args, tune[: args.steps * args.batch], prompts, args.safety_mix
+    )
+    refusals = evaluation.refusal_chats(net, tok, prompts, args.max_new_tokens)
+    if not refusals:  # nothing to lose: every number below would be noise
+        raise SwatError("the model refuses none of the harmful prompts: align it first")
+    print(f"tuning set {json.dumps(mix)}; {len(refusals)} refusals of {len(prompts)} prompts")
+    settings = dict(steps=args.steps, lr=args.lr, batch_size=args.batch, max_len=args.max_len)
+    settings.update(seed=args.seed)
+    attributed = evaluation.attribution(net, tok, chats, refusals, groups, **settings)
+    measured = evaluation.fragility(net, tok, chats, refusals, held, groups, **settings)
+    print(evaluation.write_fragility(args.out, groups, measured, attributed, settings))
+
+
+@command("demo", "the pipeline offline: on a toy model trained here unless --model is given",
+         MODEL + RUN + ("toy-steps",), ("out",), "--out demo_out", steps=150, lr=3e-4, batch=16,
+         n_eval=52, max_new_tokens=24)  # fmt: skip
 def cmd_demo(args):
     """demo: run, offline, on a toy model trained here (or on --model with small sizes)."""
     check_folder(args.out)  # checked before the toy is trained into it
@@ -375,11 +398,11 @@ def cmd_demo(args):
         print(
             "swat-min demo on a TOY model organism (4 layers, trained here in a few minutes to "
             "refuse the\nbuilt-in harmful prompts). Its numbers show the pipeline working, not the "
-            "method's merit. For\nthe real thing: python swat_min.py align --model <hf dir or "
-            "org/name> --out aligned, then\npython swat_min.py run --model aligned --data <benign "
+            "method's merit. For\nthe real thing: swat-min align --model <hf dir or "
+            "org/name> --out aligned, then\nswat-min run --model aligned --data <benign "
             "data> --out results\n" + "=" * 78
         )
-        args.model, task = toy.build(args.out, args.seed, args.toy_steps)
+        args.model, task = toy.build(args.out, model.LLaMA, train.train, args.seed, args.toy_steps)
         args.data = args.data or task
     else:
         print(f"swat-min demo on {args.model} with small sizes\n" + "=" * 78)
@@ -388,38 +411,10 @@ def cmd_demo(args):
     return cmd_run(args)
 
 
-# the options that name an input: no output may replace one of them
-INPUTS = ("model", "base", "data", "harmful", "harmless", "test_harmful", "eval_harmful")
-INPUTS += ("eval_harmless", "file", "mods", "harmful_data")
-# every command: its function, then options.COMMANDS' help text, options and defaults
-COMMANDS = {
-    name: (globals()["cmd_" + name.replace("-", "_")], *spec)
-    for name, spec in options.COMMANDS.items()
-}
-
-
 def main(argv=None):
-    """The command line: one subcommand per COMMANDS entry, its options from options.py."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    for name, (fn, what, names, required, defaults, example) in COMMANDS.items():
-        epilog = f"example:\n  {example}"
-        command = sub.add_parser(
-            name, help=what, description=what, epilog=epilog, formatter_class=Help
-        )
-        add_options(command, names, required, name)
-        command.set_defaults(fn=fn, seed=0, **defaults)  # the command's own defaults win
-    args = parser.parse_args(argv)
-    if hasattr(sys.stdout, "reconfigure"):
-        # a console or pipe without a character (an answer's, Δ) shows "?", rather than failing
-        # after the work is done
-        sys.stdout.reconfigure(errors="replace")
-    if not os.environ.get("OMP_NUM_THREADS"):  # a user's setting stands (several runs side by side)
-        # the cores this process may use: a cluster job's share, not the whole node's
-        if hasattr(os, "sched_getaffinity"):
-            torch.set_num_threads(len(os.sched_getaffinity(0)))
-        else:
-            torch.set_num_threads(os.cpu_count() or 1)
+    """The command line: one subcommand per @command, its options from swatkit/options.py."""
+    args = build_parser(__doc__, COMMANDS).parse_args(argv)
+    setup_process()  # the console's encoding, the cores this process may use
     try:
         inputs = [getattr(args, name, None) for name in INPUTS]
         outputs = [getattr(args, name, None) for name in ("out", "generations")]

@@ -13,22 +13,22 @@ phase 2 is plain IFT from a better start.
 With LoRA (lora.py) the same holds for the adapters: the base weights are frozen throughout.
 """
 
-import hashlib
-import json
 import math
-import os
 import time
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import checks
-import distributed
-import lora as lora_adapters
-from checkpoint import fingerprint, load_trainer, read_log, recover, save_trainer
-from files import SwatError, check_folder, claim, read_json, write_text
 from model import MODULES
+from robustness import parse_mods  # noqa: F401 (train.parse_mods: Mods_Rob as the trainer takes it)
+from swatkit import checks, distributed
+from swatkit import lora as lora_adapters
+from swatkit.batches import collate, encode, encode_all, order, step_batches  # noqa: F401
+from swatkit.checkpoint import fingerprint
+from swatkit.files import SwatError
+from swatkit.runlog import RunLog
+from swatkit.speedups import adamw_foreach, adamw_fused, stochastic_round
 
 
 class AdamW:
@@ -129,95 +129,6 @@ def adamw_update(p, grad, m, v, lr, beta1, beta2, eps, weight_decay, step):
     p.addcdiv_(m, denom, value=-lr / (1 - beta1**step))  # p <- p - lr m_hat / (sqrt(v_hat) + eps)
 
 
-def stochastic_round(x):
-    """fp32 -> bf16, rounded up or down at random, up with the probability of x's distance from the
-    lower neighbour: the mean of many roundings is x. (bf16 keeps fp32's top 16 bits; an update
-    smaller than half their last place would always round back to the old weight and vanish.)"""
-    bits = x.view(torch.int32)
-    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device)
-    return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)
-
-
-def adamw_foreach(ps, grads, ms, vs, lr, beta1, beta2, eps, weight_decay, step):
-    """Speed-up: adamw_update's lines, each over all tensors of a group at once."""
-    torch._foreach_lerp_(ms, grads, 1 - beta1)
-    torch._foreach_mul_(vs, beta2)
-    torch._foreach_addcmul_(vs, grads, grads, value=1 - beta2)
-    if weight_decay:
-        torch._foreach_mul_(ps, 1 - lr * weight_decay)
-    denom = torch._foreach_sqrt(vs)
-    torch._foreach_div_(denom, math.sqrt(1 - beta2**step))
-    torch._foreach_add_(denom, eps)
-    torch._foreach_addcdiv_(ps, ms, denom, value=-lr / (1 - beta1**step))
-
-
-def adamw_fused(ps, grads, ms, vs, lr, beta1, beta2, eps, weight_decay, step):
-    """Speed-up: adamw_update as torch's fused kernel, one pass over the state (GPU)."""
-    steps = [torch.tensor(float(step), device=ps[0].device)] * len(ps)
-    torch._fused_adamw_(
-        ps,
-        grads,
-        ms,
-        vs,
-        [],
-        steps,
-        lr=lr,
-        beta1=beta1,
-        beta2=beta2,
-        weight_decay=weight_decay,
-        eps=eps,
-        amsgrad=False,
-        maximize=False,
-    )
-
-
-# ---- examples -> batches ----
-
-
-def encode(tok, chat, max_len, where="example"):
-    """-> (ids, labels): labels are -100 on the prompt, so the loss counts only the response
-    tokens."""
-    full = tok.encode_chat(chat, add_generation_prompt=False)
-    # the reply starts where the same chat with an empty reply stops agreeing (not where the
-    # generation prompt ends: some templates rearrange a chat that ends with a reply, e.g. Mistral
-    # v0.3 drops the system prompt)
-    empty_reply = chat[:-1] + [dict(chat[-1], content="")]
-    empty = tok.encode_chat(empty_reply, add_generation_prompt=False)
-    n = next((i for i, (a, b) in enumerate(zip(empty, full)) if a != b), len(empty))
-    if n >= max_len:
-        raise SwatError(f"{where}: prompt of {n} tokens does not fit max length {max_len}")
-    full = full[:max_len]
-    return full, [-100] * n + full[n:]
-
-
-def encode_all(tok, chats, max_len, skip_long=False, what="example"):
-    """Encode every chat; one whose prompt does not fit max_len is an error, or, with skip_long,
-    left
-    out (and counted, so nothing is dropped silently)."""
-    out = []
-    for i, chat in enumerate(chats):
-        try:
-            out.append(encode(tok, chat, max_len, f"{what} {i + 1}"))
-        except SwatError:
-            if not skip_long:
-                raise
-    if len(out) < len(chats):
-        left_out = len(chats) - len(out)
-        print(f"left out {left_out} of {len(chats)} {what}s whose prompt exceeds {max_len} tokens")
-    if not out:
-        raise SwatError(f"no {what} fits max length {max_len}")
-    return out
-
-
-def collate(rows, device):
-    """Right padding: causal attention never looks ahead, so pads need no mask and sdpa stays
-    fast."""
-    width = max(len(ids) for ids, _ in rows)
-    ids = [i + [0] * (width - len(i)) for i, _ in rows]
-    labels = [l + [-100] * (width - len(l)) for _, l in rows]
-    return torch.tensor(ids, device=device), torch.tensor(labels, device=device)
-
-
 def loss_fn(net, ids, labels):
     """The summed cross-entropy of the response tokens (the prompt's labels are -100)."""
     logits = net(ids[:, :-1])
@@ -227,46 +138,7 @@ def loss_fn(net, ids, labels):
     )
 
 
-def order(n, seed, epoch):
-    """The data order of an epoch: a pure function of (seed, epoch), so a resumed run sees the
-    same."""
-    generator = torch.Generator().manual_seed(seed * 1000 + epoch)
-    return torch.randperm(n, generator=generator).tolist()
-
-
 # ---- modules, strategies and phases ----
-
-
-def parse_mods(spec, n_layers, key="mods_rob"):
-    """'q,k' (all layers), '0-11:q,k;12-29:v', or a scan JSON (its mods_rob list) -> {(layer,
-    m)}."""
-    spec = os.fspath(spec)
-    if spec.endswith(".json"):
-        try:
-            pairs = [(int(layer), m, spec) for layer, m in read_json(spec)[key]]
-        except (KeyError, TypeError, ValueError):
-            raise SwatError(f"{spec}: no '{key}' list of [layer, module] pairs") from None
-    else:
-        pairs = []  # (layer, module, the part of the selector that named it)
-        for part in filter(None, spec.replace(" ", "").split(";")):
-            layers_text, _, names = part.rpartition(":")
-            lo, _, hi = (layers_text or f"0-{n_layers - 1}").partition("-")
-            try:
-                layers = range(int(lo), int(hi or lo) + 1)
-            except ValueError:
-                raise SwatError(
-                    f"module selector {part!r}: bad layer range {layers_text!r}"
-                ) from None
-            where = f"module selector {part!r}"
-            pairs += [(layer, m, where) for m in names.split(",") for layer in layers]
-    for layer, m, where in pairs:  # a scan of another model is caught here too
-        if m not in MODULES:
-            raise SwatError(f"{where}: unknown module {m!r}; choose from {', '.join(MODULES)}")
-        if not 0 <= layer < n_layers:
-            raise SwatError(f"{where}: layer {layer} out of range 0-{n_layers - 1}")
-    if not pairs:
-        raise SwatError(f"module selector {spec!r} selects nothing")
-    return {(layer, m) for layer, m, _ in pairs}
 
 
 def param_groups(net, strategy, mods, lr, ratio, weight_decay, scope="all"):
@@ -363,18 +235,16 @@ def train(
     steps: of normal training; swat adds warmup_steps of phase 1 before them.
     """
     checks.train_args(dict(locals()))  # every argument, before anything else is defined
-    out = os.path.abspath(os.fspath(out))
-    main = distributed.rank() == 0  # under torchrun (distributed.py) only the first one writes
-    if main:
-        recover(out)  # a save that a fault interrupted is finished (or rolled back) first
-    check_folder(out, tok)  # checked now, not after the training
+    book = RunLog(out, tok)  # the folder's bookkeeping: recovery, resume, log, checkpoints
     device = net.model.embed_tokens.weight.device
     if net.model.embed_tokens.weight.dtype != torch.float32 and not lora:
         print("bf16 weights: fp32 Adam moments, each update rounded stochastically into bf16")
     if strategy == "swat" and warmup_steps == 0:
         print("swat with 0 warm-up steps is plain ift (raise --warmup-frac or --warmup-steps)")
     data = encode_all(tok, chats, max_len, skip_long)
-    source = fingerprint(net)  # the weights it starts from: resume checks them
+    opt_settings = dict(lr=lr, batch_size=batch_size, accum=accum, ratio=ratio, clip=clip)
+    opt_settings.update(weight_decay=weight_decay, seed=seed, lora=lora)
+    start_print = fingerprint(net)  # the weights it starts from: resume checks them
     if lora:  # adapters on the target modules; every other parameter frozen (lora.py)
         lora_adapters.add(net, lora["r"], lora["alpha"], lora["targets"], seed)
     if distributed.size() > 1:  # FSDP2: each process keeps a shard of every block
@@ -387,48 +257,17 @@ def train(
     opt = AdamW(param_groups(net, strategy, mods, lr, ratio, weight_decay, scope), lr)
     phase1 = warmup_steps if strategy == "swat" else 0
     total = phase1 + steps
-    # what the updates depend on besides the groups: saved with every checkpoint and checked by
-    # resume, so that a run is never continued with another model, data or settings unsaid
-    data_hash = hashlib.sha256(json.dumps(data).encode()).hexdigest()[:16]
-    opt.settings = dict(
-        phases=[phase1, steps],
-        lr=lr,
-        batch_size=batch_size,
-        accum=accum,
-        ratio=ratio,
-        weight_decay=weight_decay,
-        clip=clip,
-        seed=seed,
-        model=source,
-        data=data_hash,
-        lora=lora,
-    )
-    log = os.path.join(out, "log.jsonl")
-    step = 0
-    rows = []
-    if resume and os.path.exists(os.path.join(out, "trainer.json")):
-        step = load_trainer(opt, net, out)
-        # the log up to the checkpoint: the steps after it are done again
-        rows = read_log(log, step)
-        if step == total:  # a finished run: its final checkpoint stands as it is
-            print(f"{out}: already complete ({total} steps)")
-            return finish(net, rows)
-    elif resume:
-        print(f"{out}: no checkpoint to resume from; starting afresh")
-    if main:  # the folder is swat-min's from now on; the log grows at every step
-        claim(out, "log.jsonl")
-    if main and step == 0:
-        write_text(log, "")
-    saved = step  # the step of the checkpoint in out (0: none yet)
+    book.settings(opt, start_print, data, phases=[phase1, steps], **opt_settings)
+    step, rows = book.start(opt, net, resume, total)
+    if step == total:
+        return finish(net, rows)
     if device.type == "cuda":
         amp = torch.autocast("cuda", torch.bfloat16)  # fp32 weights, bf16 matrix products
     else:
         amp = torch.autocast("cpu", enabled=False)
     enter_phase(opt, 1 if step < phase1 else 2)
-    per_epoch = max(1, len(data) // batch_size)
-    bar = tqdm(
-        range(step, total), desc=label or strategy, initial=step, total=total, disable=not main
-    )
+    bar = tqdm(range(step, total), desc=label or strategy, initial=step, total=total,
+               disable=not book.main)  # fmt: skip
     for step in bar:
         if step == phase1 and phase1 > 0:
             enter_phase(opt, 2)  # SWAT's switch: the rest is released
@@ -437,13 +276,7 @@ def train(
         else:  # the schedule starts again in phase 2
             opt.scale = schedule(step - phase1, steps)
         start_time = time.time()
-        # the micro-batches of this step: k-th slice of the seeded order of its epoch
-        micro = []
-        for k in range(step * accum, (step + 1) * accum):
-            idx = order(len(data), seed, k // per_epoch)[(k % per_epoch) * batch_size :][
-                :batch_size
-            ]
-            micro.append([data[i] for i in idx])
+        micro = step_batches(data, seed, step, accum, batch_size)
         # the loss is a mean over every response token of the step
         n_resp = sum(sum(t != -100 for t in labels[1:]) for mb in micro for _, labels in mb)
         loss_sum = 0.0
@@ -461,14 +294,9 @@ def train(
         grad_norm = distributed.whole(torch.nn.utils.clip_grad_norm_(with_grad, clip))
         if not (math.isfinite(loss_sum) and grad_norm.isfinite()):
             # stopped before the update: the weights and the checkpoint stay whole
-            kept = (
-                f"{out} keeps the checkpoint of step {saved}"
-                if saved
-                else "no checkpoint was saved"
-            )
             raise SwatError(
                 f"non-finite loss or gradient at step {step + 1} (lr too high?); stopped "
-                f"before updating the weights; {kept}"
+                f"before updating the weights; {book.kept()}"
             )
         opt.step()
         opt.zero_grad()
@@ -484,13 +312,10 @@ def train(
             row.update(watch[1](net))
         rows.append(row)
         bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{row['lr']:.2e}")
-        if main:
-            with open(log, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
+        book.record(row)
         if save_every and (step + 1) % save_every == 0 and step + 1 < total:
-            save_trainer(net, tok, opt, out, step + 1, rows)
-            saved = step + 1
-    save_trainer(net, tok, opt, out, total, rows, moments=keep_optimizer)
+            book.save(net, opt, step + 1, rows)
+    book.save(net, opt, total, rows, moments=keep_optimizer)
     return finish(net, rows)
 
 

@@ -22,8 +22,8 @@ import torch
 from bench_train import PEAK, flops_per_token, measure
 from common import SHAPES, emit, ours, parse_args, reference
 
-import lora
-import memory
+from swatkit import lora
+from swatkit import memory
 import train
 
 CASES = [("llama-3.1-8b", "lora", 8, 1024), ("llama-3.1-8b", "full", 8, 1024)]

@@ -13,7 +13,7 @@ import torch
 from common import parse_args, emit, ours, reference, SHAPES, sync
 import probe
 import robustness as rb
-import scan_cache
+from swatkit import scan_cache
 
 
 class Prompts:

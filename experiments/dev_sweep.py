@@ -22,14 +22,14 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import data
+from swatkit import data
 import evaluation
-import files
-import options
-import scenario
+from swatkit import files
+from swatkit import options
+from swatkit import scenario
 import swat_min
 import train
-from files import SwatError
+from swatkit.files import SwatError
 
 
 def parse(setting):

@@ -34,10 +34,10 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import figures
-import files
+from swatkit import figures
+from swatkit import files
 import swat_min
-from files import SwatError
+from swatkit.files import SwatError
 
 # The settings every cell shares: the README's GSM8K run with the settings chosen on dev data
 # (SWAT's warm-up three times the main phase; ML-LR's 0.1 on the other attention modules).

@@ -14,13 +14,12 @@ import tempfile
 import torch
 from safetensors.torch import load_file, save_file
 
-import data
-import lora
+from swatkit import data
+from swatkit import lora
 import model
 import probe
 import robustness as rb
-import scan_cache
-import selection
+from swatkit import scan_cache
 import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -148,9 +147,7 @@ def compute(inputs, workdir, kit_dir=HERE, record=None):
     scan = rb.scan(net, probes, batches, y, KINDS, scale=0.5, seed=0)
     for metric in ("acc_drop", "loss_rise", "later"):
         out[f"scan.{metric}"] = torch.tensor([scan[metric][m] for m in KINDS], dtype=torch.float64)
-    picked = selection.select_mods_rob(
-        net, tok, HARMFUL, HARMLESS, probes, KINDS, n=6, k=4, tolerance=0.1
-    )
+    picked = rb.select_mods_rob(net, tok, HARMFUL, HARMLESS, probes, KINDS, n=6, k=4, tolerance=0.1)
     pairs = [[layer, KINDS.index(m)] for layer, m in picked["mods_rob"]]
     out["select.mods_rob"] = torch.tensor(pairs, dtype=torch.int64).reshape(-1, 2)
     # training from model a: weights (LoRA: the adapters) and Adam moments after each variant

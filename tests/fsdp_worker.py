@@ -6,19 +6,19 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import swat_min  # noqa: E402
-import train  # noqa: E402
+from swatkit import batches  # noqa: E402
 
 stop = int(os.environ.get("SWAT_TEST_STOP", "0"))
-real_order = train.order
+real_order = batches.order
 
 
 def order(n, seed, epoch, calls=[0]):
-    """train.order, counting the batches fetched; at the stop-th one: an interruption."""
+    """batches.order, counting the batches fetched; at the stop-th one: an interruption."""
     calls[0] += 1
     if stop and calls[0] == stop:
         raise KeyboardInterrupt
     return real_order(n, seed, epoch)
 
 
-train.order = order
+batches.order = order
 swat_min.main(sys.argv[1:])

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-import data
+from swatkit import data
 import model
 import probe
 import robustness as rb

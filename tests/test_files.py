@@ -14,15 +14,15 @@ import pytest
 import torch
 from safetensors import SafetensorError
 
-import checkpoint
+from swatkit import checkpoint, runlog
 import model
 import probe
-import selection
+import robustness as rb
 import swat_min
-import tokenizer
+from swatkit import tokenizer
 import train
 from conftest import ROOT, make_tokenizer, tiny_hf
-from files import SwatError
+from swatkit.files import SwatError
 
 MARK = "swat-min.json"  # the manifest of a folder swat-min wrote
 
@@ -118,9 +118,7 @@ def test_never_replaces_a_users_scan_generations_or_results(tmp_path, tiny, monk
     data = write_data(tmp_path / "d.jsonl")
     (tmp_path / "s.json").write_text('{"my": "table"}')
     (tmp_path / "g.jsonl").write_text('{"prompt": "mine"}\n')
-    monkeypatch.setattr(
-        selection.rb, "scan", lambda *a, **k: pytest.fail("scanned before checking --out")
-    )
+    monkeypatch.setattr(rb, "scan", lambda *a, **k: pytest.fail("scanned before checking --out"))
     with pytest.raises(SystemExit, match=r"s.json: exists and swat-min did not write it; refusing"):
         cli("scan", "--model", tiny, "--n", 4, "--out", tmp_path / "s.json")
     with pytest.raises(
@@ -230,13 +228,13 @@ def test_save_interrupted_at_every_step_resumes_from_the_newest_whole_checkpoint
     monkeypatch.undo()
 
     resumed_from = []
-    real_load = train.load_trainer
+    real_load = runlog.load_trainer  # the trainer's bookkeeping (swatkit.runlog) resumes
 
     def recording_load(*a):
         resumed_from.append(real_load(*a))
         return resumed_from[-1]
 
-    monkeypatch.setattr(train, "load_trainer", recording_load)
+    monkeypatch.setattr(runlog, "load_trainer", recording_load)
     net, tok = model.load(tiny)
     train.train(net, tok, CHATS, str(tmp_path / "o"), resume=True, **kw)
     newest_whole = 2 if fault == "writing" else 4
@@ -323,7 +321,7 @@ def test_resume_refuses_a_checkpoint_of_another_model_of_the_same_shapes(tiny, t
 def test_a_list_input_is_refused_and_nan_weights_warn_at_load(tiny, tmp_path, capsys):
     """item 8: Alpaca's "input": ["a", "b"] was trained on as "['a', 'b']"; NaN weights said
     nothing."""
-    import data
+    from swatkit import data
 
     path = tmp_path / "d.json"
     path.write_text(json.dumps([{"instruction": "Add", "input": ["a", "b"], "output": "ab"}]))
@@ -490,9 +488,7 @@ def test_unwritable_outputs_fail_before_the_work_and_run_leaves_no_folder(
     data = write_data(tmp_path / "d.jsonl")
     if not os.path.isdir("/sys"):
         pytest.skip("needs a read-only /sys (Linux)")
-    monkeypatch.setattr(
-        selection.rb, "scan", lambda *a, **k: pytest.fail("scanned before checking --out")
-    )
+    monkeypatch.setattr(rb, "scan", lambda *a, **k: pytest.fail("scanned before checking --out"))
     monkeypatch.setattr(train, "loss_fn", lambda *a: pytest.fail("trained before checking --out"))
     with pytest.raises(SystemExit, match=r"^error: /sys/swat-scan.json: cannot write in /sys"):
         cli("scan", "--model", tiny, "--out", "/sys/swat-scan.json")

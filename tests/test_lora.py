@@ -7,10 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import lora
+from swatkit import lora
 import model
 import train
-from files import SwatError
+from swatkit import batches
+from swatkit.files import SwatError
 from test_train import CHATS
 
 TARGETS = ["q", "k", "v", "o", "gate", "up", "down"]
@@ -105,7 +106,7 @@ def test_peft_loads_the_adapter_with_the_same_logits(tiny, tmp_path):
 def test_lora_resume_equals_uninterrupted(tiny, tmp_path, monkeypatch):
     kw = dict(strategy="mllr", mods={(1, "v")}, steps=4, save_every=2)
     lora_run(tiny, str(tmp_path / "a"), **kw)
-    real_order = train.order
+    real_order = batches.order
     calls = []
 
     def dying(*a):  # the run dies fetching data for step 3 (the checkpoint is step 2's)
@@ -114,10 +115,10 @@ def test_lora_resume_equals_uninterrupted(tiny, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real_order(*a)
 
-    monkeypatch.setattr(train, "order", dying)
+    monkeypatch.setattr(batches, "order", dying)
     with pytest.raises(KeyboardInterrupt):
         lora_run(tiny, str(tmp_path / "b"), **kw)
-    monkeypatch.setattr(train, "order", real_order)
+    monkeypatch.setattr(batches, "order", real_order)
     lora_run(tiny, str(tmp_path / "b"), resume=True, **kw)
     for name in ("model.safetensors", "adapter/adapter_model.safetensors"):
         a = load_file(os.path.join(tmp_path, "a", name))

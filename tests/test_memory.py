@@ -6,8 +6,8 @@ import os
 import pytest
 import torch
 
-import lora
-import memory
+from swatkit import lora
+from swatkit import memory
 import model
 import swat_min
 from conftest import tiny_hf

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import scipy.stats
 
-import plan
+from swatkit import plan
 import robustness as rb
 import swat_min
 from conftest import ROOT
-from files import SwatError
+from swatkit.files import SwatError
 
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 import evidence  # noqa: E402
@@ -66,15 +66,15 @@ def test_scanned_selections_read_the_scan_and_a_bad_fixed_one_is_one_line():
     scan["loss_rise"] = {m: [0.0, 0.0, 0.0] for m in ("q", "k")}
     scan["later"] = {"q": [0.3, 0.2, 0.1], "k": [0.6, 0.5, 0.4]}
     picked = {"scan": scan, "mods_rob": [[2, "q"]]}
-    assert plan.mods_rob("scan", picked, 2, 3) == {(2, "q")}
-    assert plan.mods_rob("readout-topk", picked, 2, 3) == set(rb.ranking(scan, "readout")[:2])
-    assert plan.mods_rob("later-topk", picked, 2, 3) == {(2, "q"), (1, "q")}
-    assert plan.mods_rob("q", None, 2, 3) == {(0, "q"), (1, "q"), (2, "q")}
+    assert rb.selection_mods("scan", picked, 2, 3) == {(2, "q")}
+    assert rb.selection_mods("readout-topk", picked, 2, 3) == set(rb.ranking(scan, "readout")[:2])
+    assert rb.selection_mods("later-topk", picked, 2, 3) == {(2, "q"), (1, "q")}
+    assert rb.selection_mods("q", None, 2, 3) == {(0, "q"), (1, "q"), (2, "q")}
     assert plan.needs_scan(["q,k"], ["ift", "swat"]) is False
     assert plan.needs_scan(["q,k"], ["ift", "control"]) is True
     assert plan.needs_scan(["scan"], ["ift", "safemix"]) is False
     with pytest.raises(SwatError, match="unknown module 'x'"):
-        plan.check(["scan", "q,x"], 3)
+        rb.check_selections(["scan", "q,x"], 3)
 
 
 def test_run_compares_selections_random_and_control_and_watches_the_drift(

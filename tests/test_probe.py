@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 from conftest import SMOLLM2, SHARED
-import data
+from swatkit import data
 import model
 import probe
 

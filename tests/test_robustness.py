@@ -1,4 +1,4 @@
-"""robustness.py, selection.py and figures.py: the scan's exact restore and prefix reuse, per-module
+"""robustness.py and figures.py: the scan's exact restore and prefix reuse, per-module
 noise, the readout metric, the searched Mods_Rob, rank stability, the pictures."""
 
 import xml.etree.ElementTree as ET
@@ -6,13 +6,12 @@ import xml.etree.ElementTree as ET
 import pytest
 import torch
 
-import data
-import figures
+from swatkit import data
+from swatkit import figures
 import model
 import probe
 import robustness as rb
-import scan_cache
-import selection
+from swatkit import scan_cache
 
 METRICS = ("later", "acc_drop", "loss_rise")
 
@@ -39,14 +38,15 @@ def test_scan_exact_restore_and_prefix_reuse(tiny):
     for metric in METRICS:
         assert two[metric] == {"down": fast[metric]["down"], "k": fast[metric]["k"]}
     assert len(set(fast["later"]["q"] + fast["later"]["v"])) > 4  # perturbations move the probes
-    rob, fragile = rb.choose(fast, 4, "later")
+    ranked = rb.ranking(fast, "later")
+    rob, fragile = ranked[:4], ranked[-4:]
     every = sorted(v for row in fast["later"].values() for v in row)
     assert sorted(fast["later"][m][l] for l, m in rob) == every[:4]
     assert sorted(fast["later"][m][l] for l, m in fragile) == every[-4:]
     # the readout metric: by accuracy drop, then log-loss rise
     keys = [(fast["acc_drop"][m][l], fast["loss_rise"][m][l]) for l, m in rb.ranking(fast)]
     assert keys == sorted(keys)
-    assert len(figures.heatmap(fast).splitlines()) == 7
+    assert len(figures.heatmap(fast, rb.ranking(fast, "later")).splitlines()) == 7
 
 
 def test_scan_cache_equals_the_full_forward(tiny, monkeypatch):
@@ -100,7 +100,7 @@ def test_readout_metric_ranks_a_fragile_module_last_and_the_search_leaves_it_out
     harmless = data.builtin("harmless", "train")
     X, y = probe.labelled(probe.features(net, tok, harmful), probe.features(net, tok, harmless))
     probes = probe.fit_layers(X, y)
-    picked = selection.select_mods_rob(
+    picked = rb.select_mods_rob(
         net, tok, harmful, harmless, probes, n=24, k=11, repeats=2, tolerance=0.05
     )
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
@@ -127,8 +127,8 @@ def test_the_incremental_search_equals_reruns_from_the_lowest_module(tiny):
     order = rb.ranking(rb.scan(net, probes, batches, y))[::-1]  # the fragile module first
     runs = []
     for incremental in (True, False):
-        joint = selection.JointChange(net, probes, batches, y, 2, 0.5, 0, incremental)
-        runs.append(selection.search(order, joint, tolerance=0.05, max_size=6))
+        joint = rb.JointChange(net, probes, batches, y, 2, 0.5, 0, incremental)
+        runs.append(rb.search(order, joint, tolerance=0.05, max_size=6))
     assert runs[0] == runs[1]  # the same set and curve, number for number
     kept = [c["kept"] for c in runs[0][1]]
     assert True in kept and False in kept  # both paths taken: sets grown and sets refused
@@ -144,12 +144,12 @@ def test_search_keeps_no_pair_that_is_harmless_alone_but_harmful_together():
         names = {m for _, m in modules}
         return 0.5 if {"a", "b"} <= names else 0.0
 
-    chosen, curve = selection.search(order, joint_change, tolerance=0.02, max_size=10)
+    chosen, curve = rb.search(order, joint_change, tolerance=0.02, max_size=10)
     assert chosen == [(0, "a"), (1, "c"), (3, "d")]
     assert [c["kept"] for c in curve] == [True, True, False, True]
     assert curve[2]["change"] == 0.5
     # top-k by single-module change would have kept both
-    chosen, _ = selection.search(order, lambda ms: 0.0, tolerance=0.02, max_size=2)
+    chosen, _ = rb.search(order, lambda ms: 0.0, tolerance=0.02, max_size=2)
     assert chosen == order[:2]
 
 
@@ -159,9 +159,9 @@ def test_spearman_matches_scipy():
     first = list("abcdefgh")
     second = list("bacdfehg")
     ranks = [second.index(x) for x in first]
-    assert selection.spearman(first, second) == pytest.approx(spearmanr(range(8), ranks)[0])
-    assert selection.spearman(first, first) == 1.0
-    assert selection.spearman(first, first[::-1]) == -1.0
+    assert rb.spearman(first, second) == pytest.approx(spearmanr(range(8), ranks)[0])
+    assert rb.spearman(first, first) == 1.0
+    assert rb.spearman(first, first[::-1]) == -1.0
 
 
 def test_pictures_are_svg_with_a_cell_per_layer_and_module(tmp_path):

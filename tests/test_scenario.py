@@ -7,11 +7,11 @@ import os
 import pytest
 import torch
 
-import data
+from swatkit import data
 import model
-import scenario
+from swatkit import scenario
 import swat_min
-from files import SwatError
+from swatkit.files import SwatError
 
 
 def run(*argv):
@@ -92,7 +92,7 @@ def test_bad_scenario_and_lora_input_is_one_line_before_any_work(tmp_path, tiny,
 
 
 def test_resume_with_a_poison_mix_equals_uninterrupted(tmp_path, tiny, monkeypatch):
-    import train
+    from swatkit import batches
 
     pairs = pairs_file(tmp_path / "p.jsonl")
     tune = tmp_path / "d.jsonl"
@@ -102,7 +102,7 @@ def test_resume_with_a_poison_mix_equals_uninterrupted(tmp_path, tiny, monkeypat
     argv = ["train", "--model", tiny, "--data", tune, "--steps", 4, "--batch", 4, "--lr", 1e-3]
     argv += ["--harmful-data", pairs, "--poison-ratio", 0.25, "--save-every", 2, "--safety-mix", 2]
     run(*argv, "--out", tmp_path / "a")
-    real_order = train.order
+    real_order = batches.order
     calls = []
 
     def dying(*a):
@@ -111,10 +111,10 @@ def test_resume_with_a_poison_mix_equals_uninterrupted(tmp_path, tiny, monkeypat
             raise KeyboardInterrupt
         return real_order(*a)
 
-    monkeypatch.setattr(train, "order", dying)
+    monkeypatch.setattr(batches, "order", dying)
     with pytest.raises(SystemExit):  # the command line turns Ctrl-C into exit 130
         run(*argv, "--out", tmp_path / "b")
-    monkeypatch.setattr(train, "order", real_order)
+    monkeypatch.setattr(batches, "order", real_order)
     run(*argv, "--out", tmp_path / "b", "--resume")
     a = model.load(str(tmp_path / "a"))[0].state_dict()
     b = model.load(str(tmp_path / "b"))[0].state_dict()

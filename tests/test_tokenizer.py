@@ -3,7 +3,7 @@
 import pytest
 from conftest import make_tokenizer, CHATML
 import model
-import tokenizer
+from swatkit import tokenizer
 import train
 
 QWEN2 = (

@@ -6,9 +6,10 @@ import os
 import pytest
 import torch
 from conftest import SHARED, SMOLLM2, tiny_hf
-import data
+from swatkit import data
 import model
 import train
+from swatkit import batches
 
 CHATS = [
     [
@@ -175,7 +176,7 @@ def test_resume_equals_uninterrupted(tiny, tmp_path, monkeypatch):
     )
     net, tok = model.load(tiny)
     train.train(net, tok, CHATS, str(tmp_path / "a"), **kw)
-    real_order, calls = train.order, []
+    real_order, calls = batches.order, []
 
     def dying(
         *a,
@@ -185,12 +186,12 @@ def test_resume_equals_uninterrupted(tiny, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real_order(*a)
 
-    monkeypatch.setattr(train, "order", dying)
+    monkeypatch.setattr(batches, "order", dying)  # the data order lives in swatkit.batches
     net, tok = model.load(tiny)
     with pytest.raises(KeyboardInterrupt):
         train.train(net, tok, CHATS, str(tmp_path / "b"), **kw)
     assert json.load(open(tmp_path / "b" / "trainer.json"))["step"] == 3
-    monkeypatch.setattr(train, "order", real_order)
+    monkeypatch.setattr(batches, "order", real_order)
     net, tok = model.load(tiny)
     train.train(net, tok, CHATS, str(tmp_path / "b"), resume=True, **kw)
     a, b = model.load(str(tmp_path / "a"))[0], model.load(str(tmp_path / "b"))[0]

@@ -12,9 +12,6 @@ for every seed.
 import random
 import re
 
-import robustness as rb
-import train
-
 SCANNED = ("scan", "readout-topk", "later-topk")  # the selections read off the run's own scan
 
 
@@ -30,26 +27,6 @@ def tag(selection):
     if selection in SCANNED:
         return selection
     return "fixed-" + re.sub(r"[^A-Za-z0-9]+", "-", selection).strip("-")
-
-
-def check(selections, n_layers):
-    """Every fixed selection parsed now, before any work: a bad one is one line (SwatError)."""
-    for selection in selections:
-        if selection not in SCANNED:
-            train.parse_mods(selection, n_layers)
-
-
-def mods_rob(selection, picked, k, n_layers):
-    """The module set {(layer, kind)} of one selection; picked: the scan's (None: no row needed
-    one, so a scanned selection is empty)."""
-    if selection in SCANNED and picked is None:
-        return set()
-    if selection == "scan":
-        return {tuple(m) for m in picked["mods_rob"]}
-    if selection in ("readout-topk", "later-topk"):
-        metric = selection.split("-")[0]
-        return set(rb.ranking(picked["scan"], metric)[:k])
-    return train.parse_mods(selection, n_layers)
 
 
 def random_set(size, kinds, n_layers, seed):

@@ -1,14 +1,16 @@
 """The command line's options: each declared once, with its type, default and help; swat_min.py
-says which command takes which. A number out of range, NaN or inf is a usage error before any
-work."""
+says which command takes which (@command). A number out of range, NaN or inf is a usage error
+before any work, and a usage error is one line with a hint, not argparse's usage block."""
 
 import argparse
 import math
+import os
+import sys
 
 import torch
 
-import data
-import tokenizer
+from . import data
+from . import tokenizer
 
 
 def number(kind, lo, hi=None):
@@ -36,6 +38,29 @@ class Help(argparse.RawDescriptionHelpFormatter):
         return action.help + " (default: %(default)s)"
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An argparse parser whose usage errors are one line and a hint (exit 2), not the usage
+    block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser(description, commands):
+    """The `swat-min` parser: one subcommand per entry of commands (swat_min.COMMANDS: name ->
+    (function, help, options, required, own defaults, example))."""
+    parser = OneLineParser(prog="swat-min", description=description, formatter_class=Help)
+    sub = parser.add_subparsers(dest="cmd", required=True, parser_class=OneLineParser)
+    for name, (fn, what, names, required, defaults, example) in commands.items():
+        epilog = f"example:\n  {example}"
+        command = sub.add_parser(
+            name, help=what, description=what, epilog=epilog, formatter_class=Help
+        )
+        add_options(command, names, required, name)
+        command.set_defaults(fn=fn, seed=0, **defaults)  # the command's own defaults win
+    return parser
+
+
 def add_options(parser, names, required=(), command=None):
     """Add the named options (keys of OPTIONS) to parser; those in `required` must be given. --out
     gets the command's own help text."""
@@ -54,7 +79,7 @@ def add_options(parser, names, required=(), command=None):
 ALIASES = {"n": ["--n-scan"]}
 
 
-# Every option once, by name; swat_min.COMMANDS names the ones each command takes.
+# Every option once, by name; swat_min's @command names the ones each command takes.
 OPTIONS = {
     "model": dict(help="HF-format model directory, or a hub id org/name"),
     "device": dict(default="cuda" if torch.cuda.is_available() else "cpu", help="torch device"),
@@ -214,6 +239,9 @@ OPTIONS = {
     "lora-rank": dict(type=number(int, 1), help="tune LoRA adapters of this rank (default: full)"),
     "lora-alpha": dict(type=number(float, 0), default=16.0, help="LoRA's alpha (scale alpha / r)"),
     "lora-targets": dict(default="q,k,v,o,gate,up,down", help="the modules LoRA adapts"),
+    "parts": dict(
+        type=number(int, 1), default=3, help="fragility: depth ranges per module kind (3: thirds)"
+    ),
     "toy-steps": dict(type=number(int, 1), default=400, help="training steps of the toy model"),
     "eval-harmful": dict(
         help="harmful prompts for ASR, e.g. AdvBench CSV (default: built-in test split)"
@@ -283,78 +311,10 @@ TRAIN += ("weight-decay", "seed", "save-every", "resume", "grad-ckpt", "compile"
 TRAIN += ("keep-optimizer", "dry-run") + MIX + LORA
 EVAL = PROBE + ASR + TASK + ("base", "data", "batch", "max-len", "generations")
 
-# name: (what it does, its options, the required ones, its own defaults, an example)
-COMMANDS = {
-    "probe": (
-        "fit a probe per layer on harmful vs harmless features; print held-out accuracy",
-        MODEL + PROBE + ("test-harmful", "n-test"),
-        ("model",),
-        {},
-        "python swat_min.py probe --model M --test-harmful advbench.csv --n-test 100",
-    ),
-    "scan": (
-        "module robustness scan: perturb each module, measure the probes, pick Mods_Rob",
-        MODEL + SCAN + PROBE + ("out",),
-        ("model",),
-        {"out": "scan.json"},
-        "python swat_min.py scan --model M --out scan.json",
-    ),
-    "train": (
-        "instruction fine-tuning: plain ift, swat (warm-up of Mods_Rob) or mllr",
-        MODEL + TRAIN,
-        ("model", "data", "out"),
-        {},
-        "python swat_min.py train --model M --data d.jsonl --strategy swat --mods scan.json "
-        "--out tuned",
-    ),
-    "eval": (
-        "ASR, over-refusal, feature drift against --base, task loss on --data",
-        MODEL + EVAL,
-        ("model",),
-        {},
-        "python swat_min.py eval --model tuned --base M --data d.jsonl",
-    ),
-    "generate": (
-        "generate answers to prompts with the model's chat format",
-        MODEL + ("prompt", "file", "max-new-tokens", "temperature", "top-p"),
-        ("model",),
-        {"max_new_tokens": 128},
-        'python swat_min.py generate --model M --prompt "How do I bake bread?"',
-    ),
-    "align": (
-        "make an aligned start: short SFT of refusals + the model's own harmless answers",
-        MODEL + ASR + TUNE + ("out", "answer-tokens", "seed"),
-        ("model", "out"),
-        {"steps": 150, "lr": 5e-5},
-        "python swat_min.py align --model M --out aligned",
-    ),
-    "attack-data": (
-        "Attack IFT's harmful pairs: the model's own non-refusing answers to the built-in "
-        "harmful train prompts",
-        MODEL + ("out", "max-new-tokens", "gen-batch"),
-        ("model", "out"),
-        {"max_new_tokens": 96},
-        "python swat_min.py attack-data --model ORIGINAL --out pairs.jsonl",
-    ),
-    "run": (
-        "the pipeline: probe, scan, tune with ift/swat/mllr/control, evaluate, report",
-        MODEL + RUN,
-        ("model", "data", "out"),
-        {},
-        "python swat_min.py run --model aligned --data d.jsonl --out results",
-    ),
-    "demo": (
-        "the pipeline offline: on a toy model trained here unless --model is given",
-        MODEL + RUN + ("toy-steps",),
-        ("out",),
-        {"steps": 150, "lr": 3e-4, "batch": 16, "n_eval": 52, "max_new_tokens": 24},
-        "python swat_min.py demo --out demo_out",
-    ),
-}
-
 # what --out is, command by command
 OUT_HELP = {
-    "scan": "the scan JSON to write: the table and Mods_Rob (a new file, or one swat-min wrote)",
+    "scan": "the scan JSON to write: the table and Mods_Rob (a new file, or one swat-min wrote); "
+    "its pictures go beside it",
     "train": "the checkpoint folder to write (new, or one swat-min wrote): an HF model that "
     "transformers loads, with log.jsonl",
     "align": "the aligned checkpoint folder to write (new, or one swat-min wrote)",
@@ -362,7 +322,27 @@ OUT_HELP = {
     "run": "the results folder (new, or one run made): results.json, results.md, scan.json and a "
     "checkpoint per strategy and seed",
     "demo": "the results folder (new, or one demo made), as run's, plus the toy model and its data",
+    "fragility": "the folder to write (new, or one swat-min wrote): fragility.json, fragility.svg",
 }
+
+
+# the options that name an input: no output may replace one of them
+INPUTS = ("model", "base", "data", "harmful", "harmless", "test_harmful", "eval_harmful")
+INPUTS += ("eval_harmless", "file", "mods", "harmful_data")
+
+
+def setup_process():
+    """The process's console and threads, before a command runs."""
+    if hasattr(sys.stdout, "reconfigure"):
+        # a console or pipe without a character (an answer's, Δ) shows "?", rather than failing
+        # after the work is done
+        sys.stdout.reconfigure(errors="replace")
+    if not os.environ.get("OMP_NUM_THREADS"):  # a user's setting stands (several runs side by side)
+        # the cores this process may use: a cluster job's share, not the whole node's
+        if hasattr(os, "sched_getaffinity"):
+            torch.set_num_threads(len(os.sched_getaffinity(0)))
+        else:
+            torch.set_num_threads(os.cpu_count() or 1)
 
 
 # ---- from options to the library's keyword arguments ----
@@ -395,14 +375,3 @@ def task_options(args):
         n_acc=args.n_acc,  # task accuracy: the first n_acc held-out examples, answered in full
         task_tokens=args.task_tokens,
     )
-
-
-# train()'s keyword arguments that come from options of the same name (--batch gives batch_size)
-TRAIN_ARGS = ("steps", "lr", "accum", "ratio", "weight_decay", "max_len", "seed", "save_every")
-TRAIN_ARGS += ("resume", "grad_ckpt", "compile", "skip_long", "scope", "keep_optimizer")
-
-
-def train_options(args, **fixed):
-    """train()'s keyword arguments from the options the command has; `fixed` ones win."""
-    found = {name: getattr(args, name) for name in TRAIN_ARGS if hasattr(args, name)}
-    return dict(found, batch_size=args.batch, **fixed)

@@ -10,8 +10,8 @@ import shutil
 import urllib.error
 import urllib.parse
 import urllib.request
-import checkpoint
-from files import SwatError
+from . import checkpoint
+from .files import SwatError
 
 
 class _Redirect(urllib.request.HTTPRedirectHandler):

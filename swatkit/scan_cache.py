@@ -8,7 +8,7 @@ which hold only the rest of each prompt: the scan's work is about halved on a ch
 
 import torch
 
-from model import pad_left
+from .generation import pad_left
 
 
 def shared_start(prompts):

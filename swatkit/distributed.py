@@ -26,7 +26,7 @@ import tempfile
 import torch
 import torch.distributed as dist
 
-from files import SwatError
+from .files import SwatError
 
 
 def size():

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from files import SwatError
+from .files import SwatError
 
 
 def finite(value, least=0):

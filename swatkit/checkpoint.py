@@ -11,9 +11,9 @@ import tempfile
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from files import MARK, SwatError, check_folder, manifest, read_json, remove_ours
-import distributed
-import lora
+from .files import MARK, SwatError, check_folder, manifest, read_json, remove_ours
+from . import distributed
+from . import lora
 
 
 def read_config(path):

@@ -12,10 +12,11 @@ import os
 
 import torch
 
-import hub
-import lora as adapters
-import model
-from files import SwatError
+from . import hub
+from . import lora as adapters
+from .checkpoint import read_config
+from .modules import ModelConfig
+from .files import SwatError
 
 GB = 1e9
 
@@ -37,7 +38,7 @@ def n_params(cfg):
 
 
 def linear_shape(cfg, name):
-    """(in, out) features of module `name` (a key of model.MODULES)."""
+    """(in, out) features of module `name` (a key of MODULES)."""
     q_out = cfg.n_heads * cfg.head_dim
     kv_out = cfg.n_kv_heads * cfg.head_dim
     shapes = {
@@ -125,7 +126,7 @@ def from_options(args):
     """The plan of `train`'s options, printed (--dry-run) or checked against the device -> True
     when the run may go on. Activations are those of one micro-batch of --batch: accumulation
     adds none."""
-    cfg = model.read_config(os.path.join(hub.resolve(args.model), "config.json"))
+    cfg = ModelConfig(**read_config(os.path.join(hub.resolve(args.model), "config.json")))
     lora = None
     if args.lora_rank:  # its targets checked here: an unknown one is one line, not a KeyError
         lora = {"r": args.lora_rank, "targets": adapters.parse_targets(args.lora_targets)}

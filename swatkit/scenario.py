@@ -11,14 +11,12 @@ Nothing harmful ships with swat-min: `attack-data` writes the starting model's o
 built-in harmful train split (those it does not refuse), so the scenario can be made offline.
 """
 
-import json
 import random
 
-import data
-import distributed
-import lora
-from evaluation import answer, refused, user
-from files import SwatError, write_text
+from . import data
+from . import distributed
+from . import lora
+from .files import SwatError
 
 MIX_SEED = 0  # the set is the same for every strategy and seed
 
@@ -165,21 +163,3 @@ def lora_settings(args, net):
     targets = lora.parse_targets(targets)
     lora.check(net, rank, alpha, targets)
     return {"r": rank, "alpha": alpha, "targets": targets}
-
-
-def attack_data(net, tok, out, max_new_tokens, batch_size=64):
-    """Write the model's own answers to the built-in harmful train split that are not refusals,
-    as JSONL records (prompt, harmful, response, refused). -> (written, asked)."""
-    prompts = data.builtin("harmful", "train")
-    texts = answer(
-        net, tok, [user(p) for p in prompts], max_new_tokens, batch_size=batch_size, progress=True
-    )
-    rows = [
-        {"prompt": p, "harmful": True, "response": t, "refused": False}
-        for p, t in zip(prompts, texts)
-        if not refused(t)
-    ]
-    if not rows:
-        raise SwatError(f"{out}: not written: the model refused every harmful train prompt")
-    write_text(out, "".join(json.dumps(r) + "\n" for r in rows))
-    return len(rows), len(prompts)

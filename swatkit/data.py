@@ -7,9 +7,9 @@ import csv
 import json
 import os
 import random
-from files import SwatError
+from .files import SwatError
 
-DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
 
 
 def builtin(kind, split=None):

@@ -8,8 +8,7 @@ lines_svg     a few named lines over training steps (e.g. the probe's accuracy a
 
 from xml.sax.saxutils import escape
 
-import robustness as rb
-from files import write_text
+from .files import write_text
 
 CELL = 18  # pixels per heat-map cell
 MARK = "<!-- written by swat-min -->"  # lets a later run replace the picture (files.marked_as_ours)
@@ -166,11 +165,10 @@ def lines_svg(path, series, title, x_label, y_label):
     write_text(path, "\n".join(parts) + "\n")
 
 
-def heatmap(scan_result, metric="readout"):
+def heatmap(scan_result, ranked):
     """The paper's figure in the terminal: modules as rows, layers as columns, darker = less robust
-    (shades by rank among all modules)."""
+    (shades by rank in `ranked`, every (layer, module) most robust first)."""
     shades = " .:-=+*#%@"
-    ranked = rb.ranking(scan_result, metric)
     position = {lm: i for i, lm in enumerate(ranked)}
     modules = list(scan_result["later"])
     n_layers = len(scan_result["later"][modules[0]])

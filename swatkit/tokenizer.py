@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 
 from tokenizers import Tokenizer
-from files import SwatError, read_json
+from .files import SwatError, read_json
 
 
 def detect_format(template):

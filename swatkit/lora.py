@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import model
-from files import SwatError
+from .modules import MODULES
+from .files import SwatError
 
 PEFT_PREFIX = "base_model.model."  # PEFT's name for the wrapped model, before HF's own names
 
@@ -61,15 +61,15 @@ class LoRALinear(nn.Linear):
 
 
 def parse_targets(spec):
-    """'q,k,v,o,gate,up,down' (or a list of names) -> the module names (keys of model.MODULES),
+    """'q,k,v,o,gate,up,down' (or a list of names) -> the module names (keys of MODULES),
     checked."""
     names = spec.replace(" ", "").split(",") if isinstance(spec, str) else spec
     targets = [t for t in names if t]
-    unknown = [t for t in targets if t not in model.MODULES]
+    unknown = [t for t in targets if t not in MODULES]
     if unknown or not targets:
         name = unknown[0] if unknown else spec
         raise SwatError(
-            f"--lora-targets: unknown module {name!r}; choose from {', '.join(model.MODULES)}"
+            f"--lora-targets: unknown module {name!r}; choose from {', '.join(MODULES)}"
         )
     return list(dict.fromkeys(targets))
 
@@ -81,7 +81,7 @@ def check(net, rank, alpha, targets):
     if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
         raise SwatError(f"--lora-alpha must be a number > 0, not {alpha!r}")
     for name in parse_targets(targets):
-        linear = net.model.layers[0].get_submodule(model.MODULES[name])
+        linear = net.model.layers[0].get_submodule(MODULES[name])
         smallest = min(linear.in_features, linear.out_features)
         if rank > smallest:
             raise SwatError(
@@ -99,7 +99,7 @@ def add(net, rank, alpha, targets, seed=0):
     generator = torch.Generator().manual_seed(seed)
     for layer in net.model.layers:
         for name in targets:
-            parent_path, _, child = model.MODULES[name].rpartition(".")
+            parent_path, _, child = MODULES[name].rpartition(".")
             parent = layer.get_submodule(parent_path)
             setattr(parent, child, LoRALinear(getattr(parent, child), rank, alpha, generator))
     net.lora = {"r": rank, "alpha": alpha, "targets": list(targets)}
@@ -151,7 +151,7 @@ def peft_files(net, base_path):
         "lora_dropout": 0.0,
         "bias": "none",
         # the Linear's own names (q_proj, ...), as PEFT matches them
-        "target_modules": [model.MODULES[t].rpartition(".")[2] for t in settings["targets"]],
+        "target_modules": [MODULES[t].rpartition(".")[2] for t in settings["targets"]],
         "fan_in_fan_out": False,
         "inference_mode": True,
         "use_rslora": False,

@@ -8,16 +8,16 @@ import os
 import random
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-import data
-import model
-import tokenizer
-import train
-from files import claim, write_text
+from . import data, tokenizer
+from .checkpoint import read_config
+from .modules import ModelConfig
+from .files import claim, write_text
 
 
-def build(out, seed=0, steps=400):
+def build(out, network, train, seed=0, steps=400):
     """-> (model directory, tuning data file) under out. Deterministic for a seed and library
-    versions."""
+    versions. network: the model class (model.LLaMA); train: the trainer (train.train); both are
+    passed in, as this package never imports the method files."""
     rng = random.Random(seed)
     refusals = data.lines("refusals.txt")
     helpful = data.lines("helpful_toy.txt")
@@ -92,12 +92,12 @@ def build(out, seed=0, steps=400):
     }
     write_text(os.path.join(tdir, "config.json"), json.dumps(cfg))
     torch.manual_seed(seed)
-    net = model.LLaMA(model.read_config(os.path.join(tdir, "config.json")))
+    net = network(ModelConfig(**read_config(os.path.join(tdir, "config.json"))))
     tok = tokenizer.Tok(tdir)
     for p in net.parameters():
         torch.nn.init.normal_(p, std=0.02) if p.ndim == 2 else torch.nn.init.ones_(p)
     print("== the toy model: trained here to refuse the harmful prompts and answer the harmless")
-    train.train(
+    train(
         net,
         tok,
         chats,

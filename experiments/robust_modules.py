@@ -1,0 +1,282 @@
+"""What makes a module robust: the training-time ground truth per module group, and every proxy
+set against it (RESULTS.md, "What makes a module robust").
+
+  truth    for one scenario and seed: tune each group alone (evaluation.fragility: refusal-loss rise
+           per unit of task-loss decrease) and attribute one plain IFT run's refusal-loss rise to
+           the groups (evaluation.attribution; also the gradient proxies at the start).
+  proxies  the static proxies of the aligned start: the scan's tables (readout accuracy drop and
+           log-loss rise, the later-layer mean) at each noise scale and prompt count asked, and
+           SPPFT's safety layers (where harmful and harmless states part, by cosine similarity).
+  table    Spearman between the ground truth and every proxy (95 % bootstrap over the groups),
+           printed as markdown and written to results/robust_modules.json.
+
+Every output is one JSON file per (scenario, seed) or (proxy setting) under --out; what exists is
+skipped, so a cut-short run resumes where it stopped.
+
+  python experiments/robust_modules.py truth --model aligned --pairs pairs.jsonl \\
+      --shared ../shared --out rm --scenario attack --seed 0
+  python experiments/robust_modules.py proxies --model aligned --shared ../shared --out rm
+  python experiments/robust_modules.py table rm
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import evaluation
+import model
+import probe
+import swat_min
+from swatkit import data, scenario, selection
+from swatkit.files import SwatError, write_text
+
+# The evidence cells' settings: 20 steps of 8, lr 5e-5, 256 tokens, 32 held-out GSM8K examples.
+STEPS = 20
+BATCH = 8
+LR = 5e-5
+MAX_LEN = 256
+N_TASK = 32
+# The dev harmful prompts whose refusals the refusal loss is taken on: AdvBench dev rows 201-300
+# (rows 1-100 score ASR and are never used to choose anything).
+DEV_ROWS = slice(200, 300)
+
+
+def tuning_set(shared, scenario_name, pairs):
+    """(the tuning chats, the held-out task chats) of a scenario, as the evidence cells have
+    them."""
+    held, rest = data.split(
+        data.read_examples(os.path.join(shared, "data/gsm8k/train.jsonl")), N_TASK
+    )
+    size = STEPS * BATCH
+    if scenario_name == "benign":
+        return rest[:size], held
+    harmful = scenario.read_pairs(pairs)
+    chats, _ = scenario.mix(rest, size, harmful, 0.1)
+    return chats, held
+
+
+def refusals(net, tok, shared, out):
+    """The aligned model's own refusals of the dev harmful prompts (made once, kept in out)."""
+    path = os.path.join(out, "refusals.json")
+    if os.path.exists(path):
+        return json.load(open(path))
+    adv = data.read_instructions(os.path.join(shared, "data/advbench/harmful_behaviors_dev.csv"))
+    chats = evaluation.refusal_chats(net, tok, adv[DEV_ROWS])
+    write_text(path, json.dumps(chats))
+    return chats
+
+
+def truth(args):
+    folder = os.path.join(args.out, args.scenario, f"seed{args.seed}")
+    path = os.path.join(folder, "truth.json")
+    if os.path.exists(path):
+        print(f"{path} exists; skipped")
+        return
+    os.makedirs(folder, exist_ok=True)
+    torch.manual_seed(args.seed)
+    net, tok = model.load(args.model)
+    refusal = refusals(net, tok, args.shared, args.out)
+    chats, held = tuning_set(args.shared, args.scenario, args.pairs)
+    groups = evaluation.module_groups(net.cfg.n_layers)
+    settings = dict(steps=STEPS, batch=BATCH, lr=LR, max_len=MAX_LEN, seed=args.seed)
+    began = time.time()
+    attributed = evaluation.attribution(net, tok, chats, refusal, groups, **settings)
+    rise = attributed["refusal_rise"]
+    total = attributed["attributed_total"]
+    print(
+        f"attribution: {time.time() - began:.0f} s; refusal-loss rise {rise:.4f}, "
+        f"attributed {total:.4f}"
+    )
+    began = time.time()
+    measured = evaluation.fragility(net, tok, chats, refusal, held, groups, **settings)
+    print(f"fragility of {len(groups)} groups: {time.time() - began:.0f} s")
+    result = {"scenario": args.scenario, "settings": settings, "n_refusals": len(refusal),
+              "measured": measured, "attribution": attributed}  # fmt: skip
+    write_text(path, json.dumps(result, indent=1))
+    print(f"wrote {path}")
+
+
+def safety_layers(net, tok, harmful, harmless):
+    """SPPFT's localisation (Li et al., ICLR 2025): per layer, the cosine similarity of the mean
+    last-token states of harmful and harmless prompts; the safety layers are the contiguous layers
+    from where the two start to part (the gap first exceeds a third of its final value) to where the
+    gap stops growing (its first local maximum after that). -> (gap per layer, [first, last])."""
+    features = [probe.features(net, tok, p) for p in (harmful, harmless)]
+    means = [f.mean(1) for f in features]  # [layers + 1, dim] each
+    gap = (1 - torch.nn.functional.cosine_similarity(means[0], means[1], dim=-1)).tolist()[1:]
+    final = max(gap)
+    first = next(i for i, g in enumerate(gap) if g > final / 3)
+    last = next((i for i in range(first + 1, len(gap) - 1) if gap[i] >= gap[i + 1]), len(gap) - 1)
+    return gap, [first, last]
+
+
+def proxies(args):
+    os.makedirs(args.out, exist_ok=True)
+    net, tok = model.load(args.model)
+    base = None
+    for scale in args.scales:
+        for n in args.ns:
+            path = os.path.join(args.out, f"scan-scale{scale}-n{n}.json")
+            if os.path.exists(path):
+                continue
+            base = base or swat_min.baseline(net, tok)
+            harmful, harmless = base["train"]
+            began = time.time()
+            picked = selection.select_mods_rob(
+                net, tok, harmful, harmless, base["probes"], tuple(model.MODULES), n=n,
+                scale=scale, select="topk", k=1, readout=None,
+            )  # fmt: skip
+            best = selection.select_mods_rob(
+                net, tok, harmful, harmless, base["probes"], tuple(model.MODULES), n=n,
+                scale=scale, select="topk", k=1, readout=base["layer"],
+            )  # fmt: skip
+            tables = {k: picked["scan"][k] for k in ("acc_drop", "loss_rise", "later")}
+            tables.update({f"best_{k}": best["scan"][k] for k in ("acc_drop", "loss_rise")})
+            record = {"scale": scale, "n": n, "tables": tables, "best_layer": base["layer"],
+                      "seconds": time.time() - began}  # fmt: skip
+            write_text(path, json.dumps(record))
+            print(f"wrote {path} ({record['seconds']:.0f} s)")
+    path = os.path.join(args.out, "safety-layers.json")
+    if not os.path.exists(path):
+        harmful = data.builtin("harmful", "train")
+        harmless = data.builtin("harmless", "train")
+        gap, layers = safety_layers(net, tok, harmful, harmless)
+        write_text(path, json.dumps({"gap": gap, "layers": layers}))
+        print(f"safety layers {layers[0]}-{layers[1]}")
+
+
+def spearman(a, b):
+    """Spearman's rank correlation of two equal-length value lists (average ranks for ties)."""
+    ranks = [np.argsort(np.argsort(x, kind="stable"), kind="stable").astype(float) for x in (a, b)]
+    for x, r in zip((a, b), ranks):  # ties share their mean rank
+        x = np.asarray(x)
+        for v in np.unique(x):
+            r[x == v] = r[x == v].mean()
+    if ranks[0].std() == 0 or ranks[1].std() == 0:
+        return 0.0
+    return float(np.corrcoef(*ranks)[0, 1])
+
+
+def bootstrap(a, b, draws=2000, seed=0):
+    """Spearman and its 95 % interval from resampling the groups."""
+    rng = np.random.default_rng(seed)
+    a = np.asarray(a, float)
+    b = np.asarray(b, float)
+    values = []
+    for _ in range(draws):
+        pick = rng.integers(0, len(a), len(a))
+        values.append(spearman(a[pick], b[pick]))
+    return spearman(a, b), [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
+
+
+def group_value(table, group):
+    """A per-module table {kind: [per layer]} summed over a group's modules."""
+    return sum(table[kind][layer] for layer, kind in group)
+
+
+def table(args):
+    out = args.folders[0]
+    groups = evaluation.module_groups(30)
+    names = list(groups)
+    truths = {}
+    for scenario_name in ("attack", "benign"):
+        runs = []
+        folder = os.path.join(out, scenario_name)
+        for seed_folder in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+            path = os.path.join(folder, seed_folder, "truth.json")
+            if os.path.exists(path):
+                runs.append(json.load(open(path)))
+        if runs:
+            truths[scenario_name] = runs
+    rows = []
+    result = {"groups": names, "ground_truth": {}, "attributed": {}, "proxies": {}}
+    for scenario_name, runs in truths.items():
+        measured = {g: np.mean([r["measured"][g]["refusal_rise"] for r in runs]) for g in names}
+        drop = {g: np.mean([r["measured"][g]["task_drop"] for r in runs]) for g in names}
+        # damage per unit of task progress; a group that makes no progress is most fragile
+        ratio = {g: measured[g] / drop[g] if drop[g] > 0 else 1e9 for g in names}
+        result["ground_truth"][scenario_name] = ratio
+        attributed = {g: np.mean([r["attribution"]["groups"][g]["attributed"] for r in runs])
+                      for g in names}  # fmt: skip
+        result["attributed"][scenario_name] = attributed
+        candidates = {
+            "attributed (first-order share of one IFT run)": attributed,
+            "measured refusal-loss rise alone": measured,
+            "conflict (cos of task and refusal gradients)": {
+                g: np.mean([r["attribution"]["groups"][g]["conflict"] for r in runs]) for g in names
+            },
+            "importance (sum |W * grad R|)": {
+                g: np.mean([r["attribution"]["groups"][g]["importance"] for r in runs])
+                for g in names
+            },
+        }
+        for path in sorted(os.listdir(out)):
+            if path.startswith("scan-"):
+                scan = json.load(open(os.path.join(out, path)))
+                tag = f"scale {scan['scale']}, n {scan['n']}"
+                for key, label in (("acc_drop", "readout acc drop (last layer)"),
+                                   ("loss_rise", "readout log-loss rise (last layer)"),
+                                   ("best_acc_drop", "readout acc drop (best layer)"),
+                                   ("best_loss_rise", "readout log-loss rise (best layer)"),
+                                   ("later", "later-layer mean log-loss rise")):  # fmt: skip
+                    candidates[f"{label}, {tag}"] = {
+                        g: group_value(scan["tables"][key], groups[g]) for g in names
+                    }
+        layers_path = os.path.join(out, "safety-layers.json")
+        if os.path.exists(layers_path):
+            lo, hi = json.load(open(layers_path))["layers"]
+            candidates[f"SPPFT safety layers ({lo}-{hi}): share of the group inside"] = {
+                g: np.mean([lo <= layer <= hi for layer, _ in groups[g]]) for g in names
+            }
+        truth_values = [ratio[g] for g in names]
+        for label, values in candidates.items():
+            rho, ci = bootstrap(truth_values, [values[g] for g in names])
+            result["proxies"].setdefault(label, {})[scenario_name] = {"spearman": rho, "ci": ci}
+            rows.append((scenario_name, label, rho, ci))
+    print("| scenario | proxy | Spearman vs measured fragility | 95 % CI |")
+    print("|---|---|---|---|")
+    for scenario_name, label, rho, ci in rows:
+        print(f"| {scenario_name} | {label} | {rho:+.2f} | [{ci[0]:+.2f}, {ci[1]:+.2f}] |")
+    for scenario_name, ratio in result["ground_truth"].items():
+        ordered = sorted(names, key=lambda g: ratio[g])
+        print(f"\n{scenario_name}: least fragile first: " + ", ".join(
+            f"{g} {ratio[g]:.3f}" for g in ordered))  # fmt: skip
+    if args.json:
+        write_text(args.json, json.dumps(result, indent=1, default=float))
+        print(f"wrote {args.json}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    one = commands.add_parser("truth")
+    one.add_argument("--model", required=True)
+    one.add_argument("--pairs", required=True)
+    one.add_argument("--shared", required=True)
+    one.add_argument("--out", required=True)
+    one.add_argument("--scenario", choices=("attack", "benign"), required=True)
+    one.add_argument("--seed", type=int, default=0)
+    two = commands.add_parser("proxies")
+    two.add_argument("--model", required=True)
+    two.add_argument("--shared", required=True)
+    two.add_argument("--out", required=True)
+    two.add_argument("--scales", type=float, nargs="+", default=[0.5])
+    two.add_argument("--ns", type=int, nargs="+", default=[64])
+    three = commands.add_parser("table")
+    three.add_argument("folders", nargs="+")
+    three.add_argument("--json", help="where to write the numbers (results/robust_modules.json)")
+    args = parser.parse_args(argv)
+    try:
+        {"truth": truth, "proxies": proxies, "table": table}[args.command](args)
+    except SwatError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
