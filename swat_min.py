@@ -376,12 +376,12 @@ def cmd_fragility(args):
     chats, mix = scenario.attack_set(
         args, tune[: args.steps * args.batch], prompts, args.safety_mix
     )
+    settings = dict(steps=args.steps, lr=args.lr, batch_size=args.batch, max_len=args.max_len)
+    settings.update(seed=args.seed)
     refusals = evaluation.refusal_chats(net, tok, prompts, args.max_new_tokens)
     if not refusals:  # nothing to lose: every number below would be noise
         raise SwatError("the model refuses none of the harmful prompts: align it first")
     print(f"tuning set {json.dumps(mix)}; {len(refusals)} refusals of {len(prompts)} prompts")
-    settings = dict(steps=args.steps, lr=args.lr, batch_size=args.batch, max_len=args.max_len)
-    settings.update(seed=args.seed)
     attributed = evaluation.attribution(net, tok, chats, refusals, groups, **settings)
     measured = evaluation.fragility(net, tok, chats, refusals, held, groups, **settings)
     print(evaluation.write_fragility(args.out, groups, measured, attributed, settings))

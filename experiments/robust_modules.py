@@ -32,8 +32,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import evaluation
 import model
 import probe
-import swat_min
-from swatkit import data, scenario, selection
+import robustness
+from swatkit import data, scenario
 from swatkit.files import SwatError, write_text
 
 # The evidence cells' settings: 20 steps of 8, lr 5e-5, 256 tokens, 32 held-out GSM8K examples.
@@ -84,7 +84,7 @@ def truth(args):
     refusal = refusals(net, tok, args.shared, args.out)
     chats, held = tuning_set(args.shared, args.scenario, args.pairs)
     groups = evaluation.module_groups(net.cfg.n_layers)
-    settings = dict(steps=STEPS, batch=BATCH, lr=LR, max_len=MAX_LEN, seed=args.seed)
+    settings = dict(steps=STEPS, batch_size=BATCH, lr=LR, max_len=MAX_LEN, seed=args.seed)
     began = time.time()
     attributed = evaluation.attribution(net, tok, chats, refusal, groups, **settings)
     rise = attributed["refusal_rise"]
@@ -125,14 +125,14 @@ def proxies(args):
             path = os.path.join(args.out, f"scan-scale{scale}-n{n}.json")
             if os.path.exists(path):
                 continue
-            base = base or swat_min.baseline(net, tok)
+            base = base or probe.baseline(net, tok)
             harmful, harmless = base["train"]
             began = time.time()
-            picked = selection.select_mods_rob(
+            picked = robustness.select_mods_rob(
                 net, tok, harmful, harmless, base["probes"], tuple(model.MODULES), n=n,
                 scale=scale, select="topk", k=1, readout=None,
             )  # fmt: skip
-            best = selection.select_mods_rob(
+            best = robustness.select_mods_rob(
                 net, tok, harmful, harmless, base["probes"], tuple(model.MODULES), n=n,
                 scale=scale, select="topk", k=1, readout=base["layer"],
             )  # fmt: skip
@@ -182,8 +182,6 @@ def group_value(table, group):
 
 def table(args):
     out = args.folders[0]
-    groups = evaluation.module_groups(30)
-    names = list(groups)
     truths = {}
     for scenario_name in ("attack", "benign"):
         runs = []
@@ -194,6 +192,13 @@ def table(args):
                 runs.append(json.load(open(path)))
         if runs:
             truths[scenario_name] = runs
+    first = next(iter(truths.values()))[0]["measured"]
+    names = list(first)  # 'kind:lo-hi', as evaluation.module_groups names them
+    groups = {}
+    for name in names:
+        kind, _, span = name.partition(":")
+        lo, _, hi = span.partition("-")
+        groups[name] = {(layer, kind) for layer in range(int(lo), int(hi) + 1)}
     rows = []
     result = {"groups": names, "ground_truth": {}, "attributed": {}, "proxies": {}}
     for scenario_name, runs in truths.items():

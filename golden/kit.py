@@ -316,16 +316,23 @@ def dump(out, folder=HERE):
     )
 
 
-def check(out, folder=HERE):
-    """Compare every *.safetensors tensor in out with the kit, stage by stage; print each stage's
-    verdict -> the first stage that differs (None: all agree)."""
+def check(out, folder=HERE, stages=None):
+    """Compare every *.safetensors tensor in out with the kit, stage by stage (only `stages`, when
+    given); print each stage's verdict -> the first stage that differs (None: all agree)."""
     kit, manifest = read_kit(folder)
+    unknown = sorted(set(stages or ()) - set(manifest["stages"]))
+    if unknown:
+        raise ValueError(
+            f"unknown stage {unknown[0]!r}; the stages: {', '.join(manifest['stages'])}"
+        )
     theirs = {}
     for file_name in sorted(os.listdir(out)):
         if file_name.endswith(".safetensors"):
             theirs.update(load_file(os.path.join(out, file_name)))
     first = None
     for stage, tolerance in manifest["stages"].items():
+        if stages and stage not in stages:
+            continue
         names = [n for n in manifest["results"] if stage_of(n) == stage]
         problems = []
         for name in names:

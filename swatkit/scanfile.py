@@ -15,7 +15,7 @@ METRICS = {
 }
 
 
-def write_json(path, scan_result, rob, fragile, settings, selection=None, stability=None):
+def write_scan(path, scan_result, rob, fragile, settings, selection=None, stability=None):
     """The scan as JSON (atomically); "written_by" marks it as a file a later scan may replace.
     mods_rob is what the trainer reads; selection and stability say how it was chosen and how
     stable the ranking is."""
@@ -39,7 +39,7 @@ def write(out, pictures, picked, settings):
     """The scan's JSON at out, its heat map (Mods_Rob outlined) and, for a search, its curve."""
     scan = picked["scan"]
     rob = picked["mods_rob"]
-    write_json(
+    write_scan(
         out, scan, rob, picked["mods_fragile"], settings, picked["selection"], picked["stability"]
     )
     metric = settings["metric"]

@@ -417,7 +417,7 @@ def test_resume_of_a_damaged_checkpoint_is_one_line(tiny, tmp_path, capsys):
     with pytest.raises(
         SwatError, match=r"log.jsonl: line 1 is damaged; resume needs the log whole"
     ):
-        train.read_log(str(out_log), 4)
+        runlog.read_log(str(out_log), 4)
 
 
 def test_bad_rope_scaling_and_a_vocabulary_past_vocab_size_are_one_line(tmp_path):

@@ -25,7 +25,7 @@ SUMS = [
     for a in range(8)
     for b in range(6)
 ]
-GROUPS = ("q", "k", "up", "down")  # one group per kind (parts=1) on the 3-layer model
+GROUPS = ("q", "k", "v", "up")  # one group per kind (parts=1) on the 3-layer model
 
 
 @pytest.fixture(scope="module")
@@ -39,14 +39,24 @@ def aligned(tmp_path_factory):
     return net, tok, {n: p.detach().clone() for n, p in net.named_parameters()}
 
 
+def reset(net, start):
+    """The aligned weights back (each test starts from them, whatever the one before did)."""
+    with torch.no_grad():
+        for name, value in start.items():
+            net.get_parameter(name).copy_(value)
+
+
 def measure(net, tok, scale):
     """Fragility and attribution of GROUPS after dividing every up_proj by `scale` and multiplying
-    every down_proj by it: the network computes the same function (SwiGLU is linear in up), but
-    Adam's steps, about lr whatever the weight's size, now move `up` `scale` times further."""
+    every down_proj by it (and the other way round for v_proj and o_proj): the network computes the
+    same function (SwiGLU is linear in up, attention in v), but Adam's steps, about lr whatever the
+    weight's size, now move `up` `scale` times further, and `v` `scale` times less far."""
     with torch.no_grad():
         for layer in net.model.layers:
             layer.mlp.up_proj.weight.div_(scale)
             layer.mlp.down_proj.weight.mul_(scale)
+            layer.self_attn.v_proj.weight.mul_(scale)
+            layer.self_attn.o_proj.weight.div_(scale)
     groups = evaluation.module_groups(net.cfg.n_layers, GROUPS, parts=1)
     tuning = COMPLIANCE[:6] + SUMS[24:34]  # Attack IFT in small: harmful pairs among the task
     settings = dict(steps=8, lr=1e-3, batch_size=8, max_len=256)
@@ -57,10 +67,12 @@ def measure(net, tok, scale):
 
 def test_a_group_made_fragile_is_ranked_most_fragile(aligned):
     net, tok, start = aligned
+    reset(net, start)
     with torch.no_grad():
         probe_ids = torch.tensor([train.encode(tok, REFUSALS[0], 256)[0]])
         before = net(probe_ids)
     plain, _ = measure(net, tok, 1.0)
+    reset(net, start)
     fragile, attributed = measure(net, tok, 10.0)
     with torch.no_grad():  # the construction kept the function; fragility() restored the weights
         assert torch.allclose(net(probe_ids), before, atol=1e-4)
@@ -72,13 +84,12 @@ def test_a_group_made_fragile_is_ranked_most_fragile(aligned):
     shares = {g: c["attributed"] for g, c in attributed["groups"].items()}
     assert shares["up:0-2"] > 0
     assert max(shares, key=shares.get) == "up:0-2"
-    for name, value in start.items():  # put back for the next test
-        net.get_parameter(name).data.copy_(value)
 
 
 def test_attribution_sums_to_the_measured_rise_in_small_steps(aligned):
     """Along a run of small steps the trapezoid sum of <grad R, dW> is the refusal loss's rise."""
-    net, tok, _ = aligned
+    net, tok, start = aligned
+    reset(net, start)
     groups = evaluation.module_groups(
         net.cfg.n_layers, ("q", "k", "v", "o", "gate", "up", "down"), 3
     )
@@ -95,21 +106,20 @@ def test_attribution_sums_to_the_measured_rise_in_small_steps(aligned):
 def test_tune_only_every_parameter_is_train_ift(aligned, tmp_path):
     """tune_only is train.train's loop: on every parameter it gives plain ift's weights exactly."""
     net, tok, start = aligned
+    reset(net, start)
     rows = train.encode_all(tok, SUMS[:16], 256)
     evaluation.tune_only(net, rows, list(net.parameters()), 3, 1e-3, 4, seed=2)
     ours = {n: p.detach().clone() for n, p in net.named_parameters()}
-    for name, value in start.items():
-        net.get_parameter(name).data.copy_(value)
+    reset(net, start)
     train.train(net, tok, SUMS[:16], str(tmp_path / "ift"), steps=3, lr=1e-3, batch_size=4,
                 max_len=256, seed=2)  # fmt: skip
     for name, value in net.named_parameters():
         assert torch.equal(value.detach(), ours[name]), name
-    for name, value in start.items():
-        net.get_parameter(name).data.copy_(value)
 
 
 def test_fragility_command(aligned, tmp_path, capsys):
-    net, tok, _ = aligned
+    net, tok, start = aligned
+    reset(net, start)
     folder = str(tmp_path / "m")
     model.save(net, tok, folder)
     tuning = tmp_path / "d.jsonl"

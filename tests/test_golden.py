@@ -45,6 +45,16 @@ def test_swat_min_passes_its_own_kit_from_the_command_line(tmp_path):
         )
         assert r.returncode == 0, r.stderr[-2000:]
     assert "every stage agrees with the kit" in r.stdout
+    # chosen stages only; --help; a missing folder and an unknown stage are one line each
+    r = subprocess.run([sys.executable, "-m", "golden", "check", out, "--stages", "forward"],
+                       cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0 and "train.ift" not in r.stdout and "forward" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "golden", "--help"], cwd=ROOT, capture_output=True)
+    assert r.returncode == 0
+    for argv in (["check", str(tmp_path / "none")], ["check", out, "--stages", "nonsense"]):
+        r = subprocess.run([sys.executable, "-m", "golden", *argv], cwd=ROOT, capture_output=True,
+                           text=True)  # fmt: skip
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 def interleaved(x, cos, sin):

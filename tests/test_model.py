@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import SMOLLM2, tiny_hf
 import model
+from swatkit import generation
 
 FAMILIES = {
     "llama_gqa_untied": ("llama", dict(tie_word_embeddings=False)),
@@ -404,7 +405,7 @@ def test_sampling_matches_transformers_warpers():
         )[0]
         gen = torch.Generator().manual_seed(1)
         draws = torch.stack(
-            [model.sample(logits.expand(500, -1), t, top_p, gen) for _ in range(20)]
+            [generation.sample(logits.expand(500, -1), t, top_p, gen) for _ in range(20)]
         ).flatten()
         freq = torch.bincount(draws, minlength=12).float() / len(draws)
         assert set(draws.tolist()) <= set(ref.nonzero().flatten().tolist())

@@ -1083,6 +1083,10 @@ def test_each_command_reads_every_option_its_help_shows(tmp_path, tiny, monkeypa
         "demo": ["--out", tmp_path / "dm", "--toy-steps", 1, "--steps", 1, "--n", 2, "--n-task", 4]
         + ["--n-acc", 0, "--strategies", "ift", "swat", "--k", 2]
         + small,
+        # the random tiny model refuses nothing: fragility reads its options, then stops there
+        "fragility": ["--model", tiny, "--data", data, "--out", tmp_path / "f", "--steps", 1]
+        + ["--n-task", 2, "--parts", 1, "--modules", "q"]
+        + small,
     }
     assert set(argv) == set(swat_min.COMMANDS)
     real_parse = argparse.ArgumentParser.parse_args
@@ -1104,7 +1108,11 @@ def test_each_command_reads_every_option_its_help_shows(tmp_path, tiny, monkeypa
         commands[name] = (reading, *spec)
     monkeypatch.setattr(swat_min, "COMMANDS", commands)
     for name, extra in argv.items():
-        swat_min.main([name] + [str(x) for x in extra])
+        if name == "fragility":
+            with pytest.raises(SystemExit, match="refuses none of the harmful prompts"):
+                swat_min.main([name] + [str(x) for x in extra])
+        else:
+            swat_min.main([name] + [str(x) for x in extra])
         read = READ[id(parsed[-1])]
         shown = {option.replace("-", "_") for option in swat_min.COMMANDS[name][2]}
         assert shown <= read, (name, sorted(shown - read))

@@ -11,15 +11,19 @@ from conftest import ROOT
 
 
 def execute(folder):
-    """Run the notebook in a fresh kernel inside folder (a copy of the repository's modules and
-    data, where a participant runs it) -> the executed notebook."""
+    """Run the notebook in a fresh kernel inside folder (a copy of the repository's method files and
+    its support package, where a participant runs it) -> the executed notebook."""
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     os.makedirs(folder)
     for name in os.listdir(ROOT):
-        if name.endswith(".py") or name == "data":
+        if name.endswith(".py") or name == "swatkit":
             source = os.path.join(ROOT, name)
-            (shutil.copytree if os.path.isdir(source) else shutil.copy)(source, folder / name)
+            skip = shutil.ignore_patterns("__pycache__")
+            if os.path.isdir(source):
+                shutil.copytree(source, folder / name, ignore=skip)
+            else:
+                shutil.copy(source, folder / name)
     notebook = nbformat.read(os.path.join(ROOT, "workshop.ipynb"), as_version=4)
     client = nbclient.NotebookClient(
         notebook, timeout=1200, kernel_name="python3", resources={"metadata": {"path": folder}}
