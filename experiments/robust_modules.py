@@ -73,29 +73,35 @@ def refusals(net, tok, shared, out):
 
 
 def truth(args):
+    """One scenario and seed: each group tuned alone (one JSON per group, written as it finishes,
+    so a cut-short run resumes at the next group), then the attributed run; then truth.json."""
     folder = os.path.join(args.out, args.scenario, f"seed{args.seed}")
     path = os.path.join(folder, "truth.json")
     if os.path.exists(path):
         print(f"{path} exists; skipped")
         return
-    os.makedirs(folder, exist_ok=True)
+    os.makedirs(os.path.join(folder, "groups"), exist_ok=True)
     torch.manual_seed(args.seed)
     net, tok = model.load(args.model)
     refusal = refusals(net, tok, args.shared, args.out)
     chats, held = tuning_set(args.shared, args.scenario, args.pairs)
     groups = evaluation.module_groups(net.cfg.n_layers)
     settings = dict(steps=STEPS, batch_size=BATCH, lr=LR, max_len=MAX_LEN, seed=args.seed)
-    began = time.time()
-    attributed = evaluation.attribution(net, tok, chats, refusal, groups, **settings)
-    rise = attributed["refusal_rise"]
-    total = attributed["attributed_total"]
-    print(
-        f"attribution: {time.time() - began:.0f} s; refusal-loss rise {rise:.4f}, "
-        f"attributed {total:.4f}"
-    )
-    began = time.time()
-    measured = evaluation.fragility(net, tok, chats, refusal, held, groups, **settings)
-    print(f"fragility of {len(groups)} groups: {time.time() - began:.0f} s")
+    measured = {}
+    for name, group in groups.items():
+        one = os.path.join(folder, "groups", name.replace(":", "_") + ".json")
+        if not os.path.exists(one):
+            began = time.time()
+            cell = evaluation.fragility(net, tok, chats, refusal, held, {name: group}, **settings)
+            write_text(one, json.dumps(dict(cell[name], seconds=time.time() - began)))
+        measured[name] = json.load(open(one))
+        print(f"{name}: {json.dumps(measured[name])}", flush=True)
+    one = os.path.join(folder, "attribution.json")
+    if not os.path.exists(one):
+        began = time.time()
+        attributed = evaluation.attribution(net, tok, chats, refusal, groups, **settings)
+        write_text(one, json.dumps(dict(attributed, seconds=time.time() - began)))
+    attributed = json.load(open(one))
     result = {"scenario": args.scenario, "settings": settings, "n_refusals": len(refusal),
               "measured": measured, "attribution": attributed}  # fmt: skip
     write_text(path, json.dumps(result, indent=1))
@@ -200,7 +206,11 @@ def table(args):
         lo, _, hi = span.partition("-")
         groups[name] = {(layer, kind) for layer in range(int(lo), int(hi) + 1)}
     rows = []
-    result = {"groups": names, "ground_truth": {}, "attributed": {}, "proxies": {}}
+    # the numbers in results/robust_modules.json's form: the default selection of the day, the
+    # groups, the ground truth per scenario, each proxy's Spearman with it, and the tuned rows
+    # (none yet: the oracle and proxy rows need the hours listed in RESULTS.md)
+    result = {"default": "scan (readout metric, joint search)", "groups": names,
+              "ground_truth": {}, "attributed": {}, "proxies": {}, "rows": []}  # fmt: skip
     for scenario_name, runs in truths.items():
         measured = {g: np.mean([r["measured"][g]["refusal_rise"] for r in runs]) for g in names}
         drop = {g: np.mean([r["measured"][g]["task_drop"] for r in runs]) for g in names}
@@ -242,7 +252,7 @@ def table(args):
         truth_values = [ratio[g] for g in names]
         for label, values in candidates.items():
             rho, ci = bootstrap(truth_values, [values[g] for g in names])
-            result["proxies"].setdefault(label, {})[scenario_name] = {"spearman": rho, "ci": ci}
+            result["proxies"][f"{label} [{scenario_name}]"] = {"spearman": rho, "ci": ci}
             rows.append((scenario_name, label, rho, ci))
     print("| scenario | proxy | Spearman vs measured fragility | 95 % CI |")
     print("|---|---|---|---|")

@@ -10,8 +10,11 @@ import torch
 
 import evaluation
 import model
+import probe
+import robustness as rb
 import swat_min
 import train
+from swatkit import scan_cache
 from conftest import tiny_hf
 
 THINGS = ["a weapon", "a bomb", "poison", "malware", "a virus", "a fake id", "drugs", "a lock pick"]
@@ -142,3 +145,30 @@ def test_fragility_command(aligned, tmp_path, capsys):
     with pytest.raises(SystemExit, match="refuses none of the harmful prompts"):
         swat_min.main(argv)
     assert not os.path.exists(tmp_path / "none")
+
+
+def test_the_scan_cannot_see_the_rescaling_that_makes_a_group_fragile(aligned):
+    """The scan's noise is scale * std(W) of each weight, so the function-keeping rescaling above
+    leaves every reading of the scan the same, while it multiplies up's fragility (the test above):
+    a noise proxy is blind to what makes a module fragile under Adam."""
+    net, tok, start = aligned
+    reset(net, start)
+    prompts = HARMFUL + [c[0]["content"] for c in SUMS[:8]]
+    X, y = probe.labelled(*(probe.features(net, tok, p) for p in (HARMFUL, prompts[8:])))
+    probes = probe.fit_layers(X, y)  # fitted once: the same probes read both scans
+    batches = scan_cache.prefix(net, tok, prompts, batch_size=8)
+
+    def scanned():
+        return rb.scan(net, probes, batches, y, ("q", "v", "up", "down"), 2.0, 1, 0)
+
+    before = scanned()
+    with torch.no_grad():
+        for layer in net.model.layers:
+            layer.mlp.up_proj.weight.div_(10.0)
+            layer.mlp.down_proj.weight.mul_(10.0)
+    batches = scan_cache.prefix(net, tok, prompts, batch_size=8)
+    after = scanned()
+    for metric in ("later", "loss_rise"):
+        for kind in before[metric]:
+            assert after[metric][kind] == pytest.approx(before[metric][kind], rel=1e-3, abs=1e-6)
+    assert max(map(abs, before["later"]["up"])) > 1e-3  # and the scan does see up's noise
