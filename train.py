@@ -176,6 +176,10 @@ def param_groups(net, strategy, mods, lr, ratio, weight_decay, scope="all"):
 def warmup_length(strategy, steps, warmup_frac=0.2, warmup_steps=None):
     """SWAT's phase 1 length in steps (the one place it is computed): warmup_steps if given, else
     warmup_frac of the steps of normal training. Other strategies have no phase 1."""
+    if type(steps) is not int or steps < 0 or not checks.finite(warmup_frac):
+        raise SwatError(
+            f"warmup_length: steps ({steps!r}) and warmup_frac ({warmup_frac!r}) must be >= 0"
+        )
     if strategy != "swat":
         return 0
     return warmup_steps if warmup_steps is not None else round(warmup_frac * steps)

@@ -13,15 +13,18 @@ from . import data
 from . import tokenizer
 
 
-def number(kind, lo, hi=None):
-    """An argparse type: a number in [lo, hi], so that a bad value is a usage error before any
+def number(kind, lo, hi=None, above=False):
+    """An argparse type: a number in [lo, hi] (above=True: in (lo, hi], for a knob whose lo makes
+    the result meaningless, e.g. zero noise), so that a bad value is a usage error before any
     work."""
 
     def parse(text):
         value = kind(text)
         # NaN passes "value < lo": it is refused by name, with inf
-        if not math.isfinite(value) or value < lo or (hi is not None and value > hi):
-            raise argparse.ArgumentTypeError(f"{text} is not in [{lo}, {hi or '...'}]")
+        low = value <= lo if above else value < lo
+        if not math.isfinite(value) or low or (hi is not None and value > hi):
+            bracket = "(" if above else "["
+            raise argparse.ArgumentTypeError(f"{text} is not in {bracket}{lo}, {hi or '...'}]")
         return value
 
     parse.__name__ = kind.__name__  # argparse's message for "abc": invalid int value
@@ -100,7 +103,9 @@ OPTIONS = {
     "n": dict(type=number(int, 1), default=64, help="prompts per class in the scan"),
     "modules": dict(default="q,k,v,o", help="modules to scan (also gate,up,down)"),
     "scale": dict(
-        type=number(float, 0), default=0.5, help="scan noise std, as a multiple of the weight's std"
+        type=number(float, 0, above=True),
+        default=0.5,
+        help="scan noise std, as a multiple of the weight's std (> 0: no noise ranks nothing)",
     ),
     "repeats": dict(
         type=number(int, 1), default=1, help="noise draws per module (2 or more: rank stability)"

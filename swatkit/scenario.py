@@ -87,6 +87,12 @@ def safety_pairs(n, seed=MIX_SEED):
 def mix(benign, size, harmful=(), ratio=0.0, n_safety=0, seed=MIX_SEED):
     """The tuning set: size examples, round(ratio * size) of them harmful pairs, n_safety refusal
     pairs, the rest benign (the first ones); shuffled. -> (chats, what it holds)."""
+    # the Python API's values checked as the command line's are (NaN fails the comparison)
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
+        raise SwatError(f"the poison ratio must be in [0, 1), not {ratio!r}")
+    for name, value in (("size", size), ("n_safety", n_safety)):
+        if type(value) is not int or value < 0:
+            raise SwatError(f"the tuning set's {name} must be an integer >= 0, not {value!r}")
     n_harmful = round(ratio * size)
     if ratio > 0 and n_harmful == 0:
         raise SwatError(f"--poison-ratio {ratio} of {size} examples is no harmful example")

@@ -149,3 +149,28 @@ def test_attack_data_then_an_attack_run_with_lora_and_safemix_rows(tmp_path, tin
         assert os.path.exists(out / f"{r['strategy']}-seed0" / "adapter" / "adapter_config.json")
     md = open(out / "results.md", encoding="utf-8").read()
     assert md.startswith("Scenario: attack (poison ratio 0.25); tuning: LoRA r=2")
+
+
+def test_garbage_values_are_refused_in_the_python_api_and_on_the_command_line(tiny, capsys):
+    """A negative or NaN poison ratio, a negative step count, zero scan noise: refused in one
+    line (the project's error type in Python; exit 2 on the command line), never a result."""
+    import swat_min
+    import train
+    from swatkit import scenario
+
+    benign = [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]] * 8
+    harmful = [[{"role": "user", "content": "bad"}, {"role": "assistant", "content": "sure"}]]
+    for ratio in (-0.5, float("nan"), 1.0):
+        with pytest.raises(SwatError, match="poison ratio must be in"):
+            scenario.mix(benign, 8, harmful, ratio)
+    with pytest.raises(SwatError, match="must be an integer >= 0"):
+        scenario.mix(benign, 8, harmful, 0.25, n_safety=-1)
+    assert len(scenario.mix(benign, 8, harmful, 0.25)[0]) == 8  # a sound call still works
+    with pytest.raises(SwatError, match="warmup_length"):
+        train.warmup_length("swat", -5)
+    assert train.warmup_length("swat", 10) == 2
+    with pytest.raises(SystemExit) as exit_status:
+        swat_min.main(["scan", "--model", tiny, "--scale", "0"])
+    assert exit_status.value.code == 2
+    err = capsys.readouterr().err
+    assert "--scale" in err and len(err.strip().splitlines()) == 1
