@@ -10,8 +10,10 @@ set against it (RESULTS.md, "What makes a module robust").
   table    Spearman between the ground truth and every proxy (95 % bootstrap over the groups),
            printed as markdown and written to results/robust_modules.json.
 
-Every output is one JSON file per (scenario, seed) or (proxy setting) under --out; what exists is
-skipped, so a cut-short run resumes where it stopped.
+Every output is one JSON file per group, (scenario, seed) or proxy setting under --out; what exists
+is skipped, so a cut-short run resumes where it stopped. The groups measured so far are kept in the
+repository under results/robust_modules (--out results/robust_modules goes on from them; the
+aligned model's refusals, made again there, are AdvBench text and stay out of git).
 
   python experiments/robust_modules.py truth --model aligned --pairs pairs.jsonl \\
       --shared ../shared --out rm --scenario attack --seed 0
