@@ -3,6 +3,7 @@ never imports them, no import cycle anywhere, and a wheel that installs exactly 
 from another folder."""
 
 import ast
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -91,7 +92,9 @@ def test_wheel_installs_the_method_and_runs_from_another_folder(tmp_path):
     source = tmp_path / "source"  # a copy: building writes build/ and egg-info beside the sources
     skip = shutil.ignore_patterns(".git", ".venv", "__pycache__", "*.egg-info", "build", "tests")
     shutil.copytree(ROOT, source, ignore=skip)
-    build = pip + ["wheel", "--no-deps", "--no-build-isolation", str(source), "-w", str(wheels)]
+    # the venv's own setuptools when it has one (no download); else pip's isolated build
+    isolation = ["--no-build-isolation"] if importlib.util.find_spec("setuptools") else []
+    build = pip + ["wheel", "--no-deps", *isolation, str(source), "-w", str(wheels)]
     built = subprocess.run(build, capture_output=True, text=True)
     assert built.returncode == 0, built.stderr[-2000:]
     (wheel,) = wheels.glob("swat_min-*.whl")
