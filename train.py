@@ -10,7 +10,7 @@ Adam moments (their optimisation just goes on), the released groups start from z
 their own bias correction (as if just created), and the learning-rate schedule starts again, so
 phase 2 is plain IFT from a better start.
 
-With LoRA (lora.py) the same holds for the adapters: the base weights are frozen throughout.
+With LoRA (swatkit/lora.py) the same holds for the adapters: the base weights are frozen throughout.
 """
 
 import math
@@ -246,10 +246,8 @@ def train(
     if strategy == "swat" and warmup_steps == 0:
         print("swat with 0 warm-up steps is plain ift (raise --warmup-frac or --warmup-steps)")
     data = encode_all(tok, chats, max_len, skip_long)
-    opt_settings = dict(lr=lr, batch_size=batch_size, accum=accum, ratio=ratio, clip=clip)
-    opt_settings.update(weight_decay=weight_decay, seed=seed, lora=lora)
-    start_print = fingerprint(net)  # the weights it starts from: resume checks them
-    if lora:  # adapters on the target modules; every other parameter frozen (lora.py)
+    source = fingerprint(net)  # the weights it starts from (before any adapter): resume checks them
+    if lora:  # adapters on the target modules; every other parameter frozen (swatkit/lora.py)
         lora_adapters.add(net, lora["r"], lora["alpha"], lora["targets"], seed)
     if distributed.size() > 1:  # FSDP2: each process keeps a shard of every block
         distributed.shard(net, lora, batch_size)
@@ -261,7 +259,10 @@ def train(
     opt = AdamW(param_groups(net, strategy, mods, lr, ratio, weight_decay, scope), lr)
     phase1 = warmup_steps if strategy == "swat" else 0
     total = phase1 + steps
-    book.settings(opt, start_print, data, phases=[phase1, steps], **opt_settings)
+    # what the updates depend on besides the groups, saved with every checkpoint for resume
+    book.settings(opt, source, data, phases=[phase1, steps], lr=lr, batch_size=batch_size,
+                  accum=accum, ratio=ratio, weight_decay=weight_decay, clip=clip, seed=seed,
+                  lora=lora)  # fmt: skip
     step, rows = book.start(opt, net, resume, total)
     if step == total:
         return finish(net, rows)
