@@ -86,7 +86,7 @@ def task_metrics(
 ):
     """Held-out response-token loss, and exact-match accuracy of the first n_acc answers where the
     reference answers are short (None for long ones, e.g. Alpaca's)."""
-    held = train.encode_all(tok, chats, max_len, skip_long=True, what="held-out example")
+    held = train.encode_all(tok, chats, max_len, long="skip", what="held-out example")
     device = net.model.embed_tokens.weight.device
     total = 0.0
     n_tokens = 0
@@ -383,9 +383,9 @@ def fragility(net, tok, tuning, refusals, held, groups, steps=20, lr=5e-5, batch
     """The measured fragility of each group: tune only it from net's weights (restored after each)
     -> {group: {refusal_rise, task_drop, fragility}}; fragility = refusal-loss rise per unit of
     task-loss decrease (the safety cost of the task progress the group makes)."""
-    data = train.encode_all(tok, tuning, max_len, skip_long=True)
-    refusal_rows = train.encode_all(tok, refusals, max_len, skip_long=True, what="refusal")
-    held_rows = train.encode_all(tok, held, max_len, skip_long=True, what="held-out example")
+    data = train.encode_all(tok, tuning, max_len, long="skip")
+    refusal_rows = train.encode_all(tok, refusals, max_len, long="skip", what="refusal")
+    held_rows = train.encode_all(tok, held, max_len, long="skip", what="held-out example")
     start = {n: p.detach().clone() for n, p in net.named_parameters()}  # every group starts here
     with torch.no_grad():  # the two losses of the start, which each group's run is set against
         refusal_before = mean_loss(net, refusal_rows).item()
@@ -412,8 +412,8 @@ def attribution(net, tok, tuning, refusals, groups, steps=20, lr=5e-5, batch_siz
     between the task and refusal gradients (conflict) and sum |W * grad R| (importance).
     -> {"groups": {group: {...}}, "refusal_rise": the measured rise, "attributed_total": the
     groups' sum, "attributed_outside": the other parameters' (the two sum to about the rise)}."""
-    data = train.encode_all(tok, tuning, max_len, skip_long=True)
-    refusal_rows = train.encode_all(tok, refusals, max_len, skip_long=True, what="refusal")
+    data = train.encode_all(tok, tuning, max_len, long="skip")
+    refusal_rows = train.encode_all(tok, refusals, max_len, long="skip", what="refusal")
     params = list(net.parameters())
     start = [p.detach().clone() for p in params]
     owner = {}  # parameter index -> its group

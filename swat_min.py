@@ -174,7 +174,7 @@ def cmd_train(args):
         batch_size=args.batch, accum=args.accum, warmup_steps=warmup, ratio=args.ratio,
         weight_decay=args.weight_decay, max_len=args.max_len, seed=args.seed,
         save_every=args.save_every, resume=args.resume, grad_ckpt=args.grad_ckpt,
-        compile=args.compile, skip_long=args.skip_long, scope=args.scope,
+        compile=args.compile, long=args.long, scope=args.scope,
         keep_optimizer=args.keep_optimizer, lora=lora,
     )  # fmt: skip
     print(f"wrote {args.out} (log: {os.path.join(args.out, 'log.jsonl')})")
@@ -230,7 +230,7 @@ def cmd_align(args):
     # as run does: a prompt too long for --max-len is left out, and counted
     train.train(
         net, tok, chats, args.out, "ift", steps=args.steps, lr=args.lr, batch_size=args.batch,
-        max_len=args.max_len, seed=args.seed, skip_long=True,
+        max_len=args.max_len, seed=args.seed, long="skip",
     )  # fmt: skip
     after = evaluate(net, tok, "after", **options)
     for r in (before, after):
@@ -327,7 +327,7 @@ def cmd_run(args):
             log = train.train(
                 net, tok, sets[n_safety][0], folder, strategy, mods, steps=args.steps,
                 lr=args.lr, batch_size=args.batch, warmup_steps=warmup, ratio=args.ratio,
-                max_len=args.max_len, seed=seed, skip_long=True, scope=args.scope,
+                max_len=args.max_len, seed=seed, long="skip", scope=args.scope,
                 keep_optimizer=args.keep_optimizer, label=name, lora=lora, watch=watch,
             )  # fmt: skip
             net = distributed.whole_model(net, lambda: load(args)[0])  # whole for evaluation

@@ -227,7 +227,7 @@ def train(
     resume=False,  # go on from the checkpoint in out
     grad_ckpt=False,  # recompute activations in the backward pass (less memory)
     compile=False,  # torch.compile each block
-    skip_long=False,  # leave out (and count) examples whose prompt exceeds max_len
+    long="stop",  # a prompt of max_len tokens or more: "stop", "skip" (counted) or "truncate"
     scope="all",  # mllr: "all" other parameters are slowed, or only other "modules" of its kinds
     keep_optimizer=False,  # keep the Adam moments in the final checkpoint (only resume needs them)
     label=None,  # the progress bar's name (default: the strategy)
@@ -245,7 +245,7 @@ def train(
         print("bf16 weights: fp32 Adam moments, each update rounded stochastically into bf16")
     if strategy == "swat" and warmup_steps == 0:
         print("swat with 0 warm-up steps is plain ift (raise --warmup-frac or --warmup-steps)")
-    data = encode_all(tok, chats, max_len, skip_long)
+    data = encode_all(tok, chats, max_len, long)
     source = fingerprint(net)  # the weights it starts from (before any adapter): resume checks them
     if lora:  # adapters on the target modules; every other parameter frozen (swatkit/lora.py)
         lora_adapters.add(net, lora["r"], lora["alpha"], lora["targets"], seed)

@@ -157,7 +157,7 @@ def main(argv=None):
                     batch_size=args.batch,
                     max_len=args.max_len,
                     seed=args.seed,
-                    skip_long=True,
+                    long="skip",
                     **kw,
                 )
             gen_path = os.path.join(args.out, name + ".jsonl")

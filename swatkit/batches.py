@@ -6,9 +6,14 @@ import torch
 from .files import SwatError
 
 
-def encode(tok, chat, max_len, where="example"):
+# what to do with a record whose prompt does not fit max_len (train's `long`, `--long`)
+LONG = ("stop", "skip", "truncate")
+
+
+def encode(tok, chat, max_len, where="example", truncate=False):
     """-> (ids, labels): labels are -100 on the prompt, so the loss counts only the response
-    tokens."""
+    tokens. A prompt of max_len tokens or more is an error, or with truncate, cut from its start
+    to half of max_len (its end, next to the reply, is what the reply follows)."""
     full = tok.encode_chat(chat, add_generation_prompt=False)
     # the reply starts where the same chat with an empty reply stops agreeing (not where the
     # generation prompt ends: some templates rearrange a chat that ends with a reply, e.g. Mistral
@@ -17,25 +22,38 @@ def encode(tok, chat, max_len, where="example"):
     empty = tok.encode_chat(empty_reply, add_generation_prompt=False)
     n = next((i for i, (a, b) in enumerate(zip(empty, full)) if a != b), len(empty))
     if n >= max_len:
-        raise SwatError(f"{where}: prompt of {n} tokens does not fit max length {max_len}")
+        if not truncate:
+            raise SwatError(f"{where}: prompt of {n} tokens does not fit max length {max_len}")
+        keep = max_len // 2
+        full = full[n - keep :]
+        n = keep
     full = full[:max_len]
     return full, [-100] * n + full[n:]
 
 
-def encode_all(tok, chats, max_len, skip_long=False, what="example"):
-    """Encode every chat; one whose prompt does not fit max_len is an error, or, with skip_long,
-    left
-    out (and counted, so nothing is dropped silently)."""
+def encode_all(tok, chats, max_len, long="stop", what="example"):
+    """Encode every chat. One whose prompt does not fit max_len stops it (long="stop", naming how
+    many and the first), is left out and counted ("skip"), or has its prompt cut ("truncate")."""
+    if long is True or long is False:  # the older spelling: skip_long=True / False
+        long = "skip" if long else "stop"
+    if long not in LONG:
+        raise SwatError(f"long must be one of {', '.join(LONG)}, not {long!r}")
     out = []
+    too_long = []  # the positions (from 1) of the records whose prompt does not fit
     for i, chat in enumerate(chats):
         try:
-            out.append(encode(tok, chat, max_len, f"{what} {i + 1}"))
+            out.append(encode(tok, chat, max_len, f"{what} {i + 1}", long == "truncate"))
         except SwatError:
-            if not skip_long:
-                raise
-    if len(out) < len(chats):
-        left_out = len(chats) - len(out)
-        print(f"left out {left_out} of {len(chats)} {what}s whose prompt exceeds {max_len} tokens")
+            too_long.append(i + 1)
+    if too_long and long == "stop":
+        raise SwatError(
+            f"{len(too_long)} of {len(chats)} {what}s have a prompt of {max_len} tokens or more "
+            f"(the first: {what} {too_long[0]}); raise --max-len, or --long skip to leave them "
+            "out, --long truncate to cut their prompts"
+        )
+    if too_long:
+        left_out = f"{len(too_long)} of {len(chats)} {what}s"
+        print(f"left out {left_out} whose prompt exceeds {max_len} tokens")
     if not out:
         raise SwatError(f"no {what} fits max length {max_len}")
     return out

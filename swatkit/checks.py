@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from .batches import LONG
 from .files import SwatError
 
 
@@ -41,6 +42,8 @@ def train_args(args):
     strategy = args["strategy"]
     if strategy not in ("ift", "swat", "mllr"):
         raise SwatError(f"unknown strategy {strategy!r}; choose ift, swat or mllr")
+    if args["long"] not in (*LONG, True, False):  # True / False: the older skip_long spelling
+        raise SwatError(f"train: long must be one of {', '.join(LONG)}, not {args['long']!r}")
     if strategy != "ift" and not args["mods"]:
         raise SwatError(f"strategy {strategy} needs a module set (--mods)")
     # the counts and the least each may be

@@ -9,6 +9,7 @@ import sys
 
 import torch
 
+from . import batches
 from . import data
 from . import tokenizer
 
@@ -192,8 +193,18 @@ OPTIONS = {
     "compile": dict(
         action="store_true", help="torch.compile each block (faster on GPU after warm-up)"
     ),
+    "long": dict(
+        choices=batches.LONG,
+        default="stop",
+        help="a record whose prompt has --max-len tokens or more: stop (say which), skip it "
+        "(counted), or truncate its prompt from the start to half of --max-len",
+    ),
     "skip-long": dict(
-        action="store_true", help="leave out examples whose prompt exceeds --max-len"
+        dest="long",
+        action="store_const",
+        const="skip",
+        default=argparse.SUPPRESS,
+        help="--long skip",
     ),
     "seed": dict(type=number(int, 0, 2**32 - 1), default=0, help="random seed"),
     "seeds": dict(
@@ -312,7 +323,8 @@ RUN = PROBE + SCAN + TUNE + STRATEGY + ASR + TASK + MIX + LORA
 RUN += ("data", "out", "limit", "seeds", "strategies", "control", "keep-optimizer")
 RUN += ("selections", "drift-every")
 TRAIN = TUNE + STRATEGY + ("data", "strategy", "mods", "out", "limit", "warmup-steps", "accum")
-TRAIN += ("weight-decay", "seed", "save-every", "resume", "grad-ckpt", "compile", "skip-long")
+TRAIN += ("weight-decay", "seed", "save-every", "resume", "grad-ckpt", "compile", "long")
+TRAIN += ("skip-long",)
 TRAIN += ("keep-optimizer", "dry-run") + MIX + LORA
 EVAL = PROBE + ASR + TASK + ("base", "data", "batch", "max-len", "generations")
 

@@ -129,3 +129,43 @@ def test_wheel_installs_the_method_and_runs_from_another_folder(tmp_path):
         where = subprocess.run([sys.executable, "-c", f"import {module}; print({module}.__file__)"],
                                cwd=elsewhere, env=env, capture_output=True, text=True)  # fmt: skip
         assert where.stdout.startswith(str(target)), where.stdout
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_readme_commands_leave_a_clone_clean(tmp_path):
+    """In a git clone holding this working tree's files: the build (what `pip install -e .`
+    writes), `demo --out demo_out`, a scan and a probe cache without an output folder, and a test
+    run leave `git status` empty: every output is under a folder .gitignore names."""
+    if not os.path.isdir(os.path.join(ROOT, ".git")):
+        pytest.skip("not a git checkout")
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", ROOT, str(clone)], check=True)
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True)
+    for name in listed.stdout.decode().split("\0"):  # the working tree's files, edits included
+        if name and os.path.isfile(os.path.join(ROOT, name)):
+            shutil.copyfile(os.path.join(ROOT, name), clone / name)
+    subprocess.run(["git", "add", "-A"], cwd=clone, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tree",
+                    "--allow-empty"], cwd=clone, check=True)  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("PYTHONDONTWRITEBYTECODE", None)  # __pycache__ is made, as on a user's machine
+    isolation = ["--no-build-isolation"] if importlib.util.find_spec("setuptools") else []
+    commands = [
+        [sys.executable, "-m", "pip", "-q", "wheel", "--no-deps", *isolation, ".", "-w", "dist"],
+        [sys.executable, "swat_min.py", "demo", "--out", "demo_out", "--toy-steps", "2",
+         "--steps", "1", "--n", "2", "--n-task", "4", "--n-acc", "0", "--strategies", "ift",
+         "--n-eval", "2", "--max-new-tokens", "2"],
+        [sys.executable, "swat_min.py", "scan", "--model", "demo_out/toy-model", "--n", "2",
+         "--modules", "q", "--k", "1"],
+        [sys.executable, "swat_min.py", "probe", "--model", "demo_out/toy-model", "--cache",
+         "swat-min-out/cache"],
+        [sys.executable, "-m", "pytest", "-q", "tests/test_layout.py",
+         "-k", "top_level"],
+    ]  # fmt: skip
+    for command in commands:
+        ran = subprocess.run(command, cwd=clone, env=env, capture_output=True, text=True)
+        assert ran.returncode == 0, (command, ran.stdout[-1000:], ran.stderr[-2000:])
+    assert (clone / "swat-min-out" / "scan.json").exists()
+    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=clone,
+                            capture_output=True, text=True, check=True)  # fmt: skip
+    assert status.stdout == ""

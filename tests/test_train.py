@@ -395,12 +395,10 @@ def test_bad_inputs(tiny, tmp_path):
     ):
         data.read_examples(str(p))
     net, tok = model.load(tiny)
-    with pytest.raises(
-        model.SwatError, match="example 1: prompt of .* tokens does not fit max length 8"
-    ):
+    with pytest.raises(model.SwatError, match=r"the first: example 1\).*--long skip"):
         train.train(net, tok, CHATS, str(tmp_path / "o"), max_len=8, steps=1)
     with pytest.raises(model.SwatError, match="no example fits max length 8"):
-        train.train(net, tok, CHATS, str(tmp_path / "o"), max_len=8, steps=1, skip_long=True)
+        train.train(net, tok, CHATS, str(tmp_path / "o"), max_len=8, steps=1, long="skip")
     # a scan of a 30-layer model
     (tmp_path / "big.json").write_text('{"mods_rob": [[1, "q"], [29, "k"]]}')
     (tmp_path / "odd.json").write_text('{"mods_rob": [[1, "qq"]]}')
@@ -442,7 +440,7 @@ def test_smollm2_strategies_reload_in_transformers(tmp_path, strategy):
         batch_size=2,
         max_len=96,
         lr=1e-4,
-        skip_long=True,
+        long="skip",
     )
     assert len(rows) == (3 if strategy == "swat" else 2) and all(r["loss"] > 0 for r in rows)
     ref = AutoModelForCausalLM.from_pretrained(str(tmp_path / "o"), dtype=torch.float32)
@@ -489,3 +487,39 @@ def test_bf16_with_stochastic_rounding_tracks_fp32_where_plain_bf16_stalls(
     assert gained["fp32"] > 0
     assert abs(gained["stochastic"] - gained["fp32"]) < 0.25 * gained["fp32"]
     assert gained["nearest"] < 0.5 * gained["fp32"]
+
+
+def test_long_records_stop_skip_or_truncate(tiny, tmp_path, capsys):
+    """--long: stop names how many and the first; skip leaves them out and says so; truncate keeps
+    every record with its prompt cut from the start (its reply still learnt)."""
+    import swat_min
+
+    net, tok = model.load(tiny)
+    short = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"}]
+    long_prompt = [{"role": "user", "content": "word " * 200}, short[1]]
+    chats = [short, long_prompt, short, long_prompt]
+    with pytest.raises(model.SwatError, match=r"2 of 4 .*the first: example 2\).*--long"):
+        batches.encode_all(tok, chats, 96)
+    kept = batches.encode_all(tok, chats, 96, long="skip")
+    assert len(kept) == 2 and "left out 2 of 4" in capsys.readouterr().out
+    cut = batches.encode_all(tok, chats, 96, long="truncate")
+    assert len(cut) == 4 and all(len(ids) <= 96 for ids, _ in cut)
+    reply = tok.encode_chat(short, add_generation_prompt=False)[-3:]
+    for ids, labels in cut:  # the reply's last tokens are still there and still learnt
+        assert ids[-3:] == reply and labels[-3:] == reply
+    assert labels.count(-100) == 48  # the cut prompt is half of max_len
+    with pytest.raises(model.SwatError, match="long must be one of stop, skip, truncate"):
+        batches.encode_all(tok, chats, 96, long="cut")
+    # the command line: --long and the older --skip-long
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in chats))
+    base = ["train", "--model", tiny, "--data", str(path), "--steps", "1", "--max-len", "96"]
+    parser = swat_min.build_parser(swat_min.__doc__, swat_min.COMMANDS)
+    assert parser.parse_args(base + ["--out", "o"]).long == "stop"
+    assert parser.parse_args(base + ["--out", "o", "--skip-long"]).long == "skip"
+    assert parser.parse_args(base + ["--out", "o", "--long", "truncate"]).long == "truncate"
+    with pytest.raises(SystemExit) as stop:
+        swat_min.main(base + ["--out", str(tmp_path / "a")])
+    assert "--long skip" in str(stop.value.code) and "\n" not in str(stop.value.code)
+    swat_min.main(base + ["--out", str(tmp_path / "b"), "--long", "truncate"])
+    assert os.path.exists(tmp_path / "b" / "model.safetensors")
