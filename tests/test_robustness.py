@@ -174,5 +174,46 @@ def test_pictures_are_svg_with_a_cell_per_layer_and_module(tmp_path):
     curve = [{"module": [i, "q"], "size": i, "change": 0.01 * i, "kept": i < 3} for i in range(5)]
     figures.curve_svg(str(tmp_path / "c.svg"), curve, 0.02, "search")
     root = ET.parse(tmp_path / "c.svg").getroot()
-    points = [e for e in root.iter("{http://www.w3.org/2000/svg}circle")]
+    circles = root.iter("{http://www.w3.org/2000/svg}circle")
+    points = [e for e in circles if e.get("class") == "point"]
     assert len(points) == 5 and sum(p.get("fill") == "black" for p in points) == 3
+
+
+def test_pictures_hold_every_label_and_show_ticks_and_legends(tmp_path):
+    """What a projector shows: each label (estimated 0.55 em per character) inside the frame, ticks
+    with values on both axes of the charts, and a legend for every mark and colour."""
+    ns = "{http://www.w3.org/2000/svg}"
+    long_title = "the original probe's accuracy on the tuned model's features (mean over seeds)"
+    table = {m: [0.1 * i for i in range(30)] for m in ("q", "k", "v", "o")}
+    figures.heatmap_svg(str(tmp_path / "h.svg"), table, long_title, "|dW|/|W|", {(1, "q")})
+    curve = [{"module": [i, "q"], "change": 0.01 * i, "kept": i % 2 == 0} for i in range(40)]
+    figures.curve_svg(str(tmp_path / "c.svg"), curve, 0.02, long_title)
+    series = {f"{n} (3 seeds)": [(s, 0.9 - 0.002 * s * i) for s in range(-60, 21, 5)]
+              for i, n in enumerate(("ift", "swat", "mllr", "control", "random"))}  # fmt: skip
+    figures.lines_svg(str(tmp_path / "l.svg"), series, long_title, "step (before 0: warm-up)", "acc")
+    for name in ("h", "c", "l"):
+        root = ET.parse(tmp_path / f"{name}.svg").getroot()
+        _, _, width, height = (float(v) for v in root.get("viewBox").split())
+        shift = 0.0
+        for group in root.iter(ns + "g"):
+            shift = float(group.get("transform", "translate(0,0)")[10:].split(",")[0])
+        labels = []
+        for t in root.iter(ns + "text"):
+            size = float(t.get("font-size", 11))
+            span = len(t.text) * size * 0.55
+            x = float(t.get("x")) + shift
+            left = x - {"start": 0, "middle": span / 2, "end": span}[t.get("text-anchor", "start")]
+            assert 0 <= left and left + span <= width, (name, t.text, left, span, width)
+            assert 0 < float(t.get("y")) <= height, (name, t.text)
+            labels.append(t.text)
+        if name in ("c", "l"):  # numbers on both axes: at least three on each
+            numbers = [float(v) for v in labels if v.replace(".", "").replace("-", "").isdigit()]
+            assert len(numbers) >= 6, (name, labels)
+        legend = [e for e in root.iter() if e.get("class") == "legend"]
+        if name == "h":
+            assert len(legend) == 1 and "Mods_Rob" in labels and "|dW|/|W|" in labels
+        if name == "c":
+            assert {e.get("fill") for e in legend} == {"black", "white"}
+            assert "kept in Mods_Rob" in labels and "rejected" in labels
+        if name == "l":
+            assert len(legend) == 5 and set(series) <= set(labels)
