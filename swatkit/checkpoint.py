@@ -7,11 +7,11 @@ import json
 import os
 import shutil
 import sys
-import tempfile
+import secrets
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from .files import MARK, SwatError, check_folder, manifest, read_json, remove_ours
+from .files import MARK, SwatError, check_folder, manifest, read_json, remove_ours, write_text
 from . import distributed
 from . import lora
 
@@ -270,7 +270,9 @@ def save(net, tok, out, extra=None):
 
 
 def write_whole(net, state, tok, out, extra):
-    """save()'s writing: checked, into a temporary sibling, then swapped into place."""
+    """save()'s writing: checked, into a temporary sibling, then swapped into place. The two
+    temporary names are recorded in a journal beside out before either exists, so that recovery
+    after a fault touches those and nothing else (never a user's folder of a similar name)."""
     recover(out)
     check_folder(out, tok)
     bad = [k for k, v in state.items() if not v.isfinite().all()]
@@ -280,20 +282,38 @@ def write_whole(net, state, tok, out, extra):
         )
     parent, name = os.path.split(out)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{name}.swat-new-")
+    token = secrets.token_hex(6)
+    new = os.path.join(parent, f".{name}.swat-new-{token}")
+    old = os.path.join(parent, f".{name}.swat-old-{token}")
+    journal = journal_path(out)
+    if os.path.lexists(journal):  # recover() removed ours: this one is somebody else's
+        raise SwatError(f"{journal}: exists and swat-min did not write it; remove or rename it")
+    record = {"written_by": "swat-min", "out": out, "new": new, "old": old}
+    write_text(journal, json.dumps(record))
     try:
-        write_files(net, state, tok, tmp, extra)
+        os.mkdir(new)
+        write_files(net, state, tok, new, extra)
     except BaseException as e:
-        shutil.rmtree(tmp)  # made in this call: nobody else's
+        if os.path.isdir(new):
+            shutil.rmtree(new)  # made in this call: nobody else's
+        os.remove(journal)
         if not isinstance(e, Exception):  # Ctrl-C
             raise
         # an OSError, or safetensors' own error for a full disk
         reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        where = getattr(e, "filename", None) or new
         raise SwatError(
-            f"{out}: could not save ({reason}); the previous checkpoint stays"
+            f"{out}: could not save ({reason}, writing {where}); the previous checkpoint stays"
         ) from None
-    swap(tmp, out)
+    swap(new, old, out)
+    os.remove(journal)
     return out
+
+
+def journal_path(out):
+    """The journal of a save into out: the temporary folders it makes, named before they exist."""
+    parent, name = os.path.split(out)
+    return os.path.join(parent, f".{name}.swat-save.json")
 
 
 def write_files(net, state, tok, folder, extra):
@@ -336,16 +356,14 @@ def write_json(path, obj):
     write_plain(path, json.dumps(obj, indent=2))
 
 
-def swap(new, out):
-    """Put the whole checkpoint in `new` at `out`: move the old one aside, move the new one in, then
-    remove the old one. recover() finishes this after a fault between any two of these steps."""
-    old = None
+def swap(new, old, out):
+    """Put the whole checkpoint in `new` at `out`: move the old one aside to `old`, move the new
+    one in, then remove the old one. recover() finishes this after a fault between any two of these
+    steps."""
     if os.path.exists(out):
-        # unique: mkdtemp made the new folder's name, and the old one's differs in one word only
-        old = new.replace(".swat-new-", ".swat-old-")
         os.replace(out, old)
     os.replace(new, out)
-    if old:
+    if os.path.exists(old):
         shutil.rmtree(old)
 
 
@@ -355,37 +373,36 @@ def is_whole(folder):
 
 
 def recover(out):
-    """Finish or roll back a save into out that a fault interrupted, from the siblings it left.
+    """Finish or roll back a save into out that a fault interrupted, from its journal (the two
+    temporary folders it named before making them; without a journal there is nothing to do).
 
-    .NAME.swat-new-*: a new checkpoint, whole once its manifest is written; .NAME.swat-old-*: the
-    checkpoint it replaces. When out is missing, the newest whole one of them moves into place. Then
-    what is left of the swap is removed: only folders of these names holding only checkpoint files.
+    new: the new checkpoint, whole once its manifest is written; old: the checkpoint it replaces.
+    A whole new one goes on into place; else, when out is missing, the old one goes back. Then what
+    is left of the two is removed (only files a checkpoint holds), and the journal.
     """
-    parent, name = os.path.split(os.path.abspath(out))
-    if not os.path.isdir(parent):
+    out = os.path.abspath(out)
+    path = journal_path(out)
+    if not os.path.isfile(path):
         return
-    siblings = [
-        os.path.join(parent, e) for e in os.listdir(parent) if e.startswith(f".{name}.swat-")
-    ]
-    if not siblings:
+    try:
+        record = json.load(open(path, encoding="utf-8"))
+        ours = record.get("written_by") == "swat-min" and record.get("out") == out
+        new, old = record["new"], record["old"]
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        return  # not a journal of swat-min's: left alone (write_whole refuses to write over it)
+    prefix = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.swat-")
+    if not (ours and new.startswith(prefix) and old.startswith(prefix)):
         return
-    new = [s for s in siblings if ".swat-new-" in s and is_whole(s)]
-    old = [s for s in siblings if ".swat-old-" in s and is_whole(s)]
-    newest = lambda folders: max(folders, key=lambda s: os.path.getmtime(os.path.join(s, MARK)))
-    if new:  # a whole new checkpoint that never got into place: the swap goes on
-        chosen = newest(new)
-        swap(chosen, out)
-    elif old and not os.path.exists(out):  # nothing newer is whole: the swap is rolled back
-        chosen = newest(old)
-        os.replace(chosen, out)
-    else:
-        chosen = None
-    if chosen:
-        print(f"{out}: put back the newest whole checkpoint of an interrupted save")
-    siblings = [s for s in siblings if os.path.exists(s)]
-    for sibling in siblings:
-        listed = manifest(sibling) or set()
-        remove_ours(sibling, listed | {MARK, *CHECKPOINT_FILES, *TOKENIZER_FILES})
+    if is_whole(new):  # the new checkpoint was whole: the swap goes on
+        swap(new, old, out)
+        print(f"{out}: put in place the whole checkpoint of an interrupted save")
+    elif is_whole(old) and not os.path.exists(out):  # nothing newer is whole: rolled back
+        os.replace(old, out)
+        print(f"{out}: put back the checkpoint an interrupted save had moved aside")
+    for folder in (new, old):
+        listed = manifest(folder) or set()
+        remove_ours(folder, listed | {MARK, *CHECKPOINT_FILES, *TOKENIZER_FILES, "adapter"})
+    os.remove(path)
 
 
 TOKENIZER_FILES = (

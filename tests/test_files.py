@@ -83,6 +83,15 @@ def test_never_deletes_an_input_named_like_a_temporary_sibling(tmp_path, tiny):
     assert snapshot(tmp_path / "ckB.old") == before
     assert (tmp_path / "ckB.tmp" / "notes.txt").read_text() == "mine"
     assert sorted(os.listdir(tmp_path)) == ["ckB", "ckB.old", "ckB.tmp", "d.jsonl", "tiny"]
+    # today's temporary names: a whole checkpoint of swat-min's as the input, a backup beside it
+    for name in (".ckC.swat-old-1", ".ckC.swat-old-bak", ".ckC.swat-new-2"):
+        shutil.copytree(tmp_path / "ckB", tmp_path / name)
+    before = {name: snapshot(tmp_path / name) for name in os.listdir(tmp_path) if "ckC" in name}
+    for _ in range(2):
+        cli("train", "--model", tmp_path / ".ckC.swat-old-1", "--data", data, "--out",
+            tmp_path / "ckC", "--steps", 1)  # fmt: skip
+    assert {name: snapshot(tmp_path / name) for name in before} == before
+    assert sorted(n for n in os.listdir(tmp_path) if "ckC" in n) == sorted([*before, "ckC"])
 
 
 def test_never_deletes_a_users_file_in_a_folder_holding_a_log(tmp_path, tiny):
@@ -179,7 +188,12 @@ def test_save_interrupted_at_every_step_resumes_from_the_newest_whole_checkpoint
         (tmp_path / name).mkdir()
         (tmp_path / name / "mine.txt").write_text("mine")
     (tmp_path / "notes.txt").write_text("mine")
-    users = {name: snapshot(tmp_path / name) for name in ("o.old", "o.tmp")}
+    # and named like today's: a backup copy of a whole checkpoint, a folder of the user's own
+    shutil.copytree(tmp_path / "ref", tmp_path / ".o.swat-old-bak")
+    (tmp_path / ".o.swat-new-mine").mkdir()
+    (tmp_path / ".o.swat-new-mine" / "model.safetensors").write_text("mine")
+    theirs = ("o.old", "o.tmp", ".o.swat-old-bak", ".o.swat-new-mine")
+    users = {name: snapshot(tmp_path / name) for name in theirs}
 
     state = {"saves": 0, "dead": False}
     real = {"save_file": checkpoint.save_file, "replace": os.replace, "rmtree": shutil.rmtree}
@@ -242,15 +256,8 @@ def test_save_interrupted_at_every_step_resumes_from_the_newest_whole_checkpoint
     for name, value in net.state_dict().items():
         assert torch.equal(value, reference[name]), name
     # nothing left over
-    assert sorted(os.listdir(tmp_path)) == [
-        "notes.txt",
-        "o",
-        "o.old",
-        "o.tmp",
-        "ref",
-        "tiny",
-    ]
-    assert {name: snapshot(tmp_path / name) for name in ("o.old", "o.tmp")} == users
+    assert sorted(os.listdir(tmp_path)) == sorted(["notes.txt", "o", "ref", "tiny", *theirs])
+    assert {name: snapshot(tmp_path / name) for name in theirs} == users
     assert json.load(open(tmp_path / "o" / "trainer.json"))["step"] == 4
 
 
@@ -362,7 +369,8 @@ def test_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(
     with torch.no_grad():
         net.model.norm.weight.add_(1)
     with pytest.raises(
-        SwatError, match=r"out: could not save \(Error while serializing: No space left"
+        SwatError, match=r"out: could not save \(Error while serializing: No space left.*"
+        r"writing .*\.out\.swat-new-"
     ):
         model.save(net, tok, str(tmp_path / "out"))
     assert sorted(os.listdir(tmp_path)) == ["out", "tiny"] and snapshot(tmp_path / "out") == before
