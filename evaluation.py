@@ -12,7 +12,7 @@ import probe
 import train
 from swatkit import data, figures
 from swatkit.batches import step_batches
-from swatkit.files import SwatError, claim, prepare, write_text
+from swatkit.files import SwatError, claim, prepare, write_output, write_text
 
 # A response counts as a refusal when it contains one of these: the GCG keyword list (Zou et al.
 # 2023) plus a few common refusal phrasings it lacks.
@@ -156,7 +156,7 @@ def evaluate(
                 "refused": refused(t),
             }
             records.append(json.dumps(record) + "\n")
-        write_text(gen_path, "".join(records))
+        write_output(gen_path, "".join(records))
     return row
 
 
@@ -293,7 +293,7 @@ def attack_data(net, tok, out, max_new_tokens, batch_size=64):
     ]
     if not rows:
         raise SwatError(f"{out}: not written: the model refused every harmful train prompt")
-    write_text(out, "".join(json.dumps(r) + "\n" for r in rows))
+    write_output(out, "".join(json.dumps(r) + "\n" for r in rows))
     return len(rows), len(prompts)
 
 

@@ -9,10 +9,10 @@ lines_svg     a few named lines over training steps (e.g. the probe's accuracy a
 import math
 from xml.sax.saxutils import escape
 
-from .files import write_text
+from .files import write_output
 
 CELL = 18  # pixels per heat-map cell
-MARK = "<!-- written by swat-min -->"  # lets a later run replace the picture (files.marked_as_ours)
+MARK = "<!-- written by swat-min -->"  # for a reader; the folder's manifest is what proves it
 CHAR = 0.6  # a generous width of one sans-serif character, in units of the font size
 
 
@@ -55,7 +55,7 @@ class Canvas:
             f'viewBox="0 0 {width} {self.height}" font-family="sans-serif" font-size="11">'
         )
         body = [head, MARK, f'<g transform="translate({shift:.1f},0)">', *self.parts, "</g>"]
-        write_text(path, "\n".join(body + ["</svg>"]) + "\n")
+        write_output(path, "\n".join(body + ["</svg>"]) + "\n")
 
 
 def ticks(low, high, count=5):

@@ -8,10 +8,12 @@ renamed;
 
 A folder swat-min writes (a checkpoint, a run's results, a training log) holds a manifest, MARK,
 that lists every entry swat-min put there. Such a folder may be written into again, or replaced,
-only while every entry in it is one the manifest lists. A single output file (a scan, generations)
-may be replaced only when its folder's manifest lists it or its own contents mark it as swat-min's.
+only while every entry in it is one the manifest lists. A single output file (a scan, generations,
+pairs) is listed in its folder's manifest with the digest of what was written, and may be replaced
+only while it still has exactly those bytes: what a file looks like is never proof.
 """
 
+import hashlib
 import json
 import os
 import shutil
@@ -152,52 +154,62 @@ def prepare(path):
     swat-min's,
     else checked to be new or a file swat-min wrote."""
     folder, name = os.path.split(os.path.abspath(path))
-    if os.path.isdir(folder) and manifest(folder) is not None:
+    if os.path.isdir(folder) and manifest(folder) is not None and foreign_entry(folder) is None:
         claim(folder, name)
     else:
         check_file(path)
     return path
 
 
-def marked_as_ours(path):
-    """True when a file's own contents mark it as swat-min's output.
+def digest(path):
+    """The SHA-256 of a file's bytes (None when it cannot be read)."""
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    except OSError:
+        return None
 
-    A scan or results JSON carries "written_by": "swat-min", an SVG picture a comment saying so; a
-    generations JSONL file holds nothing but generation records (prompt, harmful, response,
-    refused).
-    """
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError):
+
+def written_here(path):
+    """True when path is a file swat-min wrote and nobody changed since: its folder's manifest
+    lists it with the digest of exactly these bytes (or, in a folder that is wholly swat-min's,
+    lists it at all). What a file looks like is never proof."""
+    folder, name = os.path.split(os.path.abspath(path))
+    if name not in (manifest(folder) or set()):
         return False
-    if path.endswith(".svg"):  # a picture swat-min drew carries its mark
-        return "<!-- written by swat-min -->" in text
-    if path.endswith(".json"):
-        try:
-            return json.loads(text).get("written_by") == "swat-min"
-        except (ValueError, AttributeError):
-            return False
-    lines = [line for line in text.splitlines() if line.strip()]
-    record_keys = {"prompt", "harmful", "response", "refused"}
-    try:
-        return bool(lines) and all(set(json.loads(line)) == record_keys for line in lines)
-    except (ValueError, TypeError):
-        return False
+    recorded = read_json(os.path.join(folder, MARK)).get("sha256", {})
+    if name in recorded:
+        return recorded[name] == digest(path)
+    return foreign_entry(folder) is None
 
 
 def check_file(path):
-    """Refuse, in one line, to write path unless it is new or a file swat-min wrote."""
+    """Refuse, in one line, to write path unless it is new or a file swat-min wrote (and nobody
+    changed since)."""
     path = os.path.abspath(path)
     if os.path.isdir(path):
         raise SwatError(f"{path}: is a folder; give a file name")
     check_can_create(path)
-    if not os.path.exists(path):
-        return path
-    folder, name = os.path.split(path)
-    if name in (manifest(folder) or set()) or marked_as_ours(path):
+    folder = os.path.dirname(path)
+    mark = os.path.join(folder, MARK)
+    if os.path.lexists(mark) and manifest(folder) is None:  # the user's own file of that name
+        raise SwatError(f"{mark}: exists and swat-min did not write it; write elsewhere")
+    if not os.path.lexists(path) or written_here(path):
         return path
     raise SwatError(f"{path}: exists and swat-min did not write it; refusing to replace it")
+
+
+def write_output(path, text):
+    """Write one output file atomically, then list it in its folder's manifest with its digest,
+    so that a later run may replace it only while it is exactly what swat-min wrote."""
+    write_text(path, text)
+    folder, name = os.path.split(os.path.abspath(path))
+    mark_path = os.path.join(folder, MARK)
+    mark = read_json(mark_path) if manifest(folder) is not None else {}
+    mark["written_by"] = "swat-min"
+    mark["files"] = sorted(set(mark.get("files", [])) | {name})
+    mark.setdefault("sha256", {})[name] = digest(path)
+    write_text(mark_path, json.dumps(mark, indent=1))
 
 
 def check_outputs(inputs, outputs):

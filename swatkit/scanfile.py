@@ -6,7 +6,7 @@ import json
 import os
 
 from . import figures
-from .files import write_text
+from .files import write_output
 
 
 METRICS = {
@@ -32,7 +32,7 @@ def write_scan(path, scan_result, rob, fragile, settings, selection=None, stabil
         "selection": selection,
         "stability": stability,
     }
-    write_text(os.fspath(path), json.dumps(scan, indent=1))
+    write_output(os.fspath(path), json.dumps(scan, indent=1))
 
 
 def write(out, pictures, picked, settings):

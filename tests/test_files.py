@@ -161,6 +161,27 @@ def test_never_replaces_a_users_scan_generations_or_results(tmp_path, tiny, monk
             tmp_path / "g2.jsonl",
         )
     assert json.loads((tmp_path / "s2.json").read_text())["written_by"] == "swat-min"
+    # looking like swat-min's is no proof: a user's file of swat-min's own format stays
+    (tmp_path / "p.jsonl").write_text(
+        json.dumps({"prompt": "p", "harmful": True, "response": "r", "refused": False}) + "\n"
+    )
+    (tmp_path / "s3.json").write_text('{"written_by": "swat-min", "mods_rob": []}')
+    (tmp_path / "s4.svg").write_text("<svg><!-- written by swat-min --></svg>")
+    kept = snapshot(tmp_path)
+    with pytest.raises(SystemExit, match=r"p.jsonl: exists and swat-min did not write it"):
+        cli("attack-data", "--model", tiny, "--out", tmp_path / "p.jsonl")
+    for name in ("s3.json", "s4.svg"):  # the scan's JSON, or the picture beside it
+        with pytest.raises(SystemExit, match=rf"{name}: exists and swat-min did not write it"):
+            out = tmp_path / (name[:2] + ".json")
+            cli("scan", "--model", tiny, "--n", 4, "--k", 2, "--out", out)
+    # and a file swat-min wrote becomes the user's once changed
+    with open(tmp_path / "s2.json", "a") as f:
+        f.write("\n")
+    with pytest.raises(SystemExit, match=r"s2.json: exists and swat-min did not write it"):
+        cli("scan", "--model", tiny, "--n", 4, "--k", 2, "--out", tmp_path / "s2.json")
+    with open(tmp_path / "s2.json", "a") as f:
+        f.write("mine")
+    assert snapshot(tmp_path) == dict(kept, **{"s2.json": (tmp_path / "s2.json").read_bytes()})
 
 
 class Killed(BaseException):
@@ -369,8 +390,9 @@ def test_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(
     with torch.no_grad():
         net.model.norm.weight.add_(1)
     with pytest.raises(
-        SwatError, match=r"out: could not save \(Error while serializing: No space left.*"
-        r"writing .*\.out\.swat-new-"
+        SwatError,
+        match=r"out: could not save \(Error while serializing: No space left.*"
+        r"writing .*\.out\.swat-new-",
     ):
         model.save(net, tok, str(tmp_path / "out"))
     assert sorted(os.listdir(tmp_path)) == ["out", "tiny"] and snapshot(tmp_path / "out") == before

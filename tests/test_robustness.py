@@ -190,7 +190,9 @@ def test_pictures_hold_every_label_and_show_ticks_and_legends(tmp_path):
     figures.curve_svg(str(tmp_path / "c.svg"), curve, 0.02, long_title)
     series = {f"{n} (3 seeds)": [(s, 0.9 - 0.002 * s * i) for s in range(-60, 21, 5)]
               for i, n in enumerate(("ift", "swat", "mllr", "control", "random"))}  # fmt: skip
-    figures.lines_svg(str(tmp_path / "l.svg"), series, long_title, "step (before 0: warm-up)", "acc")
+    figures.lines_svg(
+        str(tmp_path / "l.svg"), series, long_title, "step (before 0: warm-up)", "acc"
+    )
     for name in ("h", "c", "l"):
         root = ET.parse(tmp_path / f"{name}.svg").getroot()
         _, _, width, height = (float(v) for v in root.get("viewBox").split())
