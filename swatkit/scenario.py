@@ -12,6 +12,7 @@ built-in harmful train split (those it does not refuse), so the scenario can be 
 """
 
 import random
+import unicodedata
 
 from . import data
 from . import distributed
@@ -51,18 +52,20 @@ def read_pairs(path):
 
 
 def normal(text):
-    """A prompt compared with others: case and spacing do not count."""
-    return " ".join(text.lower().split())
+    """A prompt compared with others: Unicode compatibility forms, case and spacing do not
+    count."""
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
 
 
 def check_disjoint(chats, held_out, path):
-    """Refuse attack data that contains a held-out evaluation prompt (ASR would be measured on
-    prompts the model was trained to answer)."""
+    """Refuse tuning data that contains a held-out evaluation prompt in any turn of any chat (a
+    system message first, or the prompt in a later turn, included): ASR would be measured on
+    prompts the model was trained to answer."""
     held = {normal(p) for p in held_out}
-    found = [c[0]["content"] for c in chats if normal(c[0]["content"]) in held]
+    found = [t["content"] for c in chats for t in c if normal(t["content"]) in held]
     if found:
         raise SwatError(
-            f"{path}: {len(found)} of its prompts are held-out evaluation prompts (e.g. "
+            f"{path}: {len(found)} of its messages are held-out evaluation prompts (e.g. "
             f"{found[0][:60]!r}); remove them, or evaluate on other prompts"
         )
 
@@ -121,6 +124,7 @@ def mix(benign, size, harmful=(), ratio=0.0, n_safety=0, seed=MIX_SEED):
 def attack_set(args, benign, held_out, n_safety=0):
     """The tuning set the options ask for, and what it holds. Benign IFT without a mix: the data
     as it is."""
+    check_disjoint(benign, held_out, getattr(args, "data", None) or "the tuning data")
     if not args.harmful_data and not n_safety:
         return benign, {"examples": len(benign), "benign": len(benign), "harmful": 0, "safety": 0}
     harmful = ()

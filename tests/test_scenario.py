@@ -1,8 +1,10 @@
 """scenario.py and the options that use it: Attack IFT's poison mix, the safety mix, attack-data,
 LoRA from the command line; bad input is one line before any work."""
 
+import argparse
 import json
 import os
+import unicodedata
 
 import pytest
 import torch
@@ -56,9 +58,25 @@ def test_attack_data_never_holds_an_evaluation_prompt(tmp_path):
     sneaky = ["  " + held_out[3].upper() + " "] + [f"request {i}" for i in range(5)]
     path = pairs_file(tmp_path / "p.jsonl", prompts=sneaky)
     chats = scenario.read_pairs(str(path))
-    with pytest.raises(SwatError, match="1 of its prompts are held-out evaluation prompts"):
+    with pytest.raises(SwatError, match="1 of its messages are held-out evaluation prompts"):
         scenario.check_disjoint(chats, held_out, str(path))
     scenario.check_disjoint(chats[1:], held_out, str(path))  # the others pass
+    # in chat records: after a system message, in a later turn, in full-width letters
+    system = {"role": "system", "content": "You are helpful."}
+    hidden = [
+        [system, {"role": "user", "content": held_out[5]}, {"role": "assistant", "content": "a"}],
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+         {"role": "user", "content": held_out[6].lower()}, {"role": "assistant", "content": "b"}],
+        [{"role": "user", "content": unicodedata.normalize("NFKD", held_out[7]).replace(
+            "a", "\uff41")}, {"role": "assistant", "content": "c"}],
+    ]  # fmt: skip
+    for chat in hidden:
+        with pytest.raises(SwatError, match="1 of its messages are held-out evaluation prompts"):
+            scenario.check_disjoint([chat], held_out, "d.jsonl")
+    # the benign tuning data is read too, not only the harmful pairs
+    args = argparse.Namespace(data="d.jsonl", harmful_data=None)
+    with pytest.raises(SwatError, match="d.jsonl: 1 of its messages are held-out"):
+        scenario.attack_set(args, hidden[:1] + [[system]], held_out)
 
 
 def test_bad_scenario_and_lora_input_is_one_line_before_any_work(tmp_path, tiny, capsys):
