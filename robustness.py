@@ -141,6 +141,19 @@ def prompt_halves(y):
     return [torch.cat(first), torch.cat(second)]
 
 
+def scores(tables, metric="readout"):
+    """{(layer, module): its sort key}: "readout": (accuracy drop, log-loss rise) of the readout
+    probe; "later": (mean log-loss rise over the later layers,)."""
+    if metric == "later":
+        later = tables["later"]
+        return {(layer, m): (v,) for m, row in later.items() for layer, v in enumerate(row)}
+    acc = tables["acc_drop"]
+    loss = tables["loss_rise"]
+    return {
+        (layer, m): (acc[m][layer], loss[m][layer]) for m in acc for layer in range(len(acc[m]))
+    }
+
+
 def ranking(scan_result, metric="readout", source=None):
     """Every (layer, module), most robust first.
 
@@ -148,16 +161,7 @@ def ranking(scan_result, metric="readout", source=None):
     mean log-loss rise over the later layers. source: other tables of the same shape to rank instead
     (one noise draw's, or one prompt half's).
     """
-    tables = source or scan_result
-    if metric == "later":
-        later = tables["later"]
-        keys = {(layer, m): (v,) for m, row in later.items() for layer, v in enumerate(row)}
-    else:
-        acc = tables["acc_drop"]
-        loss = tables["loss_rise"]
-        keys = {
-            (layer, m): (acc[m][layer], loss[m][layer]) for m in acc for layer in range(len(acc[m]))
-        }
+    keys = scores(source or scan_result, metric)
     # ties go to the lower layer, then the module name, so that the order is reproducible
     return sorted(keys, key=lambda lm: (keys[lm], lm))
 
@@ -325,7 +329,13 @@ def select_mods_rob(
         "mods_rob": [list(m) for m in robust],
         "mods_fragile": [list(m) for m in fragile],
         "settings": settings,
-        "selection": {"method": select, "tolerance": tolerance, "curve": curve},
+        # how many different scores the ranking had: one means every module tied (order by index)
+        "selection": {
+            "method": select,
+            "tolerance": tolerance,
+            "curve": curve,
+            "distinct_scores": len(set(scores(table, metric).values())),
+        },
         "stability": stability(table),
     }
 

@@ -66,4 +66,14 @@ def summary(picked, ranked):
         f"rank stability (Spearman): between the {stable['draws']} noise draws {draws}, between "
         f"prompt halves {stable['spearman_between_prompt_halves']:.2f}",
     ]
+    distinct = picked["selection"].get("distinct_scores")
+    if distinct == 1:  # nothing to rank by: the set is the lowest layers' modules, not robust ones
+        lines.append(
+            "warning: every module scored the same, so Mods_Rob is the first modules by layer, not "
+            "the most robust; raise --scale or --n"
+        )
+    elif distinct is not None and distinct < len(ranked):
+        lines.append(
+            f"{len(ranked) - distinct} modules tie with another (ties: the lower layer first)"
+        )
     return "\n".join(lines)

@@ -219,3 +219,20 @@ def test_pictures_hold_every_label_and_show_ticks_and_legends(tmp_path):
             assert "kept in Mods_Rob" in labels and "rejected" in labels
         if name == "l":
             assert len(legend) == 5 and set(series) <= set(labels)
+
+
+def test_a_ranking_of_ties_says_so(tiny):
+    """Read at the embeddings (layer 0) no module's noise can move the probe: every score ties,
+    and the scan says that its Mods_Rob is by index, not robustness."""
+    from swatkit import scanfile
+
+    net, tok = model.load(tiny)
+    harmful, harmless = data.builtin("harmful", "train")[:8], data.builtin("harmless", "train")[:8]
+    X, y = probe.labelled(probe.features(net, tok, harmful), probe.features(net, tok, harmless))
+    probes = probe.fit_layers(X, y)
+    for readout, ties in ((0, True), (None, False)):
+        picked = rb.select_mods_rob(net, tok, harmful, harmless, probes, n=8, k=2, readout=readout,
+                                    select="topk")  # fmt: skip
+        text = scanfile.summary(picked, rb.ranking(picked["scan"]))
+        assert ("every module scored the same" in text) == ties
+        assert (picked["selection"]["distinct_scores"] == 1) == ties
