@@ -6,6 +6,7 @@ once in swatkit/options.py. --model takes a model directory or a hub id org/name
 user's input are printed as one line.
 """
 
+import contextlib
 import json
 import os
 import random
@@ -20,7 +21,7 @@ from evaluation import answer, drift_curve, evaluate, moved, report, security, u
 from probe import baseline  # swat_min.baseline: the probes of the pipeline's first step
 from swatkit import data, distributed, memory, plan, scanfile, scenario, toy
 from swatkit.checkpoint import checkpoint_size
-from swatkit.files import SwatError, check_file, check_folder, check_outputs, claim
+from swatkit.files import SwatError, check_file, check_folder, check_outputs, claim, writing
 from swatkit.options import (  # noqa: F401 (OPTIONS: swat_min.OPTIONS)
     ASR, EVAL, INPUTS, LORA, MIX, MODEL, OPTIONS, PROBE, RUN, SCAN, TRAIN, TUNE, build_parser,
     setup_process,
@@ -423,7 +424,11 @@ def main(argv=None):
             raise SwatError(
                 "under torchrun only `train` and `run` run (FSDP2); run the others alone"
             )
-        return args.fn(args)
+        with contextlib.ExitStack() as held:  # one writer per output: the second run stops now
+            if os.environ.get("RANK", "0") == "0":  # under torchrun the first process holds it
+                for path in filter(None, outputs):
+                    held.enter_context(writing(path))
+            return args.fn(args)
     except KeyboardInterrupt:  # Ctrl-C: one line; what was written stays whole (outputs are atomic)
         out = getattr(args, "out", None)
         print(f"interrupted; results so far in {out}" if out else "interrupted", file=sys.stderr)

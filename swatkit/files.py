@@ -13,10 +13,12 @@ pairs) is listed in its folder's manifest with the digest of what was written, a
 only while it still has exactly those bytes: what a file looks like is never proof.
 """
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 
 MARK = "swat-min.json"  # the manifest of a folder swat-min wrote
@@ -247,3 +249,69 @@ def remove_ours(folder, names):
     """Remove a temporary folder swat-min made, if it holds nothing but the given file names."""
     if os.path.isdir(folder) and set(os.listdir(folder)) <= set(names):
         shutil.rmtree(folder)
+
+
+# ---- one writer per output ----
+
+
+def lock_path(path):
+    """The lock of an output: a hidden file beside it (the output itself may not exist yet)."""
+    folder, name = os.path.split(os.path.abspath(path))
+    return os.path.join(folder, f".{name}.swat-lock")
+
+
+@contextlib.contextmanager
+def writing(path):
+    """Hold the output's lock while a command writes it: a second swat-min run into the same
+    output fails at once, in one line, instead of losing one of the two results. The lock names
+    its owner (pid, host); a lock whose process is gone (on this host) is stale and taken over."""
+    lock = lock_path(path)
+    os.makedirs(os.path.dirname(lock), exist_ok=True)
+    owner = {"written_by": "swat-min", "pid": os.getpid(), "host": socket.gethostname()}
+    for _ in range(2):  # a stale lock is removed once, then taken
+        try:
+            handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            holder = lock_holder(lock)
+            if holder is not None and not alive(holder):
+                os.remove(lock)
+                continue
+            who = f"pid {holder['pid']} on {holder['host']}" if holder else "unknown"
+            raise SwatError(
+                f"{path}: another swat-min run ({who}) is writing there; wait for it, choose "
+                f"another output, or remove {lock} if no run is"
+            ) from None
+    else:
+        raise SwatError(f"{path}: could not take the lock {lock}")
+    with os.fdopen(handle, "w") as f:
+        json.dump(owner, f)
+    try:
+        yield path
+    finally:
+        if lock_holder(lock) == owner:  # still ours (nobody took it over as stale)
+            os.remove(lock)
+
+
+def lock_holder(lock):
+    """The owner a lock names, or None when it is unreadable (being written, or not ours)."""
+    try:
+        with open(lock, encoding="utf-8") as f:
+            holder = json.load(f)
+    except (OSError, ValueError):
+        return None
+    keys = {"written_by", "pid", "host"}
+    return holder if isinstance(holder, dict) and set(holder) == keys else None
+
+
+def alive(holder):
+    """Whether a lock's process may still be running (one on another host always may)."""
+    if holder["host"] != socket.gethostname():
+        return True
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

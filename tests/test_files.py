@@ -586,3 +586,45 @@ def test_a_very_large_chat_template_loads_in_linear_time(tmp_path):
     start = time.time()
     tokenizer.Tok(str(tmp_path))
     assert time.time() - start < 3
+
+
+def test_one_writer_per_output_and_stale_locks_are_taken_over(tiny, tmp_path):
+    """A second run into an output another run is writing stops at once, in one line; the first
+    is untouched and finishes whole. A lock left by a dead process is taken over; a file of that
+    name that is not a lock of swat-min's is never removed."""
+    data = write_data(tmp_path / "d.jsonl")
+    out = tmp_path / "o"
+    command = [sys.executable, os.path.join(ROOT, "swat_min.py"), "train", "--model", tiny,
+               "--data", str(data), "--out", str(out), "--lr", "1e-3"]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    first = subprocess.Popen(command + ["--steps", "40"], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        deadline = time.time() + 300
+        while not (out / "log.jsonl").exists() or not (out / "log.jsonl").read_text():
+            assert first.poll() is None and time.time() < deadline
+            time.sleep(0.2)
+        first.send_signal(signal.SIGSTOP)  # paused while it holds the folder
+        second = subprocess.run(command + ["--steps", "1"], env=env, capture_output=True,
+                                text=True, timeout=300)  # fmt: skip
+        assert second.returncode == 1 and "Traceback" not in second.stderr
+        message = second.stderr.strip()
+        assert "\n" not in message and f"pid {first.pid}" in message
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert first.wait(timeout=600) == 0
+    assert json.load(open(out / "trainer.json"))["step"] == 40
+    assert sorted(os.listdir(tmp_path)) == ["d.jsonl", "o", "tiny"]  # no lock left
+    # a lock whose process is gone is stale: the next run takes it over and removes it
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()  # fmt: skip
+    lock = tmp_path / ".o.swat-lock"
+    host = __import__("socket").gethostname()
+    lock.write_text(json.dumps({"written_by": "swat-min", "pid": int(dead), "host": host}))
+    cli("train", "--model", tiny, "--data", data, "--out", out, "--steps", 1)
+    assert not lock.exists()
+    # the user's own file of that name is not a lock of swat-min's: it is refused, and kept
+    lock.write_text("my notes")
+    with pytest.raises(SystemExit, match=r"another swat-min run \(unknown\)"):
+        cli("train", "--model", tiny, "--data", data, "--out", out, "--steps", 1)
+    assert lock.read_text() == "my notes"
