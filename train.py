@@ -300,8 +300,14 @@ def train(
         if not (math.isfinite(loss_sum) and grad_norm.isfinite()):
             # stopped before the update: the weights and the checkpoint stay whole
             raise SwatError(
-                f"non-finite loss or gradient at step {step + 1} (lr too high?); stopped "
-                f"before updating the weights; {book.kept()}"
+                f"non-finite loss or gradient at step {step + 1}; stopped before updating the "
+                f"weights (lower --lr); {book.kept()}"
+            )
+        first = rows[0]["loss"] if rows else loss_sum  # this run's first loss
+        if loss_sum > 4 * first + 2:  # far above where it began: the rate is too high
+            raise SwatError(
+                f"the loss exploded at step {step + 1} ({first:.3g} at the start, now "
+                f"{loss_sum:.3g}); stopped before updating the weights (lower --lr); {book.kept()}"
             )
         opt.step()
         opt.zero_grad()

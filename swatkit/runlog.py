@@ -9,7 +9,10 @@ import os
 
 from . import distributed
 from .checkpoint import load_trainer, read_log, recover, save_trainer
-from .files import check_folder, claim, write_text
+from .files import SwatError, check_folder, claim, write_text
+
+
+EXPLODED = 1e4  # a weight this large means training diverged
 
 
 class RunLog:
@@ -59,7 +62,17 @@ class RunLog:
                 f.write(json.dumps(row) + "\n")
 
     def save(self, net, opt, step, rows, moments=True):
-        """A checkpoint of step into out (atomically: a fault leaves the last whole one)."""
+        """A checkpoint of step into out (atomically: a fault leaves the last whole one), unless
+        the weights have exploded: no fine-tuned network holds a weight of 10^4 (a runaway rate
+        does, e.g. --lr 1e10), and such a checkpoint would look whole and be garbage."""
+        peaks = [p.detach().abs().max() for p in net.parameters()]
+        # under FSDP2 a shard's peak is partial: the whole tensor's is gathered
+        largest = max(float(v.full_tensor() if hasattr(v, "full_tensor") else v) for v in peaks)
+        if not largest < EXPLODED:
+            raise SwatError(
+                f"the weights exploded by step {step} (largest |w| = {largest:.3g}); not saved "
+                f"(lower --lr); {self.kept()}"
+            )
         save_trainer(net, self.tok, opt, self.out, step, rows, moments=moments)
         self.saved = step
 

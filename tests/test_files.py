@@ -319,7 +319,7 @@ def test_nonfinite_gradient_stops_before_the_update_and_nothing_nonfinite_is_sav
 
     net.model.layers[0].self_attn.q_proj.weight.register_hook(poison)
     with pytest.raises(
-        SwatError, match=r"non-finite loss or gradient at step 3 .* keeps the checkpoint of step 2"
+        SwatError, match=r"non-finite loss or gradient at step 3;.* keeps the checkpoint of step 2"
     ):
         train.train(net, tok, CHATS, str(tmp_path / "o"), steps=4, save_every=2, **SMALL)
     assert all(v.isfinite().all() for v in net.state_dict().values())  # the update never ran
@@ -628,3 +628,25 @@ def test_one_writer_per_output_and_stale_locks_are_taken_over(tiny, tmp_path):
     with pytest.raises(SystemExit, match=r"another swat-min run \(unknown\)"):
         cli("train", "--model", tiny, "--data", data, "--out", out, "--steps", 1)
     assert lock.read_text() == "my notes"
+
+
+def test_a_diverging_run_stops_before_a_checkpoint_with_the_step_and_a_hint(tiny, tmp_path):
+    """--lr 1e10 made a whole-looking checkpoint of ~1e10-sized weights; a loss that shoots up
+    went on. Both stop now, naming the step and --lr, and leave no checkpoint behind."""
+    data = write_data(tmp_path / "d.jsonl")
+    # exploded weights at the save; a non-finite loss next step; an exploding, finite loss
+    for steps, lr, what in (
+        (1, 1e10, "exploded by"),
+        (3, 1e10, "non-finite"),
+        (8, 1, "exploded at"),
+    ):
+        out = tmp_path / f"o{steps}"
+        with pytest.raises(SystemExit, match=rf"{what}.* step \d.*lower --lr") as stop:
+            cli("train", "--model", tiny, "--data", data, "--out", out, "--steps", steps,
+                "--lr", lr, "--batch", 4)  # fmt: skip
+        assert "\n" not in str(stop.value.code)
+        assert not (out / "model.safetensors").exists()
+    # an ordinary rate is not taken for a divergence
+    cli("train", "--model", tiny, "--data", data, "--out", tmp_path / "ok", "--steps", 3,
+        "--lr", "1e-3")  # fmt: skip
+    assert (tmp_path / "ok" / "model.safetensors").exists()
