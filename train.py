@@ -247,6 +247,7 @@ def train(
         print("swat with 0 warm-up steps is plain ift (raise --warmup-frac or --warmup-steps)")
     data = encode_all(tok, chats, max_len, long)
     source = fingerprint(net)  # the weights it starts from (before any adapter): resume checks them
+    lora = lora and lora_adapters.settings(lora)  # alpha and targets may be left to defaults
     if lora:  # adapters on the target modules; every other parameter frozen (swatkit/lora.py)
         lora_adapters.add(net, lora["r"], lora["alpha"], lora["targets"], seed)
     if distributed.size() > 1:  # FSDP2: each process keeps a shard of every block

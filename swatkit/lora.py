@@ -60,6 +60,24 @@ class LoRALinear(nn.Linear):
         return (self.weight.float() + delta).to(self.weight.dtype)
 
 
+ALPHA = 16.0  # the adapters' scale is alpha / r
+TARGETS = "q,k,v,o,gate,up,down"  # every linear module of a block
+
+
+def settings(lora):
+    """train()'s lora argument, completed and checked: {"r": rank} at least; alpha and targets
+    default to ALPHA and TARGETS. Keys it does not know are an error, not ignored."""
+    if not isinstance(lora, dict) or "r" not in lora:
+        raise SwatError(f"train: lora must be a dict with at least 'r' (the rank), not {lora!r}")
+    unknown = set(lora) - {"r", "alpha", "targets"}
+    if unknown:
+        raise SwatError(
+            f"train: lora has unknown settings {sorted(unknown)}; use r, alpha, targets"
+        )
+    alpha = lora.get("alpha", ALPHA)
+    return {"r": lora["r"], "alpha": alpha, "targets": parse_targets(lora.get("targets", TARGETS))}
+
+
 def parse_targets(spec):
     """'q,k,v,o,gate,up,down' (or a list of names) -> the module names (keys of MODULES),
     checked."""

@@ -129,7 +129,10 @@ def from_options(args):
     cfg = ModelConfig(**read_config(os.path.join(hub.resolve(args.model), "config.json")))
     lora = None
     if args.lora_rank:  # its targets checked here: an unknown one is one line, not a KeyError
-        lora = {"r": args.lora_rank, "targets": adapters.parse_targets(args.lora_targets)}
+        lora = {
+            "r": args.lora_rank,
+            "targets": adapters.parse_targets(args.lora_targets or adapters.TARGETS),
+        }
     weight_bytes = 2 if args.dtype == "bf16" else 4
     on_gpu = torch.device(args.device).type == "cuda"
     parts = plan(cfg, args.batch, args.max_len, weight_bytes, lora, args.grad_ckpt, on_gpu)

@@ -253,8 +253,12 @@ OPTIONS = {
         action="store_true", help="print the memory plan (weights, moments, activations) and stop"
     ),
     "lora-rank": dict(type=number(int, 1), help="tune LoRA adapters of this rank (default: full)"),
-    "lora-alpha": dict(type=number(float, 0), default=16.0, help="LoRA's alpha (scale alpha / r)"),
-    "lora-targets": dict(default="q,k,v,o,gate,up,down", help="the modules LoRA adapts"),
+    "lora-alpha": dict(
+        type=number(float, 0), help="LoRA's alpha (scale alpha / r; with --lora-rank; default 16)"
+    ),
+    "lora-targets": dict(
+        help="the modules LoRA adapts (with --lora-rank; default q,k,v,o,gate,up,down)"
+    ),
     "parts": dict(
         type=number(int, 1), default=3, help="fragility: depth ranges per module kind (3: thirds)"
     ),

@@ -147,6 +147,10 @@ def check_options(args):
         raise SwatError(f"--poison-ratio must be between 0 and 1 (both excluded), not {ratio}")
     if args.harmful_data:
         read_pairs(args.harmful_data)  # a file with no usable pairs is refused now
+    options = (("--lora-alpha", args.lora_alpha), ("--lora-targets", args.lora_targets))
+    given = [name for name, value in options if value is not None]
+    if given and not args.lora_rank:  # they would be ignored: full tuning is not what was meant
+        raise SwatError(f"{given[0]} needs --lora-rank R (without it the tuning is full)")
     if args.lora_rank and distributed.size() > 1:  # before run's scan, not at its first tuning
         raise SwatError("LoRA under torchrun is not supported: tune LoRA in one process")
 
@@ -158,7 +162,8 @@ def describe(args):
         scenario = f"attack (poison ratio {args.poison_ratio})"
     tuning = "full"
     if args.lora_rank:
-        tuning = f"LoRA r={args.lora_rank} alpha={args.lora_alpha} on {args.lora_targets}"
+        alpha = lora.ALPHA if args.lora_alpha is None else args.lora_alpha
+        tuning = f"LoRA r={args.lora_rank} alpha={alpha} on {args.lora_targets or lora.TARGETS}"
     return scenario, tuning
 
 
@@ -166,10 +171,9 @@ def lora_settings(args, net):
     """train()'s lora argument from the options (None: full fine-tuning), checked against net's
     modules before any work."""
     rank = args.lora_rank
-    alpha = args.lora_alpha
-    targets = args.lora_targets
+    alpha = lora.ALPHA if args.lora_alpha is None else args.lora_alpha
     if not rank:
         return None
-    targets = lora.parse_targets(targets)
+    targets = lora.parse_targets(args.lora_targets or lora.TARGETS)
     lora.check(net, rank, alpha, targets)
     return {"r": rank, "alpha": alpha, "targets": targets}

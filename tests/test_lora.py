@@ -50,6 +50,31 @@ def test_bad_lora_settings_are_one_line(tiny):
             lora.add(net, rank, alpha, targets)
 
 
+def test_lora_settings_are_completed_or_refused(tiny, tmp_path, capsys):
+    """train(lora={"r": 2}) was a KeyError: alpha and targets now default; unknown keys and a
+    missing rank are one line; --lora-alpha or --lora-targets without --lora-rank are refused."""
+    import swat_min
+
+    net, tok = model.load(tiny)
+    chats = [[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]] * 4
+    train.train(net, tok, chats, str(tmp_path / "a"), steps=1, batch_size=2, lora={"r": 2})
+    config = json.load(open(tmp_path / "a" / "adapter" / "adapter_config.json"))
+    assert config["r"] == 2 and config["lora_alpha"] == lora.ALPHA
+    assert sorted(config["target_modules"]) == sorted(lora.MODULES[t].split(".")[-1]
+                                                      for t in lora.TARGETS.split(","))  # fmt: skip
+    for bad, words in (({"alpha": 4}, "at least 'r'"), ({"r": 2, "rank": 2}, "unknown settings")):
+        with pytest.raises(SwatError, match=words):
+            train.train(net, tok, chats, str(tmp_path / "b"), steps=1, lora=bad)
+    assert not (tmp_path / "b").exists()
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in chats))
+    for flag, value in (("--lora-alpha", "8"), ("--lora-targets", "q")):
+        with pytest.raises(SystemExit, match=f"{flag} needs --lora-rank"):
+            swat_min.main(["train", "--model", tiny, "--data", str(data), "--out",
+                           str(tmp_path / "c"), flag, value])  # fmt: skip
+    assert not (tmp_path / "c").exists()
+
+
 def lora_run(tiny, out, strategy="ift", mods=(), steps=3, warmup_steps=0, **kw):
     net, tok = model.load(tiny)
     settings = {"r": 4, "alpha": 8, "targets": TARGETS}
