@@ -418,7 +418,7 @@ def main(argv=None):
     setup_process()  # the console's encoding, the cores this process may use
     try:
         inputs = [getattr(args, name, None) for name in INPUTS]
-        outputs = [getattr(args, name, None) for name in ("out", "generations")]
+        outputs = [getattr(args, name, None) for name in ("out", "generations", "cache")]
         check_outputs(inputs, outputs)  # before any work; nothing is made yet
         if distributed.size() > 1 and args.cmd not in ("train", "run"):
             raise SwatError(
@@ -426,7 +426,7 @@ def main(argv=None):
             )
         with contextlib.ExitStack() as held:  # one writer per output: the second run stops now
             if os.environ.get("RANK", "0") == "0":  # under torchrun the first process holds it
-                for path in filter(None, outputs):
+                for path in filter(None, outputs[:2]):  # not the cache: runs may share it
                     held.enter_context(writing(path))
             return args.fn(args)
     except KeyboardInterrupt:  # Ctrl-C: one line; what was written stays whole (outputs are atomic)

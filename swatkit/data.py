@@ -93,8 +93,13 @@ def read_instructions(path):
                         f"{path}: record {out.index(None) + 1} has no text in any of the fields "
                         f"{', '.join(KEYS)}"
                     )
-            else:
+            elif os.path.splitext(path)[1].lower() in ("", ".txt"):
                 out = [l.strip() for l in f if l.strip()]
+            else:  # e.g. a typo'd .cvs: its lines would be read as prompts, header and all
+                raise SwatError(
+                    f"{path}: unknown format {os.path.splitext(path)[1]!r}; give a .csv, .json, "
+                    ".jsonl or .txt (one instruction per line) file"
+                )
     except (OSError, UnicodeDecodeError, ValueError, AttributeError, TypeError) as e:
         raise SwatError(
             f"{path}: unreadable ({e.strerror if isinstance(e, OSError) else e})"

@@ -59,8 +59,10 @@ def write_atomic(path, write):
         # mkstemp makes the file private (0600); an output is an ordinary file
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         os.remove(tmp)
+        if isinstance(e, OSError):  # e.g. a full disk: the output's name, not the temporary's
+            raise SwatError(f"{path}: could not write ({e.strerror or e})") from None
         raise
 
 
@@ -221,7 +223,10 @@ def check_outputs(inputs, outputs):
         real = os.path.realpath(path)
         for given in filter(None, inputs):
             real_input = os.path.realpath(given)
-            inside = real.startswith(real_input + os.sep) and os.path.exists(real)
+            # inside an input folder (the model's): files would be added to it, or replaced
+            inside = real.startswith(real_input + os.sep) and (
+                os.path.isdir(real_input) or os.path.exists(real)
+            )
             if real == real_input or inside:
                 raise SwatError(f"{path}: would overwrite the input {given}; choose another path")
         check_can_create(real)

@@ -61,6 +61,10 @@ def test_readers(tmp_path):
     assert data.read_instructions(str(tmp_path / "alp.jsonl")) == [
         c[0]["content"] for c in data.read_examples(str(tmp_path / "alp.jsonl"))
     ]
+    # a typo'd extension: its lines (the CSV header among them) are not taken for prompts
+    (tmp_path / "adv.cvs").write_text("goal,target\nDo a bad thing,Sure\n")
+    with pytest.raises(model.SwatError, match=r"adv.cvs: unknown format '.cvs'"):
+        data.read_instructions(str(tmp_path / "adv.cvs"))
     (tmp_path / "bad.jsonl").write_text('{"prompt": "p1"}\n{"text": "p2"}\n')
     with pytest.raises(
         model.SwatError, match="bad.jsonl: record 2 has no text in any of the fields"
@@ -116,9 +120,9 @@ def test_bad_input(tmp_path, tiny):
     (tmp_path / "x.csv").write_text("foo,bar\n1,2\n")
     with pytest.raises(model.SwatError, match="x.csv: no 'goal'"):
         data.read_instructions(str(tmp_path / "x.csv"))
-    (tmp_path / "b.bin").write_bytes(b"\xff\xfe\x00\x81")
-    with pytest.raises(model.SwatError, match="b.bin: unreadable"):
-        data.read_instructions(str(tmp_path / "b.bin"))
+    (tmp_path / "b.txt").write_bytes(b"\xff\xfe\x00\x81")
+    with pytest.raises(model.SwatError, match="b.txt: unreadable"):
+        data.read_instructions(str(tmp_path / "b.txt"))
     # an object, not a list: its keys are no prompts
     (tmp_path / "o.json").write_text('{"goal": "a", "x": "b"}')
     with pytest.raises(

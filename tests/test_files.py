@@ -650,3 +650,10 @@ def test_a_diverging_run_stops_before_a_checkpoint_with_the_step_and_a_hint(tiny
     cli("train", "--model", tiny, "--data", data, "--out", tmp_path / "ok", "--steps", 3,
         "--lr", "1e-3")  # fmt: skip
     assert (tmp_path / "ok" / "model.safetensors").exists()
+
+
+def test_a_probe_cache_inside_the_model_folder_is_refused(tiny, tmp_path):
+    before = snapshot(tiny)
+    with pytest.raises(SystemExit, match=r"would overwrite the input"):
+        cli("probe", "--model", tiny, "--cache", os.path.join(tiny, "features"))
+    assert snapshot(tiny) == before
