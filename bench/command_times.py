@@ -22,8 +22,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def commands(model, data, out):
     """(name, what is counted, argv after `swat_min.py`) of every timed case."""
     return [
-        ("generate", "one prompt, 64 new tokens", ["generate", "--model", model, "--prompt",
-                                                   "How do I bake bread?", "--max-new-tokens", "64"]),
+        ("generate", "one prompt, 64 new tokens",
+         ["generate", "--model", model, "--prompt", "How do I bake bread?", "--max-new-tokens",
+          "64"]),
         ("probe", "the built-in prompts (159 + 52 a class): features, 31 probes",
          ["probe", "--model", model]),
         ("train", "4 steps of 8 x 256 tokens (GSM8K), with loading and saving",
