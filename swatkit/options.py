@@ -57,6 +57,13 @@ def build_parser(description, commands):
     sub = parser.add_subparsers(dest="cmd", required=True, parser_class=OneLineParser)
     for name, (fn, what, names, required, defaults, example) in commands.items():
         epilog = f"example:\n  {example}"
+        if "out" in names:  # what keeps two runs, or a diverging one, from spoiling an output
+            epilog += (
+                "\n\nAn output is locked while it is written (a lock file beside it names the run)."
+            )
+            epilog += "\nA second run into it stops at once."
+        if "lr" in names and "out" in names:
+            epilog += " A run whose loss or weights explode stops before it saves."
         command = sub.add_parser(
             name, help=what, description=what, epilog=epilog, formatter_class=Help
         )
@@ -172,7 +179,11 @@ OPTIONS = {
         "parameter outside Mods_Rob, or only the other modules of its kinds (MLPs, embeddings, "
         "norms keep --lr)",
     ),
-    "lr": dict(type=number(float, 0), default=2e-5, help="peak learning rate"),
+    "lr": dict(
+        type=number(float, 0),
+        default=2e-5,
+        help="peak learning rate (a loss or weights that explode stop the run before it saves)",
+    ),
     "batch": dict(
         type=number(int, 1), default=8, help="examples per step (and per task-loss batch)"
     ),

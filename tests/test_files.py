@@ -657,3 +657,20 @@ def test_a_probe_cache_inside_the_model_folder_is_refused(tiny, tmp_path):
     with pytest.raises(SystemExit, match=r"would overwrite the input"):
         cli("probe", "--model", tiny, "--cache", os.path.join(tiny, "features"))
     assert snapshot(tiny) == before
+
+
+def test_refused_runs_leave_nothing(tiny, tmp_path):
+    """A run refused for its input (a prompt too long, an evaluation prompt in the tuning data)
+    leaves no folder behind, not even a log."""
+    from swatkit import data as builtin_data
+
+    long = [{"role": "user", "content": "word " * 300}, {"role": "assistant", "content": "x"}]
+    prompt = builtin_data.builtin("harmful", "test")[0]
+    leaked = [{"role": "system", "content": "s"}, {"role": "user", "content": prompt}, long[1]]
+    for name, chat in (("long", long), ("leaked", leaked)):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text(json.dumps({"messages": chat}) + "\n")
+        with pytest.raises(SystemExit):
+            cli("train", "--model", tiny, "--data", path, "--out", tmp_path / "o", "--max-len", 64)
+        assert not (tmp_path / "o").exists()
+    assert sorted(os.listdir(tmp_path)) == ["leaked.jsonl", "long.jsonl", "tiny"]
