@@ -10,7 +10,7 @@ import torch
 import model
 import probe
 import train
-from swatkit import data, figures
+from swatkit import checks, data, figures
 from swatkit.batches import step_batches
 from swatkit.files import SwatError, claim, prepare, write_output, write_text
 
@@ -127,6 +127,7 @@ def evaluate(
     model's probe (base, from swat_min.baseline); task_loss and task_acc on held-out tuning examples
     (task; see task_metrics for the last four arguments). The generations go to gen_path (JSONL).
     """
+    checks.prompt_sets(harmful, harmless, max_new_tokens)
     # one generation pass over both sets: the harmful ones first
     prompts = list(harmful) + list(harmless)
     chats = [user(p) for p in prompts]

@@ -27,6 +27,10 @@ def features(net, tok, instructions, batch_size=32, cache_dir=None):
     position -1 is the last prompt token of every row. With cache_dir, the features are kept in a
     safetensors file keyed by the weights and the prompts.
     """
+    if isinstance(instructions, str) or not all(isinstance(s, str) for s in instructions):
+        raise SwatError("features: instructions must be a list of prompts (text), e.g. [prompt]")
+    if not len(instructions):
+        raise SwatError("features: no instructions")
     prompts = [tok.encode_chat([{"role": "user", "content": s}]) for s in instructions]
     path = None
     if cache_dir:
@@ -52,6 +56,11 @@ def features(net, tok, instructions, batch_size=32, cache_dir=None):
 
 def labelled(harmful, harmless):
     """Two feature tensors [..., N, D] -> X [..., N1 + N2, D], y (1 = harmful)."""
+    if harmful.shape[:-2] != harmless.shape[:-2] or harmful.shape[-1] != harmless.shape[-1]:
+        raise SwatError(
+            f"labelled: features of different shapes ({list(harmful.shape)} and "
+            f"{list(harmless.shape)}); they must differ only in the number of prompts"
+        )
     y = torch.cat([torch.ones(harmful.shape[-2]), torch.zeros(harmless.shape[-2])])
     return torch.cat([harmful, harmless], -2), y
 

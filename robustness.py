@@ -12,13 +12,14 @@ log-loss over the layers after it. Hidden states below the perturbed layer do no
 are computed once and reused (swatkit/scan_cache.py keeps them).
 """
 
+import contextlib
 import os
 
 import torch
 from tqdm import tqdm
 
 from model import MODULES
-from swatkit import scan_cache
+from swatkit import checks, scan_cache
 from swatkit.files import SwatError, read_json
 from swatkit.plan import SCANNED
 from swatkit.scan_cache import features_from, last_token_features
@@ -44,6 +45,22 @@ def perturb(params, generator, scale):
     for p in params:
         noise = torch.randn(p.shape, generator=generator).to(p)
         p.add_(noise * (scale * p.float().std().item()))
+
+
+@contextlib.contextmanager
+def perturbed(draws, scale):
+    """Each (params, generator) of draws with its noise added; on leaving, an error included,
+    every weight is put back exactly as it was."""
+    saved = [[p.detach().clone() for p in params] for params, _ in draws]
+    try:
+        for params, generator in draws:
+            perturb(params, generator, scale)
+        yield
+    finally:
+        with torch.no_grad():
+            for (params, _), kept in zip(draws, saved):
+                for p, s in zip(params, kept):
+                    p.copy_(s)
 
 
 def scan(
@@ -95,8 +112,8 @@ def scan(
             saved = [p.detach().clone() for p in params]
             for r in range(repeats):
                 generator = torch.Generator().manual_seed(noise_seed(seed, layer, name, r))
-                perturb(params, generator, scale)
-                X = features_from(net, batches, 0 if naive else layer)
+                with perturbed([(params, generator)], scale):
+                    X = features_from(net, batches, 0 if naive else layer)
                 # only the layers after the perturbed one can change
                 later = range(layer + 1, n_layers + 1)
                 rise = [probes[j].score(X[j], y)["loss"] - base[j] for j in later]
@@ -113,9 +130,6 @@ def scan(
                     )
                     result["halves"]["acc_drop"][h][name][layer] += acc_drop / repeats
                     result["halves"]["loss_rise"][h][name][layer] += loss_rise / repeats
-                with torch.no_grad():  # put the weights back exactly
-                    for p, s in zip(params, saved):
-                        p.copy_(s)
             assert all(torch.equal(p, s) for p, s in zip(params, saved)), "weights not restored"
     return result
 
@@ -226,15 +240,10 @@ class JointChange:
         for layer, name in modules:
             if layer >= start:
                 params[(layer, name)] = list(module(self.net, layer, name).parameters())
-        saved = {key: [p.detach().clone() for p in ps] for key, ps in params.items()}
-        for (layer, name), ps in params.items():
-            generator = torch.Generator().manual_seed(noise_seed(self.seed, layer, name, 0))
-            perturb(ps, generator, self.scale)
-        batches = scan_cache.advanced(self.net, self.kept[1], start)
-        with torch.no_grad():
-            for key, ps in params.items():
-                for p, s in zip(ps, saved[key]):
-                    p.copy_(s)
+        seeds = {key: noise_seed(self.seed, *key, 0) for key in params}
+        draws = [(ps, torch.Generator().manual_seed(seeds[key])) for key, ps in params.items()]
+        with perturbed(draws, self.scale):
+            batches = scan_cache.advanced(self.net, self.kept[1], start)
         self.last = (modules, batches)
         return self.base - self.score(batches)
 
@@ -307,6 +316,7 @@ def select_mods_rob(
     control: as many of the least robust modules. -> a dict: scan, mods_rob, mods_fragile,
     settings, selection (method, tolerance, curve), stability.
     """
+    checks.scan_args(n, scale, repeats, metric, select, tolerance)
     n = min(n, len(harmful), len(harmless))
     k = mods_rob_size(k, frac, kinds, net.cfg.n_layers)
     batches = scan_cache.prefix(net, tok, harmful[:n] + harmless[:n])

@@ -180,6 +180,8 @@ def warmup_length(strategy, steps, warmup_frac=0.2, warmup_steps=None):
         raise SwatError(
             f"warmup_length: steps ({steps!r}) and warmup_frac ({warmup_frac!r}) must be >= 0"
         )
+    if strategy not in ("ift", "swat", "mllr"):
+        raise SwatError(f"warmup_length: unknown strategy {strategy!r}; choose ift, swat or mllr")
     if strategy != "swat":
         return 0
     return warmup_steps if warmup_steps is not None else round(warmup_frac * steps)

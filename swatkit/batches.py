@@ -10,10 +10,16 @@ from .files import SwatError
 LONG = ("stop", "skip", "truncate")
 
 
+class TooLong(SwatError):
+    """A record whose prompt does not fit max_len (encode_all decides what becomes of it)."""
+
+
 def encode(tok, chat, max_len, where="example", truncate=False):
     """-> (ids, labels): labels are -100 on the prompt, so the loss counts only the response
     tokens. A prompt of max_len tokens or more is an error, or with truncate, cut from its start
     to half of max_len (its end, next to the reply, is what the reply follows)."""
+    if not chat or chat[-1].get("role") != "assistant":
+        raise SwatError(f"{where}: a tuning chat must end with the assistant's reply")
     full = tok.encode_chat(chat, add_generation_prompt=False)
     # the reply starts where the same chat with an empty reply stops agreeing (not where the
     # generation prompt ends: some templates rearrange a chat that ends with a reply, e.g. Mistral
@@ -23,7 +29,7 @@ def encode(tok, chat, max_len, where="example", truncate=False):
     n = next((i for i, (a, b) in enumerate(zip(empty, full)) if a != b), len(empty))
     if n >= max_len:
         if not truncate:
-            raise SwatError(f"{where}: prompt of {n} tokens does not fit max length {max_len}")
+            raise TooLong(f"{where}: prompt of {n} tokens does not fit max length {max_len}")
         keep = max_len // 2
         full = full[n - keep :]
         n = keep
@@ -43,7 +49,7 @@ def encode_all(tok, chats, max_len, long="stop", what="example"):
     for i, chat in enumerate(chats):
         try:
             out.append(encode(tok, chat, max_len, f"{what} {i + 1}", long == "truncate"))
-        except SwatError:
+        except TooLong:
             too_long.append(i + 1)
     if too_long and long == "stop":
         raise SwatError(

@@ -9,6 +9,7 @@ import torch
 
 from .batches import LONG
 from .files import SwatError
+from .modules import MODULES
 
 
 def finite(value, least=0):
@@ -46,6 +47,13 @@ def train_args(args):
         raise SwatError(f"train: long must be one of {', '.join(LONG)}, not {args['long']!r}")
     if strategy != "ift" and not args["mods"]:
         raise SwatError(f"strategy {strategy} needs a module set (--mods)")
+    n_layers = args["net"].cfg.n_layers
+    for layer, kind in args["mods"]:  # (layer, module) pairs, as parse_mods makes them
+        if kind not in MODULES or not (type(layer) is int and 0 <= layer < n_layers):
+            raise SwatError(
+                f"train: mods holds ({layer!r}, {kind!r}); a module is (layer 0-{n_layers - 1}, "
+                f"one of {', '.join(MODULES)})"
+            )
     # the counts and the least each may be
     counts = {"steps": 0, "batch_size": 1, "accum": 1, "warmup_steps": 0, "max_len": 1}
     counts["save_every"] = 0
@@ -69,6 +77,8 @@ def sampling_args(temperature, top_p, max_new_tokens, batch_size):
         raise SwatError(
             "generate: max_new_tokens and batch_size must be integers (batch_size >= 1)"
         )
+    if max_new_tokens < 0:
+        raise SwatError(f"generate: max_new_tokens must be >= 0, not {max_new_tokens}")
 
 
 def probe_args(C, max_iter):
@@ -115,3 +125,31 @@ def probe_data(X, y):
         raise SwatError(
             "probe: training data holds only one class; it needs harmful and harmless examples"
         )
+
+
+def scan_args(n, scale, repeats, metric, select, tolerance):
+    """select_mods_rob's settings, as the CLI checks them: zero noise would rank by index, zero
+    prompts would score nothing."""
+    if type(n) is not int or n < 1 or type(repeats) is not int or repeats < 1:
+        raise SwatError(f"scan: n and repeats must be integers >= 1, not {n!r} and {repeats!r}")
+    if not (finite(scale) and scale > 0):
+        raise SwatError(f"scan: scale must be a finite number > 0 (the noise), not {scale!r}")
+    if metric not in ("readout", "later") or select not in ("search", "topk"):
+        raise SwatError(
+            f"scan: metric must be readout or later, and select search or topk, not {metric!r} "
+            f"and {select!r}"
+        )
+    if not finite(tolerance):
+        raise SwatError(f"scan: tolerance must be a finite number >= 0, not {tolerance!r}")
+
+
+def prompt_sets(harmful, harmless, max_new_tokens):
+    """evaluate()'s prompts and answer length: both sets non-empty lists of text, answers of at
+    least one token (a rate over no prompts is no number)."""
+    for name, prompts in (("harmful", harmful), ("harmless", harmless)):
+        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+            raise SwatError(f"evaluate: {name} must be a list of prompts (text)")
+        if not len(prompts):
+            raise SwatError(f"evaluate: no {name} prompts to score")
+    if type(max_new_tokens) is not int or max_new_tokens < 1:
+        raise SwatError(f"evaluate: max_new_tokens must be an integer >= 1, not {max_new_tokens!r}")

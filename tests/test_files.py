@@ -15,6 +15,7 @@ import torch
 from safetensors import SafetensorError
 
 from swatkit import checkpoint, runlog
+import evaluation
 import model
 import probe
 import robustness as rb
@@ -674,3 +675,54 @@ def test_refused_runs_leave_nothing(tiny, tmp_path):
             cli("train", "--model", tiny, "--data", path, "--out", tmp_path / "o", "--max-len", 64)
         assert not (tmp_path / "o").exists()
     assert sorted(os.listdir(tmp_path)) == ["leaked.jsonl", "long.jsonl", "tiny"]
+
+
+def test_the_readme_entry_points_refuse_what_the_cli_refuses(tiny, tmp_path, monkeypatch):
+    """The Python API raises SwatError, one line, where the CLI would refuse; and a scan stopped
+    by an error leaves the weights exactly as they were."""
+    net, tok = model.load(tiny)
+    base = swat_min.baseline(net, tok)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+
+    def select(**settings):
+        settings = dict(dict(n=4, k=2), **settings)
+        return rb.select_mods_rob(net, tok, *base["train"], base["probes"], **settings)
+
+    chat = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    cases = [
+        (lambda: probe.features(net, tok, "one prompt"), "a list of prompts"),
+        (lambda: probe.features(net, tok, []), "no instructions"),
+        (lambda: probe.labelled(torch.zeros(2, 3, 4), torch.zeros(3, 3, 5)), "different shapes"),
+        (lambda: select(scale=0), "scale must be a finite number > 0"),
+        (lambda: select(n=0), "n and repeats must be integers >= 1"),
+        (lambda: select(metric="best"), "metric must be readout or later"),
+        (lambda: select(tolerance=math.nan), "tolerance must be a finite number"),
+        (lambda: train.warmup_length("fast", steps=4), "unknown strategy 'fast'"),
+        (lambda: train.train(net, tok, [chat], str(tmp_path / "o"), "swat", {(9, "q")}, steps=1),
+         r"mods holds \(9, 'q'\)"),
+        (lambda: train.train(net, tok, [chat[:1]], str(tmp_path / "o"), steps=1),
+         "must end with the assistant's reply"),
+        (lambda: evaluation.evaluate(net, tok, "x", [], ["hi"], max_new_tokens=4),
+         "no harmful prompts"),
+        (lambda: evaluation.evaluate(net, tok, "x", ["a"], ["b"], max_new_tokens=0),
+         "max_new_tokens must be an integer >= 1"),
+        (lambda: model.generate(net, [[1, 2]], max_new_tokens=-1), "max_new_tokens must be >= 0"),
+    ]  # fmt: skip
+    for call, words in cases:
+        with pytest.raises(SwatError, match=words) as refused:
+            call()
+        assert "\n" not in str(refused.value)
+    assert not (tmp_path / "o").exists()
+    calls = {"n": 0}
+    real = rb.features_from
+
+    def fails_on_the_third(*a, **k):  # an error with a module's noise in place
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("out of memory")
+        return real(*a, **k)
+
+    monkeypatch.setattr(rb, "features_from", fails_on_the_third)
+    with pytest.raises(RuntimeError):
+        select()
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
