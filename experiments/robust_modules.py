@@ -4,6 +4,8 @@ set against it (RESULTS.md, "What makes a module robust").
   truth    for one scenario and seed: tune each group alone (evaluation.fragility: refusal-loss rise
            per unit of task-loss decrease) and attribute one plain IFT run's refusal-loss rise to
            the groups (evaluation.attribution; also the gradient proxies at the start).
+  whole    plain IFT of every parameter at the same settings: the refusal-loss rise (all reply tokens,
+           and the first 5) that the groups' rises are set against.
   proxies  the static proxies of the aligned start: the scan's tables (readout accuracy drop and
            log-loss rise, the later-layer mean) at each noise scale and prompt count asked, and
            SPPFT's safety layers (where harmful and harmless states part, by cosine similarity).
@@ -35,6 +37,7 @@ import evaluation
 import model
 import probe
 import robustness
+import train
 from swatkit import data, scenario
 from swatkit.files import SwatError, write_text
 
@@ -108,6 +111,46 @@ def truth(args):
               "measured": measured, "attribution": attributed}  # fmt: skip
     write_text(path, json.dumps(result, indent=1))
     print(f"wrote {path}")
+
+
+def opening(rows, k=5):
+    """The same (ids, labels) rows with only the first k reply tokens scored: where a refusal is
+    decided ("I can't ..."), before the reply runs on in a set phrase."""
+    out = []
+    for ids, labels in rows:
+        scored = [i for i, label in enumerate(labels) if label != -100][:k]
+        out.append((ids, [label if i in scored else -100 for i, label in enumerate(labels)]))
+    return out
+
+
+def whole(args):
+    """Plain IFT of every parameter (the same tuning set, steps and rate as the groups): how far
+    the refusal loss rises when everything trains together, on all reply tokens and on the first
+    5."""
+    folder = os.path.join(args.out, args.scenario, f"seed{args.seed}")
+    path = os.path.join(folder, "whole.json")
+    if os.path.exists(path):
+        print(open(path).read())
+        return
+    os.makedirs(folder, exist_ok=True)
+    torch.manual_seed(args.seed)
+    net, tok = model.load(args.model)
+    refusal = train.encode_all(tok, refusals(net, tok, args.shared, args.out), MAX_LEN, "skip")
+    chats, held = tuning_set(args.shared, args.scenario, args.pairs)
+    held = train.encode_all(tok, held, MAX_LEN, "skip")
+    sets = {"refusal_loss": refusal, "refusal_opening_loss": opening(refusal), "task_loss": held}
+
+    def losses():
+        with torch.no_grad():
+            return {name: evaluation.mean_loss(net, rows).item() for name, rows in sets.items()}
+
+    before = losses()
+    began = time.time()
+    data = train.encode_all(tok, chats, MAX_LEN, "skip")
+    evaluation.tune_only(net, data, list(net.parameters()), STEPS, LR, BATCH, args.seed)
+    result = {"before": before, "after": losses(), "seconds": time.time() - began}
+    write_text(path, json.dumps(result, indent=1))
+    print(json.dumps(result))
 
 
 def safety_layers(net, tok, harmful, harmless):
@@ -279,6 +322,11 @@ def main(argv=None):
     one.add_argument("--out", required=True)
     one.add_argument("--scenario", choices=("attack", "benign"), required=True)
     one.add_argument("--seed", type=int, default=0)
+    whole_run = commands.add_parser("whole")
+    for name in ("--model", "--pairs", "--shared", "--out"):
+        whole_run.add_argument(name, required=True)
+    whole_run.add_argument("--scenario", choices=("attack", "benign"), required=True)
+    whole_run.add_argument("--seed", type=int, default=0)
     two = commands.add_parser("proxies")
     two.add_argument("--model", required=True)
     two.add_argument("--shared", required=True)
@@ -290,7 +338,8 @@ def main(argv=None):
     three.add_argument("--json", help="where to write the numbers (results/robust_modules.json)")
     args = parser.parse_args(argv)
     try:
-        {"truth": truth, "proxies": proxies, "table": table}[args.command](args)
+        commands = {"truth": truth, "whole": whole, "proxies": proxies, "table": table}
+        commands[args.command](args)
     except SwatError as e:
         sys.exit(f"error: {e}")
 
