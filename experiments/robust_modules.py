@@ -4,8 +4,8 @@ set against it (RESULTS.md, "What makes a module robust").
   truth    for one scenario and seed: tune each group alone (evaluation.fragility: refusal-loss rise
            per unit of task-loss decrease) and attribute one plain IFT run's refusal-loss rise to
            the groups (evaluation.attribution; also the gradient proxies at the start).
-  whole    plain IFT of every parameter at the same settings: the refusal-loss rise (all reply tokens,
-           and the first 5) that the groups' rises are set against.
+  whole    plain IFT of every parameter at the same settings: the refusal-loss rise (all reply
+           tokens, and the first 5) that the groups' rises are set against.
   proxies  the static proxies of the aligned start: the scan's tables (readout accuracy drop and
            log-loss rise, the later-layer mean) at each noise scale and prompt count asked, and
            SPPFT's safety layers (where harmful and harmless states part, by cosine similarity).
