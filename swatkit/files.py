@@ -119,6 +119,7 @@ def check_folder(folder, tok=None):
 
     tok: the input model's tokenizer; its folder is never an output.
     """
+    refuse_link(folder)
     folder = os.path.abspath(folder)
     if tok is not None and tok.path and os.path.abspath(tok.path) == folder:
         raise SwatError(f"{folder}: refusing to overwrite the input model")
@@ -135,6 +136,16 @@ def check_folder(folder, tok=None):
             "(choose a new folder)"
         )
     return folder
+
+
+def refuse_link(path):
+    """An output given as a symbolic link is refused: replacing it whole would replace the link,
+    and writing through it would write where the user did not name."""
+    if os.path.islink(path):
+        raise SwatError(
+            f"{path}: is a symbolic link (to {os.path.realpath(path)}); give that path itself, or "
+            "a new name"
+        )
 
 
 def claim(folder, entry=None):
@@ -190,6 +201,7 @@ def written_here(path):
 def check_file(path):
     """Refuse, in one line, to write path unless it is new or a file swat-min wrote (and nobody
     changed since)."""
+    refuse_link(path)
     path = os.path.abspath(path)
     if os.path.isdir(path):
         raise SwatError(f"{path}: is a folder; give a file name")
@@ -271,6 +283,11 @@ def writing(path):
     output fails at once, in one line, instead of losing one of the two results. The lock names
     its owner (pid, host); a lock whose process is gone (on this host) is stale and taken over."""
     lock = lock_path(path)
+    made = []  # the folders made to hold the lock: removed again if the run leaves them empty
+    folder = os.path.dirname(lock)
+    while not os.path.exists(folder):
+        made.append(folder)
+        folder = os.path.dirname(folder)
     os.makedirs(os.path.dirname(lock), exist_ok=True)
     owner = {"written_by": "swat-min", "pid": os.getpid(), "host": socket.gethostname()}
     for _ in range(2):  # a stale lock is removed once, then taken
@@ -296,6 +313,9 @@ def writing(path):
     finally:
         if lock_holder(lock) == owner:  # still ours (nobody took it over as stale)
             os.remove(lock)
+        for folder in made:  # innermost first
+            if os.path.isdir(folder) and not os.listdir(folder):
+                os.rmdir(folder)
 
 
 def lock_holder(lock):

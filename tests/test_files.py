@@ -672,7 +672,8 @@ def test_refused_runs_leave_nothing(tiny, tmp_path):
         path = tmp_path / f"{name}.jsonl"
         path.write_text(json.dumps({"messages": chat}) + "\n")
         with pytest.raises(SystemExit):
-            cli("train", "--model", tiny, "--data", path, "--out", tmp_path / "o", "--max-len", 64)
+            cli("train", "--model", tiny, "--data", path, "--out", tmp_path / "o" / "p" / "q",
+                "--max-len", 64)  # fmt: skip
         assert not (tmp_path / "o").exists()
     assert sorted(os.listdir(tmp_path)) == ["leaked.jsonl", "long.jsonl", "tiny"]
 
@@ -726,3 +727,25 @@ def test_the_readme_entry_points_refuse_what_the_cli_refuses(tiny, tmp_path, mon
     with pytest.raises(RuntimeError):
         select()
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+
+
+def test_a_symlinked_output_is_refused_and_its_target_kept(tiny, tmp_path):
+    """A --out that is a symbolic link was moved aside and training ended in an rmtree error."""
+    data = write_data(tmp_path / "d.jsonl")
+    cli("train", "--model", tiny, "--data", data, "--out", tmp_path / "ck", "--steps", 1)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    (tmp_path / "s.json").write_text("{}")
+    for target in ("ck", "mine", "s.json"):
+        link = tmp_path / f"link-{target}"
+        link.symlink_to(tmp_path / target)
+        kept = snapshot(tmp_path / target) if target != "s.json" else None
+        command = ["train", "--model", tiny, "--data", data, "--out", link, "--steps", 1]
+        if target == "s.json":
+            command = ["scan", "--model", tiny, "--n", 4, "--k", 2, "--out", link]
+        with pytest.raises(SystemExit, match=r"is a symbolic link"):
+            cli(*command)
+        assert link.is_symlink()
+        if kept is not None:
+            assert snapshot(tmp_path / target) == kept
+    assert (tmp_path / "s.json").read_text() == "{}"
