@@ -52,10 +52,8 @@ def curve(root, path):
         module, change = dot.find(NS + "title").text.rsplit(": ", 1)
         points.append((float(dot.get("cy")), float(change), dot.get("fill") == "black", module))
     # two dots of different values give the pixel scale (y = a + b * change)
-    (y1, c1), (y2, c2) = (
-        min((p[:2] for p in points), key=lambda p: p[1]),
-        max((p[:2] for p in points), key=lambda p: p[1]),
-    )
+    y1, c1 = min((p[:2] for p in points), key=lambda p: p[1])
+    y2, c2 = max((p[:2] for p in points), key=lambda p: p[1])
     dashed = [e for e in root.iter(NS + "line") if e.get("stroke-dasharray")][0]
     tolerance = c1 + (float(dashed.get("y1")) - y1) * (c2 - c1) / (y2 - y1)
     found = [{"module": m, "change": c, "kept": k} for _, c, k, m in points]
@@ -71,7 +69,8 @@ def lines(root, path):
     x_label, span = x_words.rsplit(": ", 1)
     x_low, x_high = (float(v) for v in span.split(" to "))
     y_values = sorted(float(t) for x, _, t in labels if re.fullmatch(r"-?[\d.]+", t))
-    y_low, y_high = y_values[0], y_values[-1]
+    y_low = y_values[0]
+    y_high = y_values[-1]
     y_label = [t for x, _, t in labels if x < 40][0]
     series = {}
     for line in root.iter(NS + "polyline"):

@@ -387,7 +387,8 @@ def recover(out):
     try:
         record = json.load(open(path, encoding="utf-8"))
         ours = record.get("written_by") == "swat-min" and record.get("out") == out
-        new, old = record["new"], record["old"]
+        new = record["new"]
+        old = record["old"]
     except (OSError, ValueError, AttributeError, KeyError, TypeError):
         return  # not a journal of swat-min's: left alone (write_whole refuses to write over it)
     prefix = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.swat-")
