@@ -4,8 +4,9 @@ set against it (RESULTS.md, "What makes a module robust").
   truth    for one scenario and seed: tune each group alone (evaluation.fragility: refusal-loss rise
            per unit of task-loss decrease) and attribute one plain IFT run's refusal-loss rise to
            the groups (evaluation.attribution; also the gradient proxies at the start).
-  whole    plain IFT of every parameter at the same settings: the refusal-loss rise (all reply
-           tokens, and the first 5) that the groups' rises are set against.
+  whole    plain IFT of every parameter at the same settings (and at lower rates, --lr): the
+           refusal-loss rise (all reply tokens, and the first 5) against the task-loss decrease,
+           the trade-off curve a group tuned alone must beat.
   proxies  the static proxies of the aligned start: the scan's tables (readout accuracy drop and
            log-loss rise, the later-layer mean) at each noise scale and prompt count asked, and
            SPPFT's safety layers (where harmful and harmless states part, by cosine similarity).
@@ -128,7 +129,7 @@ def whole(args):
     the refusal loss rises when everything trains together, on all reply tokens and on the first
     5."""
     folder = os.path.join(args.out, args.scenario, f"seed{args.seed}")
-    path = os.path.join(folder, "whole.json")
+    path = os.path.join(folder, f"whole-lr{args.lr:g}.json")
     if os.path.exists(path):
         print(open(path).read())
         return
@@ -147,8 +148,8 @@ def whole(args):
     before = losses()
     began = time.time()
     data = train.encode_all(tok, chats, MAX_LEN, "skip")
-    evaluation.tune_only(net, data, list(net.parameters()), STEPS, LR, BATCH, args.seed)
-    result = {"before": before, "after": losses(), "seconds": time.time() - began}
+    evaluation.tune_only(net, data, list(net.parameters()), STEPS, args.lr, BATCH, args.seed)
+    result = {"lr": args.lr, "before": before, "after": losses(), "seconds": time.time() - began}
     write_text(path, json.dumps(result, indent=1))
     print(json.dumps(result))
 
@@ -327,6 +328,8 @@ def main(argv=None):
         whole_run.add_argument(name, required=True)
     whole_run.add_argument("--scenario", choices=("attack", "benign"), required=True)
     whole_run.add_argument("--seed", type=int, default=0)
+    # below the groups' rate: plain IFT's own trade-off curve, to set a group's cost against
+    whole_run.add_argument("--lr", type=float, default=LR)
     two = commands.add_parser("proxies")
     two.add_argument("--model", required=True)
     two.add_argument("--shared", required=True)
