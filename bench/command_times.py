@@ -34,7 +34,20 @@ def commands(model, data, out):
          ["eval", "--model", model, "--max-new-tokens", "48"]),
         ("demo", "the quick start's demo: the toy built and the whole pipeline on it",
          ["demo", "--out", os.path.join(out, "demo")]),
+        ("workshop", "workshop.ipynb executed top to bottom in a fresh kernel (nbclient)",
+         ["-c", NOTEBOOK, os.path.join(out, "workshop")]),
     ]  # fmt: skip
+
+
+# the workshop notebook, run as CI runs it: in a fresh kernel, in a folder of its own
+NOTEBOOK = (
+    "import os, shutil, sys, nbclient, nbformat; folder = sys.argv[1]; os.makedirs(folder); "
+    f"[shutil.copytree(os.path.join({ROOT!r}, n), os.path.join(folder, n)) if n == 'swatkit' else "
+    f"shutil.copy(os.path.join({ROOT!r}, n), folder) for n in os.listdir({ROOT!r}) "
+    "if n.endswith('.py') or n == 'swatkit']; "
+    f"nb = nbformat.read(os.path.join({ROOT!r}, 'workshop.ipynb'), as_version=4); "
+    "nbclient.NotebookClient(nb, timeout=3600, resources={'metadata': {'path': folder}}).execute()"
+)
 
 
 def main(argv=None):
@@ -52,8 +65,8 @@ def main(argv=None):
         if args.only and name not in args.only:
             continue
         began = time.time()
-        ran = subprocess.run([sys.executable, os.path.join(ROOT, "swat_min.py"), *argv],
-                             capture_output=True, text=True)  # fmt: skip
+        script = [] if argv[0] == "-c" else [os.path.join(ROOT, "swat_min.py")]
+        ran = subprocess.run([sys.executable, *script, *argv], capture_output=True, text=True)
         seconds = time.time() - began
         if ran.returncode != 0:
             sys.exit(f"{name} failed: {ran.stderr.strip().splitlines()[-1:]}")
