@@ -179,11 +179,7 @@ OPTIONS = {
         "parameter outside Mods_Rob, or only the other modules of its kinds (MLPs, embeddings, "
         "norms keep --lr)",
     ),
-    "lr": dict(
-        type=number(float, 0),
-        default=2e-5,
-        help="peak learning rate (a loss or weights that explode stop the run before it saves)",
-    ),
+    "lr": dict(type=number(float, 0), default=2e-5, help="peak learning rate"),
     "batch": dict(
         type=number(int, 1), default=8, help="examples per step (and per task-loss batch)"
     ),

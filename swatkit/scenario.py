@@ -147,7 +147,8 @@ def check_options(args):
         raise SwatError(f"--poison-ratio must be between 0 and 1 (both excluded), not {ratio}")
     if args.harmful_data:
         read_pairs(args.harmful_data)  # a file with no usable pairs is refused now
-    options = (("--lora-alpha", args.lora_alpha), ("--lora-targets", args.lora_targets))
+    alpha = getattr(args, "lora_alpha", None)  # commands without LoRA options have neither
+    options = (("--lora-alpha", alpha), ("--lora-targets", getattr(args, "lora_targets", None)))
     given = [name for name, value in options if value is not None]
     if given and not args.lora_rank:  # they would be ignored: full tuning is not what was meant
         raise SwatError(f"{given[0]} needs --lora-rank R (without it the tuning is full)")

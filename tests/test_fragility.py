@@ -140,7 +140,9 @@ def test_fragility_command(aligned, tmp_path, capsys):
     assert os.path.exists(out / "fragility.svg")
     assert "wrote" in capsys.readouterr().out
     # a model that refuses nothing has no refusal to lose: one line, nothing written
-    argv[argv.index(str(harmful))] = str(tuning)  # the sums: never refused
+    sums = tmp_path / "sums.txt"  # sums not in the tuning set: never refused
+    sums.write_text("".join(f"What is {a} times 3?\n" for a in range(8)))
+    argv[argv.index(str(harmful))] = str(sums)
     argv[argv.index(str(out))] = str(tmp_path / "none")
     with pytest.raises(SystemExit, match="refuses none of the harmful prompts"):
         swat_min.main(argv)

@@ -283,19 +283,11 @@ def test_bad_values_fail_before_any_work(tmp_path, tiny, capsys, monkeypatch):
     assert (tmp_path / "h.txt").read_text() == "Bad one\nBad two\n" and sorted(
         os.listdir(tiny)
     ) == files
-    run(
-        "eval",
-        "--model",
-        tiny,
-        "--n-eval",
-        1,
-        "--max-new-tokens",
-        1,
-        "--generations",
-        os.path.join(tiny, "g.jsonl"),
-    )
-    # a new file beside the model is fine
-    assert sorted(os.listdir(tiny)) == sorted(files + ["g.jsonl"])
+    # nor a new file inside the model's folder: an input folder is left as it was
+    with pytest.raises(SystemExit, match=r"g.jsonl: would overwrite the input"):
+        run("eval", "--model", tiny, "--n-eval", 1, "--max-new-tokens", 1, "--generations",
+            os.path.join(tiny, "g.jsonl"))  # fmt: skip
+    assert sorted(os.listdir(tiny)) == sorted(files)
     (tmp_path / "mine").mkdir()
     # a folder of the user's: run writes no results there
     (tmp_path / "mine" / "results.md").write_text("my notes")
@@ -409,7 +401,9 @@ def test_full_disk_leaves_nothing(tmp_path, tiny, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(checkpoint, "save_file", full)
-    with pytest.raises(model.SwatError, match="could not save \\(No space left on device\\)"):
+    with pytest.raises(
+        model.SwatError, match="could not save \\(No space left on device, writing "
+    ):
         model.save(net, tok, str(tmp_path / "out"))
     assert os.listdir(tmp_path) == ["tiny"]  # no output and no temporary directory
     monkeypatch.undo()
@@ -1114,7 +1108,8 @@ def test_each_command_reads_every_option_its_help_shows(tmp_path, tiny, monkeypa
         else:
             swat_min.main([name] + [str(x) for x in extra])
         read = READ[id(parsed[-1])]
-        shown = {option.replace("-", "_") for option in swat_min.COMMANDS[name][2]}
+        options = swat_min.COMMANDS[name][2]
+        shown = {swat_min.OPTIONS[o].get("dest", o.replace("-", "_")) for o in options}
         assert shown <= read, (name, sorted(shown - read))
 
 

@@ -238,7 +238,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(tiny, tmp_path, monk
     net, tok = model.load(tiny)
     with pytest.raises(
         model.SwatError,
-        match="non-finite loss or gradient at step 3 .* keeps the checkpoint of step 2",
+        match="non-finite loss or gradient at step 3;.* keeps the checkpoint of step 2",
     ):
         train.train(
             net, tok, CHATS, str(tmp_path / "o"), steps=4, lr=1e-3, batch_size=4, save_every=2
