@@ -7,6 +7,8 @@ set against it (RESULTS.md, "What makes a module robust").
   whole    plain IFT of every parameter at the same settings (and at lower rates, --lr): the
            refusal-loss rise (all reply tokens, and the first 5) against the task-loss decrease,
            the trade-off curve a group tuned alone must beat.
+  matched  each group measured so far against plain IFT at the rate making the same task progress
+           (read off the `whole` curve), as a markdown table.
   proxies  the static proxies of the aligned start: the scan's tables (readout accuracy drop and
            log-loss rise, the later-layer mean) at each noise scale and prompt count asked, and
            SPPFT's safety layers (where harmful and harmless states part, by cosine similarity).
@@ -152,6 +154,42 @@ def whole(args):
     result = {"lr": args.lr, "before": before, "after": losses(), "seconds": time.time() - began}
     write_text(path, json.dumps(result, indent=1))
     print(json.dumps(result))
+
+
+def matched(args):
+    """Each group measured so far against plain IFT at the rate that makes the same task progress:
+    plain IFT's refusal-loss rise at the group's task-loss decrease, read off the curve of the
+    `whole` runs (straight lines between its points, from no tuning at all), as a markdown table."""
+    folder = os.path.join(args.out, args.scenario, f"seed{args.seed}")
+    curve = [(0.0, 0.0)]  # no tuning: no progress, no damage
+    for name in sorted(os.listdir(folder)):
+        if name.startswith("whole-lr"):
+            run = json.load(open(os.path.join(folder, name)))
+            drop = run["before"]["task_loss"] - run["after"]["task_loss"]
+            curve.append((drop, run["after"]["refusal_loss"] - run["before"]["refusal_loss"]))
+            print(f"plain IFT at lr {run['lr']:g}: task-loss decrease {drop:.4f}, refusal-loss "
+                  f"rise {curve[-1][1]:+.4f}")  # fmt: skip
+    curve.sort()
+    drops = [d for d, _ in curve]
+    rises = [r for _, r in curve]
+    print(
+        "\n| group | task-loss decrease | refusal-loss rise | plain IFT's rise at that decrease |"
+    )
+    print("|---|---|---|---|")
+    for name in module_order(os.listdir(os.path.join(folder, "groups"))):
+        cell = json.load(open(os.path.join(folder, "groups", name + ".json")))
+        at = float(np.interp(cell["task_drop"], drops, rises))  # beyond the curve: its last rise
+        print(f"| {name.replace('_', ':')} | {cell['task_drop']:.4f} | "
+              f"{cell['refusal_rise']:+.4f} | {at:+.4f} |")  # fmt: skip
+
+
+def module_order(files):
+    """Group file names in the order the study runs them (kinds as in MODULES, then depth)."""
+    names = [f.removesuffix(".json") for f in files if f.endswith(".json")]
+    kinds = list(model.MODULES)
+    return sorted(
+        names, key=lambda n: (kinds.index(n.split("_")[0]), int(n.split("_")[1].split("-")[0]))
+    )
 
 
 def safety_layers(net, tok, harmful, harmless):
@@ -330,6 +368,10 @@ def main(argv=None):
     whole_run.add_argument("--seed", type=int, default=0)
     # below the groups' rate: plain IFT's own trade-off curve, to set a group's cost against
     whole_run.add_argument("--lr", type=float, default=LR)
+    curve = commands.add_parser("matched")
+    curve.add_argument("--out", required=True)
+    curve.add_argument("--scenario", choices=("attack", "benign"), required=True)
+    curve.add_argument("--seed", type=int, default=0)
     two = commands.add_parser("proxies")
     two.add_argument("--model", required=True)
     two.add_argument("--shared", required=True)
@@ -341,7 +383,8 @@ def main(argv=None):
     three.add_argument("--json", help="where to write the numbers (results/robust_modules.json)")
     args = parser.parse_args(argv)
     try:
-        commands = {"truth": truth, "whole": whole, "proxies": proxies, "table": table}
+        commands = {"truth": truth, "whole": whole, "matched": matched, "proxies": proxies}
+        commands["table"] = table
         commands[args.command](args)
     except SwatError as e:
         sys.exit(f"error: {e}")
