@@ -7,8 +7,9 @@ set against it (RESULTS.md, "What makes a module robust").
   whole    plain IFT of every parameter at the same settings (and at lower rates, --lr): the
            refusal-loss rise (all reply tokens, and the first 5) against the task-loss decrease,
            the trade-off curve a group tuned alone must beat.
-  matched  each group measured so far against plain IFT at the rate making the same task progress
-           (read off the `whole` curve), as a markdown table.
+  subset   a set of modules tuned together (--include, --exclude) at the same settings.
+  matched  each group (and subset) measured so far against plain IFT at the rate making the same
+           task progress (read off the `whole` curve), as a markdown table.
   proxies  the static proxies of the aligned start: the scan's tables (readout accuracy drop and
            log-loss rise, the later-layer mean) at each noise scale and prompt count asked, and
            SPPFT's safety layers (where harmful and harmless states part, by cosine similarity).
@@ -130,12 +131,34 @@ def whole(args):
     """Plain IFT of every parameter (the same tuning set, steps and rate as the groups): how far
     the refusal loss rises when everything trains together, on all reply tokens and on the first
     5."""
-    folder = os.path.join(args.out, args.scenario, f"seed{args.seed}")
-    path = os.path.join(folder, f"whole-lr{args.lr:g}.json")
+    path = os.path.join(args.out, args.scenario, f"seed{args.seed}", f"whole-lr{args.lr:g}.json")
+    tune_and_measure(args, path, lambda net: list(net.parameters()))
+
+
+def subset(args):
+    """A set of modules tuned together at the groups' settings (every module of the seven kinds,
+    or --include's, less --exclude's; specs as train.parse_mods reads them): whether a split makes
+    more of IFT's progress for less damage than plain IFT's own curve."""
+    path = os.path.join(args.out, args.scenario, f"seed{args.seed}", f"subset-{args.name}.json")
+
+    def chosen(net):
+        n = net.cfg.n_layers
+        every = {(layer, kind) for layer in range(n) for kind in model.MODULES}
+        modules = train.parse_mods(args.include, n) if args.include else every
+        if args.exclude:
+            modules = modules - train.parse_mods(args.exclude, n)
+        return evaluation.group_params(net, modules)
+
+    tune_and_measure(args, path, chosen)
+
+
+def tune_and_measure(args, path, parameters):
+    """Tune parameters(net) on the scenario's set; the refusal loss (all reply tokens and the
+    first 5) and the task loss before and after, written to path (skipped if it exists)."""
     if os.path.exists(path):
         print(open(path).read())
         return
-    os.makedirs(folder, exist_ok=True)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     torch.manual_seed(args.seed)
     net, tok = model.load(args.model)
     refusal = train.encode_all(tok, refusals(net, tok, args.shared, args.out), MAX_LEN, "skip")
@@ -150,7 +173,7 @@ def whole(args):
     before = losses()
     began = time.time()
     data = train.encode_all(tok, chats, MAX_LEN, "skip")
-    evaluation.tune_only(net, data, list(net.parameters()), STEPS, args.lr, BATCH, args.seed)
+    evaluation.tune_only(net, data, parameters(net), STEPS, args.lr, BATCH, args.seed)
     result = {"lr": args.lr, "before": before, "after": losses(), "seconds": time.time() - began}
     write_text(path, json.dumps(result, indent=1))
     print(json.dumps(result))
@@ -176,6 +199,13 @@ def matched(args):
         "\n| group | task-loss decrease | refusal-loss rise | plain IFT's rise at that decrease |"
     )
     print("|---|---|---|---|")
+    for name in sorted(os.listdir(folder)):  # sets of modules tuned together
+        if name.startswith("subset-"):
+            run = json.load(open(os.path.join(folder, name)))
+            drop = run["before"]["task_loss"] - run["after"]["task_loss"]
+            rise = run["after"]["refusal_loss"] - run["before"]["refusal_loss"]
+            at = float(np.interp(drop, drops, rises))
+            print(f"| {name[7:-5]} (together) | {drop:.4f} | {rise:+.4f} | {at:+.4f} |")
     for name in module_order(os.listdir(os.path.join(folder, "groups"))):
         cell = json.load(open(os.path.join(folder, "groups", name + ".json")))
         at = float(np.interp(cell["task_drop"], drops, rises))  # beyond the curve: its last rise
@@ -368,6 +398,14 @@ def main(argv=None):
     whole_run.add_argument("--seed", type=int, default=0)
     # below the groups' rate: plain IFT's own trade-off curve, to set a group's cost against
     whole_run.add_argument("--lr", type=float, default=LR)
+    some = commands.add_parser("subset")
+    for name in ("--model", "--pairs", "--shared", "--out", "--name"):
+        some.add_argument(name, required=True)
+    some.add_argument("--scenario", choices=("attack", "benign"), required=True)
+    some.add_argument("--seed", type=int, default=0)
+    some.add_argument("--lr", type=float, default=LR)
+    some.add_argument("--include", help="the modules tuned, e.g. q,k (default: all seven kinds)")
+    some.add_argument("--exclude", help="modules left out, e.g. 0-9:v")
     curve = commands.add_parser("matched")
     curve.add_argument("--out", required=True)
     curve.add_argument("--scenario", choices=("attack", "benign"), required=True)
@@ -383,7 +421,8 @@ def main(argv=None):
     three.add_argument("--json", help="where to write the numbers (results/robust_modules.json)")
     args = parser.parse_args(argv)
     try:
-        commands = {"truth": truth, "whole": whole, "matched": matched, "proxies": proxies}
+        commands = {"truth": truth, "whole": whole, "subset": subset, "matched": matched}
+        commands["proxies"] = proxies
         commands["table"] = table
         commands[args.command](args)
     except SwatError as e:
