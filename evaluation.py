@@ -5,6 +5,7 @@ report of a run (results.json, results.md) that sets every tuned model against p
 import json
 import os
 import re
+import numpy as np
 import torch
 
 import model
@@ -384,25 +385,82 @@ def fragility(net, tok, tuning, refusals, held, groups, steps=20, lr=5e-5, batch
     """The measured fragility of each group: tune only it from net's weights (restored after each)
     -> {group: {refusal_rise, task_drop, fragility}}; fragility = refusal-loss rise per unit of
     task-loss decrease (the safety cost of the task progress the group makes)."""
-    data = train.encode_all(tok, tuning, max_len, long="skip")
-    refusal_rows = train.encode_all(tok, refusals, max_len, long="skip", what="refusal")
-    held_rows = train.encode_all(tok, held, max_len, long="skip", what="held-out example")
-    start = {n: p.detach().clone() for n, p in net.named_parameters()}  # every group starts here
-    with torch.no_grad():  # the two losses of the start, which each group's run is set against
-        refusal_before = mean_loss(net, refusal_rows).item()
-        task_before = mean_loss(net, held_rows).item()
+    rows = tuning_rows(tok, tuning, refusals, held, max_len)
     out = {}
     for name, group in groups.items():
-        tune_only(net, data, group_params(net, group), steps, lr, batch_size, seed)
-        with torch.no_grad():
-            refusal_rise = mean_loss(net, refusal_rows).item() - refusal_before
-            task_drop = task_before - mean_loss(net, held_rows).item()
-            for n, p in net.named_parameters():  # back to the start for the next group
-                p.copy_(start[n])
+        refusal_rise, task_drop = tuned_change(net, rows, lambda: group_params(net, group), steps,
+                                               lr, batch_size, seed)  # fmt: skip
         # damage per unit of progress; damage with no progress at all is infinitely fragile
         ratio = refusal_rise / task_drop if task_drop > 0 else float("inf")
         out[name] = {"refusal_rise": refusal_rise, "task_drop": task_drop, "fragility": ratio}
     return out
+
+
+def ift_curve(net, tok, tuning, refusals, held, rates, steps=20, batch_size=8, max_len=256,
+              seed=0):  # fmt: skip
+    """Plain IFT of every parameter at each rate (restored after each) -> [(task-loss decrease,
+    refusal-loss rise)], from no tuning (0, 0) on, by decrease: the trade-off a group must beat.
+    Measured here, the damage of fine-tuning is convex in its progress (RESULTS.md), so a group
+    that makes less progress must be set against IFT at the same progress, not at one rate."""
+    rows = tuning_rows(tok, tuning, refusals, held, max_len)
+    curve = [(0.0, 0.0)]
+    for rate in rates:
+        rise, drop = tuned_change(net, rows, lambda: list(net.parameters()), steps, rate,
+                                  batch_size, seed)  # fmt: skip
+        curve.append((drop, rise))
+    return sorted(curve)
+
+
+def beside_ift(measured, curve):
+    """Each group's rise beside plain IFT's at the same task progress (straight lines between the
+    curve's points; beyond its last point, its last rise): ift_rise_at_same_progress and
+    excess_rise added to each group's numbers."""
+    drops = [drop for drop, _ in curve]
+    rises = [rise for _, rise in curve]
+    for cell in measured.values():
+        at = float(np.interp(cell["task_drop"], drops, rises))
+        cell.update(ift_rise_at_same_progress=at, excess_rise=cell["refusal_rise"] - at)
+    return measured
+
+
+IFT_RATES = (1, 0.2, 0.06, 0.02)  # plain IFT's curve: at these fractions of the groups' rate
+
+
+def fragility_study(net, tok, tuning, refusals, held, groups, steps, lr, batch_size, max_len,
+                    seed):  # fmt: skip
+    """`swat-min fragility`'s measurements: each group tuned alone (fragility), one IFT run's rise
+    attributed to the groups (attribution), and plain IFT's curve at IFT_RATES of lr, each group
+    set against it (beside_ift) -> (measured, attributed, curve)."""
+    settings = dict(steps=steps, batch_size=batch_size, max_len=max_len, seed=seed)
+    attributed = attribution(net, tok, tuning, refusals, groups, lr=lr, **settings)
+    measured = fragility(net, tok, tuning, refusals, held, groups, lr=lr, **settings)
+    curve = ift_curve(net, tok, tuning, refusals, held, [lr * f for f in IFT_RATES], **settings)
+    return beside_ift(measured, curve), attributed, curve
+
+
+def tuning_rows(tok, tuning, refusals, held, max_len):
+    """The encoded tuning set, the refusals the refusal loss is taken on, the held-out task set."""
+    data = train.encode_all(tok, tuning, max_len, long="skip")
+    refusal_rows = train.encode_all(tok, refusals, max_len, long="skip", what="refusal")
+    held_rows = train.encode_all(tok, held, max_len, long="skip", what="held-out example")
+    return data, refusal_rows, held_rows
+
+
+def tuned_change(net, rows, params, steps, lr, batch_size, seed):
+    """Tune params() from net's weights, measure, and put every weight back -> (refusal-loss rise,
+    task-loss decrease)."""
+    data, refusal_rows, held_rows = rows
+    start = {n: p.detach().clone() for n, p in net.named_parameters()}
+    with torch.no_grad():  # the two losses of the start, which the run is set against
+        refusal_before = mean_loss(net, refusal_rows).item()
+        task_before = mean_loss(net, held_rows).item()
+    tune_only(net, data, params(), steps, lr, batch_size, seed)
+    with torch.no_grad():
+        refusal_rise = mean_loss(net, refusal_rows).item() - refusal_before
+        task_drop = task_before - mean_loss(net, held_rows).item()
+        for n, p in net.named_parameters():  # back to the start for the next run
+            p.copy_(start[n])
+    return refusal_rise, task_drop
 
 
 def attribution(net, tok, tuning, refusals, groups, steps=20, lr=5e-5, batch_size=8,
@@ -470,7 +528,7 @@ def attribution(net, tok, tuning, refusals, groups, steps=20, lr=5e-5, batch_siz
             "attributed_total": total, "attributed_outside": outside[0]}  # fmt: skip
 
 
-def write_fragility(out, groups, measured, attributed, settings):
+def write_fragility(out, groups, measured, attributed, curve, settings):
     """fragility.json (every group's numbers, the settings) and fragility.svg (the measured
     fragility as a heat map, each layer coloured by its group's value, beside the scan's) into
     out. -> the table as text, least fragile first."""
@@ -485,6 +543,7 @@ def write_fragility(out, groups, measured, attributed, settings):
     for name, group in groups.items():
         cell = dict(measured[name], **attributed["groups"][name], modules=sorted(group))
         record["groups"][name] = cell
+    record["ift_curve"] = curve  # [(task-loss decrease, refusal-loss rise)] of plain IFT
     record["refusal_rise_of_ift"] = attributed["refusal_rise"]
     record["attributed_total"] = attributed["attributed_total"]
     for entry in ("fragility.json", "fragility.svg"):  # listed in out's manifest before written
@@ -493,13 +552,14 @@ def write_fragility(out, groups, measured, attributed, settings):
     title = "training-time fragility: refusal-loss rise per unit of task-loss decrease"
     figures.heatmap_svg(os.path.join(out, "fragility.svg"), table, title, "fragility")
     # the terminal's table: one group a line, least fragile first
-    lines = ["group          fragility  refusal rise  task drop  attributed  conflict"]
+    lines = ["group          fragility  refusal rise  task drop  IFT's rise there  attributed"]
     for name in sorted(groups, key=lambda g: measured[g]["fragility"]):
         m = measured[name]
         a = attributed["groups"][name]
+        at = m.get("ift_rise_at_same_progress", float("nan"))
         lines.append(
             f"{name:<14} {m['fragility']:9.3f}  {m['refusal_rise']:12.4f}  {m['task_drop']:9.4f}  "
-            f"{a['attributed']:10.4f}  {a['conflict']:8.3f}"
+            f"{at:16.4f}  {a['attributed']:10.4f}"
         )
     lines.append(f"wrote {out}/fragility.json and fragility.svg")
     return "\n".join(lines)

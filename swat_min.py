@@ -358,16 +358,17 @@ def cmd_run(args):
 
 
 @command("fragility", "the training-time truth of module robustness: tune each module group alone "
-         "(refusal-loss rise per unit of task-loss decrease) and attribute one IFT run's rise to "
-         "the groups", MODEL + TUNE + MIX + ("data", "out", "n-task", "eval-harmful", "n-eval",
-         "max-new-tokens", "modules", "parts", "seed"), ("model", "data", "out"),
+         "(refusal-loss rise per unit of task-loss decrease; beside plain IFT's rise at the same "
+         "progress) and attribute one IFT run's rise to the groups", MODEL + TUNE + MIX
+         + ("data", "out", "n-task", "eval-harmful", "n-eval", "max-new-tokens", "modules",
+            "parts", "seed"), ("model", "data", "out"),
          "--model aligned --data gsm8k.jsonl --eval-harmful dev.csv --out fragility",
          steps=20, lr=5e-5, max_len=256, n_task=32, max_new_tokens=48,
          modules="q,k,v,o,gate,up,down", lora_rank=None)  # fmt: skip
 def cmd_fragility(args):
     """fragility: per group of modules (each kind in --parts depth ranges), what tuning it does to
     the model's refusals, measured and attributed (evaluation.fragility, evaluation.attribution)
-    -> --out/fragility.json and fragility.svg. Costs about (groups + 2) tuning runs of --steps."""
+    -> --out/fragility.json and fragility.svg. Costs about (groups + 6) tuning runs of --steps."""
     check_folder(args.out)
     scenario.check_options(args)
     net, tok = load(args)
@@ -383,9 +384,8 @@ def cmd_fragility(args):
     if not refusals:  # nothing to lose: every number below would be noise
         raise SwatError("the model refuses none of the harmful prompts: align it first")
     print(f"tuning set {json.dumps(mix)}; {len(refusals)} refusals of {len(prompts)} prompts")
-    attributed = evaluation.attribution(net, tok, chats, refusals, groups, **settings)
-    measured = evaluation.fragility(net, tok, chats, refusals, held, groups, **settings)
-    print(evaluation.write_fragility(args.out, groups, measured, attributed, settings))
+    found = evaluation.fragility_study(net, tok, chats, refusals, held, groups, **settings)
+    print(evaluation.write_fragility(args.out, groups, *found, settings))
 
 
 @command("demo", "the pipeline offline: on a toy model trained here unless --model is given",

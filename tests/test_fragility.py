@@ -5,6 +5,7 @@ made fragile by construction."""
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -137,6 +138,15 @@ def test_fragility_command(aligned, tmp_path, capsys):
     swat_min.main(argv)
     record = json.load(open(out / "fragility.json"))
     assert set(record["groups"]) == {"q:0-2", "v:0-2"}
+    # plain IFT's curve: no tuning, then the four rates, by task progress; each group set against
+    # it at its own progress (numpy's interpolation as the reference)
+    curve = record["ift_curve"]
+    assert len(curve) == 1 + len(evaluation.IFT_RATES) and curve[0] == [0.0, 0.0]
+    assert [d for d, _ in curve] == sorted(d for d, _ in curve)
+    for cell in record["groups"].values():
+        at = np.interp(cell["task_drop"], [d for d, _ in curve], [r for _, r in curve])
+        assert cell["ift_rise_at_same_progress"] == pytest.approx(at, abs=1e-12)
+        assert cell["excess_rise"] == pytest.approx(cell["refusal_rise"] - at, abs=1e-12)
     assert os.path.exists(out / "fragility.svg")
     assert "wrote" in capsys.readouterr().out
     # a model that refuses nothing has no refusal to lose: one line, nothing written
