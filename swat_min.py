@@ -23,23 +23,11 @@ from swatkit import data, distributed, memory, plan, scanfile, scenario, toy
 from swatkit.checkpoint import checkpoint_size
 from swatkit.files import SwatError, check_file, check_folder, check_outputs, claim, writing
 from swatkit.options import (  # noqa: F401 (OPTIONS: swat_min.OPTIONS)
-    ASR, EVAL, INPUTS, LORA, MIX, MODEL, OPTIONS, PROBE, RUN, SCAN, TRAIN, TUNE, build_parser,
+    ASR, COMMANDS, EVAL, INPUTS, LORA, MIX, MODEL, OPTIONS, PROBE, RUN, SCAN, TRAIN, TUNE,
+    build_parser, command,
     setup_process,
     eval_options, probe_sets, task_options,
 )  # fmt: skip
-
-COMMANDS = {}  # name -> (function, help, options, required options, own defaults, example)
-
-
-def command(name, what, options, required=(), example="", **defaults):
-    """Declare the function below as the command `name`: what it does, the options it takes (names
-    of swatkit.options.OPTIONS), the required ones, an example and its own defaults."""
-
-    def declare(fn):
-        COMMANDS[name] = (fn, what, options, required, defaults, f"swat-min {name} {example}")
-        return fn
-
-    return declare
 
 
 # ---- the commands: argparse in, the library above out ----
@@ -388,6 +376,21 @@ def cmd_fragility(args):
     print(evaluation.write_fragility(args.out, groups, *found, settings))
 
 
+@command("restore", "post-tuning defence (RESTA, Bhardwaj et al. 2024): the tuned model plus "
+         "alpha x (aligned - unaligned), parameter by parameter; seconds",
+         ("device", "dtype", "chat-format", "tuned", "aligned", "unaligned", "alpha", "out"),
+         ("tuned", "aligned", "unaligned", "out"),
+         "--tuned tuned --aligned aligned --unaligned M --alpha 0.5 --out restored")  # fmt: skip
+def cmd_restore(args):
+    """restore: --tuned + --alpha x (--aligned - --unaligned) -> --out (a checkpoint)."""
+    check_folder(args.out)
+    aligned, _ = load(args, args.aligned)
+    unaligned, _ = load(args, args.unaligned)
+    tuned, tok = load(args, args.tuned)
+    model.save(train.restore_safety(tuned, aligned, unaligned, args.alpha), tok, args.out)
+    print(f"wrote {args.out}: {args.tuned} + {args.alpha:g} x ({args.aligned} - {args.unaligned})")
+
+
 @command("demo", "the pipeline offline: on a toy model trained here unless --model is given",
          MODEL + RUN + ("toy-steps",), ("out",), "--out demo_out", steps=150, lr=3e-4, batch=16,
          n_eval=52, max_new_tokens=24)  # fmt: skip
@@ -396,13 +399,7 @@ def cmd_demo(args):
     check_folder(args.out)  # checked before the toy is trained into it
     print("=" * 78)
     if args.model is None:
-        print(
-            "swat-min demo on a TOY model organism (4 layers, trained here in a few minutes to "
-            "refuse the\nbuilt-in harmful prompts). Its numbers show the pipeline working, not the "
-            "method's merit. For\nthe real thing: swat-min align --model <hf dir or "
-            "org/name> --out aligned, then\nswat-min run --model aligned --data <benign "
-            "data> --out results\n" + "=" * 78
-        )
+        print(toy.BANNER + "=" * 78)
         args.model, task = toy.build(args.out, model.LLaMA, train.train, args.seed, args.toy_steps)
         args.data = args.data or task
     else:

@@ -342,3 +342,26 @@ def finish(net, rows):
     net.eval()
     net.grad_ckpt = False
     return rows
+
+
+# ---- a post-tuning defence to combine with the in-training one ----
+
+
+def restore_safety(tuned, aligned, unaligned, alpha):
+    """RESTA-style safety restore (Bhardwaj et al. 2024, task arithmetic): add alpha times the
+    safety vector, the aligned model's weights less the unaligned model's, to the tuned model's,
+    parameter by parameter, in place -> tuned. The three must be one architecture."""
+    if not checks.finite(alpha):
+        raise SwatError(f"restore: alpha must be a finite number >= 0, not {alpha!r}")
+    weights = [dict(net.named_parameters()) for net in (tuned, aligned, unaligned)]
+    for name, p in weights[0].items():
+        shapes = [w[name].shape if name in w else None for w in weights]
+        if shapes[1] != p.shape or shapes[2] != p.shape:
+            raise SwatError(
+                f"restore: {name} is {list(p.shape)} in the tuned model but "
+                f"{[list(s) if s else 'missing' for s in shapes[1:]]} in the aligned and unaligned"
+            )
+    with torch.no_grad():
+        for name, p in weights[0].items():
+            p.add_(alpha * (weights[1][name] - weights[2][name]))
+    return tuned

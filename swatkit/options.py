@@ -50,6 +50,21 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+COMMANDS = {}  # name -> (function, help, options, required options, own defaults, example)
+
+
+def command(name, what, options, required=(), example="", **defaults):
+    """Declare the function below as the command `name` (swat_min.py declares each of its
+    commands so): what it does, the options it takes (names of OPTIONS), the required ones, an
+    example and its own defaults."""
+
+    def declare(fn):
+        COMMANDS[name] = (fn, what, options, required, defaults, f"swat-min {name} {example}")
+        return fn
+
+    return declare
+
+
 def build_parser(description, commands):
     """The `swat-min` parser: one subcommand per entry of commands (swat_min.COMMANDS: name ->
     (function, help, options, required, own defaults, example))."""
@@ -269,6 +284,10 @@ OPTIONS = {
     "parts": dict(
         type=number(int, 1), default=3, help="fragility: depth ranges per module kind (3: thirds)"
     ),
+    "tuned": dict(help="restore: the fine-tuned model to repair"),
+    "aligned": dict(help="restore: the aligned model the tuning started from"),
+    "unaligned": dict(help="restore: the model before alignment (aligned - unaligned = safety)"),
+    "alpha": dict(type=number(float, 0), default=0.5, help="restore: the safety vector's weight"),
     "toy-steps": dict(type=number(int, 1), default=400, help="training steps of the toy model"),
     "eval-harmful": dict(
         help="harmful prompts for ASR, e.g. AdvBench CSV (default: built-in test split)"
@@ -350,13 +369,14 @@ OUT_HELP = {
     "run": "the results folder (new, or one run made): results.json, results.md, scan.json and a "
     "checkpoint per strategy and seed",
     "demo": "the results folder (new, or one demo made), as run's, plus the toy model and its data",
+    "restore": "the repaired checkpoint folder to write (new, or one swat-min wrote)",
     "fragility": "the folder to write (new, or one swat-min wrote): fragility.json, fragility.svg",
 }
 
 
 # the options that name an input: no output may replace one of them
 INPUTS = ("model", "base", "data", "harmful", "harmless", "test_harmful", "eval_harmful")
-INPUTS += ("eval_harmless", "file", "mods", "harmful_data")
+INPUTS += ("eval_harmless", "file", "mods", "harmful_data", "tuned", "aligned", "unaligned")
 
 
 def setup_process():

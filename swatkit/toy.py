@@ -14,6 +14,15 @@ from .modules import ModelConfig
 from .files import claim, write_text
 
 
+# what `swat-min demo` says first: what the toy is, and what it is not
+BANNER = (
+    "swat-min demo on a TOY model organism (4 layers, trained here in a few minutes to refuse the\n"
+    "built-in harmful prompts). Its numbers show the pipeline working, not the method's merit.\n"
+    "For the real thing: swat-min align --model <hf dir or org/name> --out aligned, then\n"
+    "swat-min run --model aligned --data <benign data> --out results\n"
+)
+
+
 def build(out, network, train, seed=0, steps=400):
     """-> (model directory, tuning data file) under out. Deterministic for a seed and library
     versions. network: the model class (model.LLaMA); train: the trainer (train.train); both are

@@ -1077,6 +1077,8 @@ def test_each_command_reads_every_option_its_help_shows(tmp_path, tiny, monkeypa
         "demo": ["--out", tmp_path / "dm", "--toy-steps", 1, "--steps", 1, "--n", 2, "--n-task", 4]
         + ["--n-acc", 0, "--strategies", "ift", "swat", "--k", 2]
         + small,
+        "restore": ["--tuned", tiny, "--aligned", tiny, "--unaligned", tiny, "--alpha", 0.5]
+        + ["--out", tmp_path / "rs"],
         # the random tiny model refuses nothing: fragility reads its options, then stops there
         "fragility": ["--model", tiny, "--data", data, "--out", tmp_path / "f", "--steps", 1]
         + ["--n-task", 2, "--parts", 1, "--modules", "q"]

@@ -523,3 +523,35 @@ def test_long_records_stop_skip_or_truncate(tiny, tmp_path, capsys):
     assert "--long skip" in str(stop.value.code) and "\n" not in str(stop.value.code)
     swat_min.main(base + ["--out", str(tmp_path / "b"), "--long", "truncate"])
     assert os.path.exists(tmp_path / "b" / "model.safetensors")
+
+
+def test_restore_is_task_arithmetic_and_refuses_other_shapes(tiny, tmp_path):
+    """restore writes T + alpha (A - U) exactly (numpy as the reference, every parameter), and a
+    model of other shapes is one line, nothing written."""
+    import numpy as np
+
+    import swat_min
+
+    generator = torch.Generator().manual_seed(1)
+    nets = {}
+    for name in ("aligned", "unaligned", "tuned"):  # three models of one architecture
+        net, tok = model.load(tiny)
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.1 * torch.randn(p.shape, generator=generator))
+        model.save(net, tok, str(tmp_path / name))
+        nets[name] = dict(net.named_parameters())
+    argv = ["restore", "--alpha", "0.7", "--out", str(tmp_path / "r")]
+    for name in nets:
+        argv += [f"--{name}", str(tmp_path / name)]
+    swat_min.main(argv)
+    restored, _ = model.load(str(tmp_path / "r"))
+    for name, p in restored.named_parameters():
+        t, a, u = (nets[k][name].detach().numpy() for k in ("tuned", "aligned", "unaligned"))
+        assert np.array_equal(p.detach().numpy(), t + np.float32(0.7) * (a - u)), name
+    tiny_hf(str(tmp_path / "other"), hidden_size=32, intermediate_size=48)
+    argv[argv.index(str(tmp_path / "unaligned"))] = str(tmp_path / "other")
+    argv[argv.index(str(tmp_path / "r"))] = str(tmp_path / "r2")
+    with pytest.raises(SystemExit, match=r"restore: model.embed_tokens.weight is \[512, 64\]"):
+        swat_min.main(argv)
+    assert not (tmp_path / "r2").exists()
