@@ -194,7 +194,7 @@ def cmd_generate(args):
 
 
 @command("align", "make an aligned start: short SFT of refusals + the model's own harmless answers",
-         MODEL + ASR + TUNE + ("out", "answer-tokens", "seed"), ("model", "out"),
+         MODEL + ASR + TUNE + ("out", "answer-tokens", "seed", "vaccine"), ("model", "out"),
          "--model M --out aligned", steps=150, lr=5e-5)  # fmt: skip
 def cmd_align(args):
     """Short SFT: harmful train-split instructions -> refusals, harmless -> the model's own
@@ -219,7 +219,7 @@ def cmd_align(args):
     # as run does: a prompt too long for --max-len is left out, and counted
     train.train(
         net, tok, chats, args.out, "ift", steps=args.steps, lr=args.lr, batch_size=args.batch,
-        max_len=args.max_len, seed=args.seed, long="skip",
+        max_len=args.max_len, seed=args.seed, long="skip", vaccine=args.vaccine,
     )  # fmt: skip
     after = evaluate(net, tok, "after", **options)
     for r in (before, after):

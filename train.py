@@ -138,6 +138,37 @@ def loss_fn(net, ids, labels):
     )
 
 
+def vaccine_perturbation(net, ids, labels, rho):
+    """Vaccine's worst-case perturbation of the hidden states (Huang et al. 2024, perturbation-
+    aware alignment): the loss's gradient with respect to every block's output, scaled so that all
+    of them together have norm rho -> one tensor per block (no weight gradient is left behind)."""
+    states = []
+    keep = [block.register_forward_hook(lambda m, a, out: states.append(out)) for block in
+            net.model.layers]  # fmt: skip
+    try:
+        with torch.enable_grad():  # the gradient is needed even where the caller has none
+            grads = torch.autograd.grad(loss_fn(net, ids, labels), states)
+    finally:
+        for hook in keep:
+            hook.remove()
+    norm = torch.sqrt(sum(g.float().pow(2).sum() for g in grads))
+    return [rho * g / (norm + 1e-12) for g in grads]
+
+
+def vaccine_loss(net, ids, labels, rho):
+    """loss_fn with Vaccine's perturbation added to every block's output: aligning under it makes
+    the refusals survive the drift of the hidden states that later fine-tuning brings (two forward
+    and backward passes a step instead of one)."""
+    noise = vaccine_perturbation(net, ids, labels, rho)
+    add = [block.register_forward_hook(lambda m, a, out, e=e: out + e) for block, e in
+           zip(net.model.layers, noise)]  # fmt: skip
+    try:
+        return loss_fn(net, ids, labels)
+    finally:
+        for hook in add:
+            hook.remove()
+
+
 # ---- modules, strategies and phases ----
 
 
@@ -235,6 +266,7 @@ def train(
     label=None,  # the progress bar's name (default: the strategy)
     lora=None,  # LoRA instead of full tuning: {"r": rank, "alpha": alpha, "targets": [q, ...]}
     watch=None,  # (N, fn): every N steps, fn(net)'s numbers join the step's log row
+    vaccine=0.0,  # align: Vaccine's perturbation norm rho (0: plain training)
 ):
     """Tune net on chats; write an HF checkpoint (plus optimizer state) to out. -> the log rows.
 
@@ -293,7 +325,11 @@ def train(
             ids, labels = collate(distributed.share(mb), device)  # this process's part
             with amp:
                 # FSDP averages the processes' gradients: each one's part counts size() times
-                loss = loss_fn(net, ids, labels) * distributed.size() / max(1, n_resp)
+                if vaccine:  # aligned under the worst hidden-state drift of norm `vaccine`
+                    loss = vaccine_loss(net, ids, labels, vaccine)
+                else:
+                    loss = loss_fn(net, ids, labels)
+                loss = loss * distributed.size() / max(1, n_resp)
             loss.backward()
             loss_sum += loss.item()
             n_tokens += ids.numel()

@@ -61,7 +61,9 @@ def train_args(args):
         value = args[name]
         if type(value) is not int or value < least:
             raise SwatError(f"train: {name} must be an integer >= {least}, not {value!r}")
-    for name in ("lr", "ratio", "weight_decay", "clip"):  # the rates: finite, >= 0
+    if args["vaccine"] and (args["grad_ckpt"] or args["lora"]):  # hooks on recomputed blocks
+        raise SwatError("train: vaccine works without grad_ckpt and lora (full tuning only)")
+    for name in ("lr", "ratio", "weight_decay", "clip", "vaccine"):  # finite, >= 0
         if not finite(args[name]):
             raise SwatError(f"train: {name} must be a finite number >= 0, not {args[name]!r}")
 

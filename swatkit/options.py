@@ -284,6 +284,14 @@ OPTIONS = {
     "parts": dict(
         type=number(int, 1), default=3, help="fragility: depth ranges per module kind (3: thirds)"
     ),
+    "vaccine": dict(
+        type=number(float, 0),
+        default=0.0,
+        help="Vaccine (Huang et al. 2024): align under the worst-case perturbation of norm RHO of "
+        "every block's output, so that the refusals survive later drift (0: off; twice the time "
+        "a step)",
+        metavar="RHO",
+    ),
     "tuned": dict(help="restore: the fine-tuned model to repair"),
     "aligned": dict(help="restore: the aligned model the tuning started from"),
     "unaligned": dict(help="restore: the model before alignment (aligned - unaligned = safety)"),

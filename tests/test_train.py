@@ -555,3 +555,37 @@ def test_restore_is_task_arithmetic_and_refuses_other_shapes(tiny, tmp_path):
     with pytest.raises(SystemExit, match=r"restore: model.embed_tokens.weight is \[512, 64\]"):
         swat_min.main(argv)
     assert not (tmp_path / "r2").exists()
+
+
+def test_vaccine_perturbation_has_its_norm_and_is_worse_than_random(tiny):
+    """Vaccine's perturbation of the blocks' outputs has norm rho (all blocks together), leaves no
+    weight gradient, and raises the loss more than random perturbations of the same norm; the
+    perturbed loss's gradient reaches every weight, and rho = 0 is plain training."""
+    net, tok = model.load(tiny)
+    ids, labels = batches.collate([batches.encode(tok, c, 128) for c in CHATS[:4]], "cpu")
+    rho = 2.0
+    noise = train.vaccine_perturbation(net, ids, labels, rho)
+    assert len(noise) == net.cfg.n_layers
+    assert torch.sqrt(sum(e.pow(2).sum() for e in noise)).item() == pytest.approx(rho, rel=1e-5)
+    assert all(p.grad is None for p in net.parameters())
+    with torch.no_grad():
+        clean = train.loss_fn(net, ids, labels).item()
+        worst = train.vaccine_loss(net, ids, labels, rho).item()
+    generator = torch.Generator().manual_seed(0)
+    randoms = []
+    for _ in range(5):
+        draws = [torch.randn(e.shape, generator=generator) for e in noise]
+        scale = rho / torch.sqrt(sum(d.pow(2).sum() for d in draws))
+        hooks = [block.register_forward_hook(lambda m, a, out, d=d: out + scale * d)
+                 for block, d in zip(net.model.layers, draws)]  # fmt: skip
+        with torch.no_grad():
+            randoms.append(train.loss_fn(net, ids, labels).item())
+        for hook in hooks:
+            hook.remove()
+    assert worst > max(randoms) and worst > clean
+    with torch.no_grad():  # the hooks are gone: the plain loss again
+        assert train.loss_fn(net, ids, labels).item() == clean
+    train.vaccine_loss(net, ids, labels, rho).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+    with pytest.raises(model.SwatError, match="vaccine works without grad_ckpt"):
+        train.train(net, tok, CHATS, "unused", steps=1, vaccine=0.1, grad_ckpt=True)
