@@ -376,19 +376,20 @@ def cmd_fragility(args):
     print(evaluation.write_fragility(args.out, groups, *found, settings))
 
 
-@command("restore", "post-tuning defence (RESTA, Bhardwaj et al. 2024): the tuned model plus "
-         "alpha x (aligned - unaligned), parameter by parameter; seconds",
-         ("device", "dtype", "chat-format", "tuned", "aligned", "unaligned", "alpha", "out"),
+@command("restore", "post-tuning defence: the tuned model plus alpha x (aligned - unaligned) "
+         "(RESTA, Bhardwaj et al. 2024), or each module's update projected onto the alignment "
+         "direction where unlike it (--method safelora, Hsu et al. 2024); seconds",
+         MODEL[1:] + ("tuned", "aligned", "unaligned", "alpha", "method", "threshold", "out"),
          ("tuned", "aligned", "unaligned", "out"),
          "--tuned tuned --aligned aligned --unaligned M --alpha 0.5 --out restored")  # fmt: skip
 def cmd_restore(args):
-    """restore: --tuned + --alpha x (--aligned - --unaligned) -> --out (a checkpoint)."""
+    """restore: --tuned repaired with --aligned - --unaligned (RESTA or Safe LoRA) -> --out."""
     check_folder(args.out)
-    aligned, _ = load(args, args.aligned)
-    unaligned, _ = load(args, args.unaligned)
+    nets = [load(args, path)[0] for path in (args.aligned, args.unaligned)]
     tuned, tok = load(args, args.tuned)
-    model.save(train.restore_safety(tuned, aligned, unaligned, args.alpha), tok, args.out)
-    print(f"wrote {args.out}: {args.tuned} + {args.alpha:g} x ({args.aligned} - {args.unaligned})")
+    print(train.restore(tuned, *nets, args.method, args.alpha, args.threshold))
+    model.save(tuned, tok, args.out)
+    print(f"wrote {args.out} ({args.method}: {args.tuned} with {args.aligned} - {args.unaligned})")
 
 
 @command("demo", "the pipeline offline: on a toy model trained here unless --model is given",

@@ -296,6 +296,18 @@ OPTIONS = {
     "aligned": dict(help="restore: the aligned model the tuning started from"),
     "unaligned": dict(help="restore: the model before alignment (aligned - unaligned = safety)"),
     "alpha": dict(type=number(float, 0), default=0.5, help="restore: the safety vector's weight"),
+    "method": dict(
+        choices=["resta", "safelora"],
+        default="resta",
+        help="restore: add the safety vector, or "
+        "project each module's update onto it where the two are unlike (Safe LoRA)",
+    ),
+    "threshold": dict(
+        type=number(float, -1, 1),
+        default=0.5,
+        help="restore --method safelora: project a "
+        "module whose update and projected update have a cosine below this",
+    ),
     "toy-steps": dict(type=number(int, 1), default=400, help="training steps of the toy model"),
     "eval-harmful": dict(
         help="harmful prompts for ASR, e.g. AdvBench CSV (default: built-in test split)"

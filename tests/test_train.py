@@ -589,3 +589,59 @@ def test_vaccine_perturbation_has_its_norm_and_is_worse_than_random(tiny):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
     with pytest.raises(model.SwatError, match="vaccine works without grad_ckpt"):
         train.train(net, tok, CHATS, "unused", steps=1, vaccine=0.1, grad_ckpt=True)
+
+
+def test_safe_lora_projects_the_unlike_updates_and_keeps_the_others(tiny, tmp_path):
+    """Each linear module's update dW = T - A against numpy's C dW, C = V V^T / ||V||_F, V = A - U:
+    projected exactly where the cosine of dW and C dW is below the threshold, kept elsewhere; the
+    threshold set between the two middle cosines, so that both cases occur."""
+    import numpy as np
+
+    import swat_min
+
+    generator = torch.Generator().manual_seed(2)
+    nets = {}
+    for name in ("aligned", "unaligned", "tuned"):
+        net, tok = model.load(tiny)
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.1 * torch.randn(p.shape, generator=generator))
+            if name == "tuned":  # some updates along the alignment direction, the others not
+                a, u = (dict(nets[k].named_parameters()) for k in ("aligned", "unaligned"))
+                for n, p in net.named_parameters():
+                    if n.endswith(("q_proj.weight", "up_proj.weight")):
+                        p.copy_(a[n] + 0.5 * (a[n] - u[n]) + 0.01 * torch.randn(p.shape))
+        model.save(net, tok, str(tmp_path / name))
+        nets[name] = net
+    weights = {k: {n: p.detach().double().numpy() for n, p in net.named_parameters()}
+               for k, net in nets.items()}  # fmt: skip
+    linear = [n for n in weights["tuned"] if n.endswith("_proj.weight")]
+    expected = {}
+    for n in linear:
+        t, a, u = (weights[k][n] for k in ("tuned", "aligned", "unaligned"))
+        v = a - u
+        onto = (v @ v.T / np.linalg.norm(v)) @ (t - a)
+        cosine = (onto * (t - a)).sum() / (np.linalg.norm(onto) * np.linalg.norm(t - a))
+        expected[n] = (cosine, a + onto, t)
+    cosines = sorted(c for c, _, _ in expected.values())
+    middle = len(cosines) // 2
+    threshold = float(cosines[middle - 1] + cosines[middle]) / 2  # between two modules' cosines
+    argv = ["restore", "--method", "safelora", "--threshold", str(threshold), "--out",
+            str(tmp_path / "safe")]  # fmt: skip
+    for name in nets:
+        argv += [f"--{name}", str(tmp_path / name)]
+    swat_min.main(argv)
+    safe = {
+        n: p.detach().double().numpy()
+        for n, p in model.load(str(tmp_path / "safe"))[0].named_parameters()
+    }
+    kept = projected = 0
+    for n, (cosine, onto, t) in expected.items():
+        want = onto if cosine < threshold else t
+        assert np.allclose(safe[n], want, atol=1e-6), n
+        kept += cosine >= threshold
+        projected += cosine < threshold
+    assert kept and projected
+    for n in safe:  # norms, embeddings: untouched
+        if n not in expected:
+            assert np.array_equal(safe[n], weights["tuned"][n])
