@@ -1,0 +1,65 @@
+"""Post-tuning defences to combine with SWAT's in-training one (swat-min restore): they repair a
+tuned model with the alignment direction, the aligned model's weights less the unaligned model's.
+Plain tensor arithmetic on three models of one architecture."""
+
+import torch
+
+from . import checks
+from .files import SwatError
+from .modules import MODULES
+
+
+def restore(tuned, aligned, unaligned, method="resta", alpha=0.5, threshold=0.5):
+    """`swat-min restore`: repair tuned, in place, with the alignment direction aligned -
+    unaligned: "resta" adds alpha times it (restore_safety), "safelora" projects each module's
+    update onto it where the two are unlike (safe_lora) -> what was done, in words."""
+    if method == "resta":
+        restore_safety(tuned, aligned, unaligned, alpha)
+        return f"added {alpha:g} x (aligned - unaligned)"
+    if method == "safelora":
+        projected, modules = safe_lora(tuned, aligned, unaligned, threshold)
+        return f"projected {projected} of {modules} modules' updates onto the alignment direction"
+    raise SwatError(f"restore: unknown method {method!r}; choose resta or safelora")
+
+
+def restore_safety(tuned, aligned, unaligned, alpha):
+    """RESTA-style safety restore (Bhardwaj et al. 2024, task arithmetic): add alpha times the
+    safety vector, the aligned model's weights less the unaligned model's, to the tuned model's,
+    parameter by parameter, in place -> tuned. The three must be one architecture."""
+    if not checks.finite(alpha):
+        raise SwatError(f"restore: alpha must be a finite number >= 0, not {alpha!r}")
+    weights = [dict(net.named_parameters()) for net in (tuned, aligned, unaligned)]
+    for name, p in weights[0].items():
+        shapes = [w[name].shape if name in w else None for w in weights]
+        if shapes[1] != p.shape or shapes[2] != p.shape:
+            raise SwatError(
+                f"restore: {name} is {list(p.shape)} in the tuned model but "
+                f"{[list(s) if s else 'missing' for s in shapes[1:]]} in the aligned and unaligned"
+            )
+    with torch.no_grad():
+        for name, p in weights[0].items():
+            p.add_(alpha * (weights[1][name] - weights[2][name]))
+    return tuned
+
+
+def safe_lora(tuned, aligned, unaligned, threshold):
+    """Safe LoRA's projection (Hsu et al. 2024): each linear module's update dW = T - A (a LoRA
+    run's merged adapter, or any tuning's change) is replaced by C dW, C = V V^T / ||V||_F with V
+    = A - U the module's alignment direction, where dW and C dW are less similar (cosine over all
+    entries) than threshold; the others are kept. In place -> (modules projected, modules)."""
+    restore_safety(tuned, aligned, unaligned, 0.0)  # the same shapes, checked in one line
+    weights = [dict(net.named_parameters()) for net in (tuned, aligned, unaligned)]
+    kinds = tuple(f".{path}.weight" for path in MODULES.values())
+    names = [name for name in weights[0] if name.endswith(kinds)]
+    projected = 0
+    with torch.no_grad():
+        for name in names:
+            t, a, u = (w[name].double() for w in weights)
+            update = t - a
+            v = a - u
+            onto = (v @ v.T / v.norm()) @ update
+            similarity = (update * onto).sum() / (update.norm() * onto.norm() + 1e-30)
+            if similarity < threshold:
+                weights[0][name].copy_(a + onto)
+                projected += 1
+    return projected, len(names)
