@@ -591,6 +591,20 @@ def test_vaccine_perturbation_has_its_norm_and_is_worse_than_random(tiny):
         train.train(net, tok, CHATS, "unused", steps=1, vaccine=0.1, grad_ckpt=True)
 
 
+def test_vaccine_training_differs_from_plain_and_its_loss_is_the_perturbed_one(tiny, tmp_path):
+    """train(vaccine=rho): each step's loss is the loss under the perturbation (above the plain
+    loss at the same weights), and the weights it reaches differ from plain training's."""
+    rows = {}
+    weights = {}
+    for rho in (0.0, 1.0):
+        net, tok = model.load(tiny)
+        rows[rho] = train.train(net, tok, CHATS, str(tmp_path / f"v{rho}"), steps=2, lr=1e-3,
+                                batch_size=4, max_len=128, vaccine=rho)  # fmt: skip
+        weights[rho] = net.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    assert rows[1.0][0]["loss"] > rows[0.0][0]["loss"]  # the same weights at step 1
+    assert not torch.equal(weights[0.0], weights[1.0])
+
+
 def test_safe_lora_projects_the_unlike_updates_and_keeps_the_others(tiny, tmp_path):
     """Each linear module's update dW = T - A against numpy's C dW, C = V V^T / ||V||_F, V = A - U:
     projected exactly where the cosine of dW and C dW is below the threshold, kept elsewhere; the
