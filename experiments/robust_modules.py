@@ -399,8 +399,9 @@ def main(argv=None):
     # below the groups' rate: plain IFT's own trade-off curve, to set a group's cost against
     whole_run.add_argument("--lr", type=float, default=LR)
     some = commands.add_parser("subset")
-    for name in ("--model", "--pairs", "--shared", "--out", "--name"):
+    for name in ("--model", "--pairs", "--shared", "--out"):
         some.add_argument(name, required=True)
+    some.add_argument("--name", required=True, help="the set's name in its file, subset-NAME.json")
     some.add_argument("--scenario", choices=("attack", "benign"), required=True)
     some.add_argument("--seed", type=int, default=0)
     some.add_argument("--lr", type=float, default=LR)
