@@ -87,6 +87,15 @@ def total(value):
     return t.item()
 
 
+def peak(value):
+    """A float's largest value over the processes (one all-reduce)."""
+    if size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
 def whole(t):
     """A tensor in full: a DTensor's shards gathered (every process must call it), else t."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t

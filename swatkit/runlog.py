@@ -65,9 +65,9 @@ class RunLog:
         """A checkpoint of step into out (atomically: a fault leaves the last whole one), unless
         the weights have exploded: no fine-tuned network holds a weight of 10^4 (a runaway rate
         does, e.g. --lr 1e10), and such a checkpoint would look whole and be garbage."""
-        peaks = [p.detach().abs().max() for p in net.parameters()]
-        # under FSDP2 a shard's peak is partial: the whole tensor's is gathered
-        largest = max(float(v.full_tensor() if hasattr(v, "full_tensor") else v) for v in peaks)
+        # each process's own shards (FSDP2), then one all-reduce for the largest over all of them
+        shards = [distributed.local(p.detach()) for p in net.parameters()]
+        largest = distributed.peak(max(float(t.abs().max()) for t in shards if t.numel()))
         if not largest < EXPLODED:
             raise SwatError(
                 f"the weights exploded by step {step} (largest |w| = {largest:.3g}); not saved "
