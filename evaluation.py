@@ -447,19 +447,20 @@ def tuning_rows(tok, tuning, refusals, held, max_len):
 
 
 def tuned_change(net, rows, params, steps, lr, batch_size, seed):
-    """Tune params() from net's weights, measure, and put every weight back -> (refusal-loss rise,
-    task-loss decrease)."""
+    """Tune params() from net's weights, measure, and put them back -> (refusal-loss rise,
+    task-loss decrease). Only the tuned parameters move, so only they are kept and restored."""
     data, refusal_rows, held_rows = rows
-    start = {n: p.detach().clone() for n, p in net.named_parameters()}
+    tuned = params()
+    start = [p.detach().clone() for p in tuned]
     with torch.no_grad():  # the two losses of the start, which the run is set against
         refusal_before = mean_loss(net, refusal_rows).item()
         task_before = mean_loss(net, held_rows).item()
-    tune_only(net, data, params(), steps, lr, batch_size, seed)
+    tune_only(net, data, tuned, steps, lr, batch_size, seed)
     with torch.no_grad():
         refusal_rise = mean_loss(net, refusal_rows).item() - refusal_before
         task_drop = task_before - mean_loss(net, held_rows).item()
-        for n, p in net.named_parameters():  # back to the start for the next run
-            p.copy_(start[n])
+        for p, kept in zip(tuned, start):  # back to the start for the next run
+            p.copy_(kept)
     return refusal_rise, task_drop
 
 

@@ -109,7 +109,6 @@ def scan(
     for layer in tqdm(range(n_layers), desc="scan"):
         for name in modules:
             params = list(module(net, layer, name).parameters())
-            saved = [p.detach().clone() for p in params]
             for r in range(repeats):
                 generator = torch.Generator().manual_seed(noise_seed(seed, layer, name, r))
                 with perturbed([(params, generator)], scale):
@@ -130,7 +129,6 @@ def scan(
                     )
                     result["halves"]["acc_drop"][h][name][layer] += acc_drop / repeats
                     result["halves"]["loss_rise"][h][name][layer] += loss_rise / repeats
-            assert all(torch.equal(p, s) for p, s in zip(params, saved)), "weights not restored"
     return result
 
 

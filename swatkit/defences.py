@@ -25,9 +25,19 @@ def restore(tuned, aligned, unaligned, method="resta", alpha=0.5, threshold=0.5)
 def restore_safety(tuned, aligned, unaligned, alpha):
     """RESTA-style safety restore (Bhardwaj et al. 2024, task arithmetic): add alpha times the
     safety vector, the aligned model's weights less the unaligned model's, to the tuned model's,
-    parameter by parameter, in place -> tuned. The three must be one architecture."""
+    parameter by parameter, in place -> tuned."""
     if not checks.finite(alpha):
         raise SwatError(f"restore: alpha must be a finite number >= 0, not {alpha!r}")
+    weights = same_shapes(tuned, aligned, unaligned)
+    with torch.no_grad():
+        for name, p in weights[0].items():
+            p.add_(alpha * (weights[1][name] - weights[2][name]))
+    return tuned
+
+
+def same_shapes(tuned, aligned, unaligned):
+    """The three models' {name: parameter}, checked to be one architecture (one line naming the
+    first parameter that differs)."""
     weights = [dict(net.named_parameters()) for net in (tuned, aligned, unaligned)]
     for name, p in weights[0].items():
         shapes = [w[name].shape if name in w else None for w in weights]
@@ -36,10 +46,7 @@ def restore_safety(tuned, aligned, unaligned, alpha):
                 f"restore: {name} is {list(p.shape)} in the tuned model but "
                 f"{[list(s) if s else 'missing' for s in shapes[1:]]} in the aligned and unaligned"
             )
-    with torch.no_grad():
-        for name, p in weights[0].items():
-            p.add_(alpha * (weights[1][name] - weights[2][name]))
-    return tuned
+    return weights
 
 
 def safe_lora(tuned, aligned, unaligned, threshold):
@@ -47,8 +54,7 @@ def safe_lora(tuned, aligned, unaligned, threshold):
     run's merged adapter, or any tuning's change) is replaced by C dW, C = V V^T / ||V||_F with V
     = A - U the module's alignment direction, where dW and C dW are less similar (cosine over all
     entries) than threshold; the others are kept. In place -> (modules projected, modules)."""
-    restore_safety(tuned, aligned, unaligned, 0.0)  # the same shapes, checked in one line
-    weights = [dict(net.named_parameters()) for net in (tuned, aligned, unaligned)]
+    weights = same_shapes(tuned, aligned, unaligned)
     kinds = tuple(f".{path}.weight" for path in MODULES.values())
     names = [name for name in weights[0] if name.endswith(kinds)]
     projected = 0
