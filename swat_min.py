@@ -17,10 +17,12 @@ import evaluation
 import model
 import robustness
 import train
-from evaluation import answer, drift_curve, evaluate, moved, report, security, user
+from evaluation import answer, drift_curve, evaluate, moved, report, user
 from probe import baseline  # swat_min.baseline: the probes of the pipeline's first step
-from swatkit import data, distributed, memory, plan, scanfile, scenario, toy
+from swatkit import checks, data, defences, distributed, guard, memory, plan, scanfile
+from swatkit import scenario, toy
 from swatkit.checkpoint import checkpoint_size
+from swatkit.lora import merge  # a LoRA run is repaired on its merged weights
 from swatkit.files import SwatError, check_file, check_folder, check_outputs, claim, writing
 from swatkit.options import (  # noqa: F401 (OPTIONS: swat_min.OPTIONS)
     ASR, COMMANDS, EVAL, INPUTS, LORA, MIX, MODEL, OPTIONS, PROBE, RUN, SCAN, TRAIN, TUNE,
@@ -38,6 +40,12 @@ def load(args, name=None):
     return model.load(
         name or args.model, device=args.device, dtype=args.dtype, chat_format=args.chat_format
     )
+
+
+def load_judge(args):
+    """--judge: the Llama Guard 3 (net, tok), checked to be one (None without --judge)."""
+    judge = getattr(args, "judge", None)  # a namespace made by hand may lack it
+    return guard.checked(load(args, judge), judge) if judge else None
 
 
 @command("probe", "fit a probe per layer on harmful vs harmless features; print held-out accuracy",
@@ -87,15 +95,6 @@ def do_scan(args, net, tok, base, out, folder=None):
     print(scanfile.summary(picked, ranked))  # heat map, Mods_Rob, rank stability
     scanfile.write(out, pictures, picked, dict(model=args.model, **picked["settings"]))
     print(f"wrote {out} and its pictures ({', '.join(pictures)})")
-    rob = {tuple(x) for x in picked["mods_rob"]}  # the trainer reads these from scan.json
-    fragile = {tuple(x) for x in picked["mods_fragile"]}  # the control: as many of the least robust
-    shared = rob & fragile
-    if shared:  # the control is meant to be modules the scan did not pick
-        print(
-            f"note: Mods_Rob ({len(rob)}) is over half of the {len(kinds) * net.cfg.n_layers} "
-            f"modules, so the control set (as many of the least robust) shares {len(shared)} "
-            "modules with it; choose a smaller --k or --frac"
-        )
     return picked
 
 
@@ -121,17 +120,11 @@ def cmd_eval(args):
     base = None
     if args.base:
         base_net, base_tok = load(args, args.base)
-        # drift compares a model against its own start
-        if (base_net.cfg.n_layers, base_net.cfg.dim) != (net.cfg.n_layers, net.cfg.dim):
-            raise SwatError(
-                f"{args.base}: {base_net.cfg.n_layers} layers of width {base_net.cfg.dim}, "
-                f"{args.model} has {net.cfg.n_layers} of {net.cfg.dim}; --base must be the model "
-                "it was tuned from"
-            )
+        checks.tuned_from(base_net.cfg, net.cfg, args.base, args.model)  # drift: against its start
         base = baseline(base_net, base_tok, *probe_sets(args), cache_dir=args.cache)
         del base_net
     task = ()
-    options = eval_options(args)
+    options = dict(eval_options(args), judge=load_judge(args))
     if args.data:
         task = data.split(data.read_examples(args.data), args.n_task)[0]
         options.update(task_options(args))
@@ -180,15 +173,8 @@ def cmd_generate(args):
     if not prompts:
         raise SwatError("generate: give --prompt TEXT (repeatable) or --file FILE")
     net, tok = load(args)
-    texts = answer(
-        net,
-        tok,
-        [user(p) for p in prompts],
-        args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        progress=len(prompts) > 64,
-    )
+    texts = answer(net, tok, [user(p) for p in prompts], args.max_new_tokens, top_p=args.top_p,
+                   temperature=args.temperature, progress=len(prompts) > 64)  # fmt: skip
     for prompt, text in zip(prompts, texts):
         print(f"### {prompt}\n{text}\n")
 
@@ -205,14 +191,8 @@ def cmd_align(args):
     before = evaluate(net, tok, "before", **options)
     harmful = data.builtin("harmful", "train")
     harmless = data.builtin("harmless", "train")
-    own = answer(
-        net,
-        tok,
-        [user(s) for s in harmless],
-        args.answer_tokens,
-        batch_size=args.gen_batch,
-        progress=True,
-    )
+    own = answer(net, tok, [user(s) for s in harmless], args.answer_tokens,
+                 batch_size=args.gen_batch, progress=True)  # fmt: skip
     rng = random.Random(args.seed)
     refusals = data.lines("refusals.txt")
     chats = data.chats([(h, rng.choice(refusals)) for h in harmful] + list(zip(harmless, own)))
@@ -257,21 +237,22 @@ def cmd_run(args):
         raise SwatError("the safemix rows need --safety-mix N (refusal pairs to mix in)")
     net, tok = load(args)
     lora = scenario.lora_settings(args, net)
+    # where tuning starts, the post-tuning repairs and the model they need, checked now
+    starts, repairs, unaligned = defences.run_inputs(args, net, lambda path: load(args, path)[0])
+    judge = load_judge(args)  # the safety classifier, beside the keywords, in every row
     # a fixed split: the held-out examples score the task, the rest tune every model
     task, tune = data.split(data.read_examples(args.data), args.n_task)
     tune = tune[: args.limit or None]
     if not tune:
         raise SwatError(f"{args.data}: no examples left for tuning after holding out {args.n_task}")
-    options = dict(eval_options(args), **task_options(args))
+    options = dict(eval_options(args), judge=judge, **task_options(args))
     # the tuning sets (harmful pairs of Attack IFT; refusal pairs for the safemix rows), checked
     # now: none may hold an ASR prompt
     sets = {n: scenario.attack_set(args, tune, options["harmful"], n) for n in {0, n_safe}}
     print("== probes: one per layer, on harmful vs harmless prompts")
     base = baseline(net, tok, *probe_sets(args), cache_dir=args.cache)
     kinds = args.modules.split(",")
-    robustness.check_selections(
-        args.selections, net.cfg.n_layers
-    )  # a bad fixed selector: one line, now
+    robustness.check_selections(args.selections, net.cfg.n_layers)  # a bad one: a line, now
     picked = None
     if plan.needs_scan(args.selections, args.strategies):
         print("== scan: perturb every module, pick Mods_Rob (robust) and the control")
@@ -286,32 +267,32 @@ def cmd_run(args):
 
     def seed_plan(seed):  # (row, recipe, module set, safety pairs, selection) of one seed
         draw = lambda size: plan.random_set(size, kinds, net.cfg.n_layers, seed)
-        return plan.rows(
-            args.strategies, args.selections, chosen, fragile, args.control, n_safe, draw
-        )
+        return plan.rows(args.strategies, args.selections, chosen, fragile, args.control,
+                         n_safe, draw)  # fmt: skip
 
-    n_models = sum(len(seed_plan(seed)) for seed in dict.fromkeys(args.seeds))
+    plans = [(seed, row) for seed in dict.fromkeys(args.seeds) for row in seed_plan(seed)]
+    n_models = len(starts) * len(plans)
     size = checkpoint_size(net, args.keep_optimizer)
-    print(
-        f"== {n_models} tuned models to make; their checkpoints take about "
-        f"{n_models * size / 1e9:.2f} GB in {args.out}"
-    )
-    print("== the original model: ASR, over-refusal, task metrics")
-    gens = os.path.join(claim(args.out, "original.jsonl"), "original.jsonl")
-    original = evaluate(net, tok, "original", base=base, task=task, gen_path=gens, **options)
-    start_weights = {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
-    watch = None
-    if args.drift_every:  # the security feature space along the way, not only at the end
-        keys = ("drift", "probe_acc")
-        watched = distributed.unsharded(lambda net: {k: security(net, tok, base)[k] for k in keys})
-        watch = (args.drift_every, watched)
-    rows = [dict(original, seed=None)]  # the start every strategy is set against
-    for seed in dict.fromkeys(args.seeds):  # each seed once, in the order given
-        for name, strategy, mods, n_safety, chosen_by in seed_plan(seed):
+    print(f"== {n_models} tuned models to make; their checkpoints take about "
+          f"{n_models * size / 1e9:.2f} GB in {args.out}")  # fmt: skip
+    rows = []  # the starts first (the first: the original every row is set against), then tuned
+    weights = {}  # each start's weights: how far tuning moved each module
+    for prefix, start in starts.items():
+        print(f"== the start {start}: ASR, over-refusal, task metrics")
+        net, tok = load(args, start)
+        label = prefix.rstrip("+") or "original"
+        gens = os.path.join(claim(args.out, f"{label}.jsonl"), f"{label}.jsonl")
+        rows.append(dict(evaluate(net, tok, label, base=base, task=task, gen_path=gens, **options)))
+        rows[-1]["seed"] = None
+        weights[start] = {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
+    watch = evaluation.drift_watch(args.drift_every, tok, base)  # None without --drift-every
+    for seed, (plain, strategy, mods, n_safety, chosen_by) in plans:  # seeds in the order given
+        for prefix, start in starts.items():
+            name = prefix + plain
             print(f"== {name} (seed {seed}): tune, then evaluate")
-            net, tok = load(args)  # every model starts from the same weights
+            net, tok = load(args, start)  # every model of a start starts from the same weights
             folder = os.path.join(claim(args.out, f"{name}-seed{seed}"), f"{name}-seed{seed}")
-            start = time.time()
+            began = time.time()
             warmup = train.warmup_length(strategy, args.steps, args.warmup_frac)
             log = train.train(
                 net, tok, sets[n_safety][0], folder, strategy, mods, steps=args.steps,
@@ -319,29 +300,38 @@ def cmd_run(args):
                 max_len=args.max_len, seed=seed, long="skip", scope=args.scope,
                 keep_optimizer=args.keep_optimizer, label=name, lora=lora, watch=watch,
             )  # fmt: skip
-            net = distributed.whole_model(net, lambda: load(args)[0])  # whole for evaluation
+            net = distributed.whole_model(net, lambda: load(args, start)[0])  # whole, to evaluate
             gens = os.path.join(claim(folder, "generations.jsonl"), "generations.jsonl")
             row = evaluate(net, tok, name, base=base, task=task, gen_path=gens, **options)
-            elapsed = round(time.time() - start, 1)
-            row.update(seed=seed, train_time_s=elapsed, scheme=strategy, n_mods=len(mods))
             if chosen_by == "scan":  # the selection said in full: the metric and the method
                 chosen_by = f"scan: {args.metric} metric, {args.select}"
-            row.update(selection=chosen_by, mods=sorted(mods))
-            row["drift_curve"] = drift_curve(log, original)  # [] without --drift-every
-            row.update(scenario=settings["scenario"], tuning=settings["tuning"])
-            row["tuning_set"] = sets[n_safety][1]  # how many benign, harmful and safety examples
+            # the tuning set: how many benign, harmful and safety examples; drift_curve: [] without
+            # --drift-every; warmup_steps: SWAT's phase 1 (0 for the other recipes)
+            row.update(seed=seed, train_time_s=round(time.time() - began, 1), scheme=strategy,
+                       selection=chosen_by, mods=sorted(mods), n_mods=len(mods),
+                       drift_curve=drift_curve(log, rows[0]), tuning_set=sets[n_safety][1],
+                       scenario=settings["scenario"], tuning=settings["tuning"],
+                       warmup_steps=warmup)  # fmt: skip
             # the mechanism: how far each module moved, Mods_Rob against the rest (and a picture)
             picture = f"updates-{name}-seed{seed}.svg"
             picture = os.path.join(claim(args.out, picture), picture)
-            row.update(moved(start_weights, net, kinds, rob, f"{name}, seed {seed}", picture))
-            row["warmup_steps"] = warmup  # steps of SWAT's phase 1 (0 for the other strategies)
+            row.update(moved(weights[start], net, kinds, rob, f"{name}, seed {seed}", picture))
             rows.append(row)
             report(args.out, rows, settings)  # after every model: an interrupted run keeps them
+            if repairs:  # each repair starts from the tuned weights (a LoRA run's merged into them)
+                tuned = {k: v.detach().clone() for k, v in merge(net).state_dict().items()}
+            for repair in repairs:  # the tuned model repaired, then evaluated again (a row each)
+                print(f"== {name}+{repair} (seed {seed}): {repair}, then evaluate")
+                net.load_state_dict(tuned)  # each repair from the tuned weights
+                print(train.restore(net, load(args, start)[0], unaligned, **repairs[repair]))
+                gens = os.path.join(claim(folder, f"{repair}.jsonl"), f"{repair}.jsonl")
+                again = evaluate(net, tok, f"{name}+{repair}", base=base, task=task,
+                                 gen_path=gens, **options)  # fmt: skip
+                rows.append(dict(row, **again, repair=repair))
+                report(args.out, rows, settings)
     print(open(os.path.join(args.out, "results.md"), encoding="utf-8").read())
-    print(
-        f"wrote {args.out}/results.json, results.md, scan.json and one checkpoint per strategy "
-        "and seed"
-    )
+    print(f"wrote {args.out}/results.json, results.md, scan.json and one checkpoint per strategy "
+          "and seed")  # fmt: skip
     return rows
 
 

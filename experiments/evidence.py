@@ -99,6 +99,14 @@ def run_argv(cell, args):
     if unknown:
         raise SwatError(f"--rows: {', '.join(unknown)} not among {' '.join(every_row)}")
     argv += ["--strategies"] + rows
+    for flag in (
+        "defences",
+        "vaccine_model",
+        "unaligned",
+        "judge",
+    ):  # the defences' rows, the judge
+        if getattr(args, flag):
+            argv += ["--" + flag.replace("_", "-"), getattr(args, flag)]
     return argv + ["--selections"] + profile["selections"]
 
 
@@ -159,7 +167,12 @@ PER_FOLDER = ("out", "seeds", "strategies", "device", "cache")
 
 
 def generations(row):
-    """The generations file of a tuned row (its folder, as gather() notes it)."""
+    """The generations file of a tuned row (its folder, as gather() notes it); a repaired row's
+    (run --defences restore: ift+restore) lies beside its tuned model's, named after the repair."""
+    repair = row.get("repair")
+    if repair:
+        tuned = row["strategy"].removesuffix("+" + repair)
+        return os.path.join(row["folder"], f"{tuned}-seed{row['seed']}", f"{repair}.jsonl")
     return os.path.join(row["folder"], f"{row['strategy']}-seed{row['seed']}", "generations.jsonl")
 
 
@@ -193,7 +206,8 @@ def gather(folders):
             raise SwatError(f"{folder}: not the same run as {folders[0]} (settings: {differ})")
         elif flags != start:
             raise SwatError(f"{folder}: the original model answered otherwise than in {folders[0]}")
-        tuned += [dict(r, folder=folder) for r in rows[1:]]
+        # the other starts (run --defences vaccine: the vaccine start) have no seed: not tuned rows
+        tuned += [dict(r, folder=folder) for r in rows[1:] if r["seed"] is not None]
     # a row and seed made twice (a cut-short run, then its seeds again elsewhere): kept once when
     # both made the same answers, as a seeded run does; else the folders disagree
     seen = {}
@@ -262,6 +276,18 @@ def table(folders, draws=2000, out=None):
         f"| original | - | - | {asr_start:.1%} | - | - | - | - | {original['over_refusal']:.1%} "
         f"| 0.000 | {original['probe_acc']:.3f} | {original['task_loss']:.3f} | - |",
     ]
+    first = files.read_json(os.path.join(folders[0], "results.json"))["rows"]
+    for other in [r for r in first[1:] if r["seed"] is None]:  # another start (--defences vaccine)
+        lines.append(
+            f"| {other['strategy']} (start) | - | - | {other['asr']:.1%} | - | - | - | - | "
+            f"{other['over_refusal']:.1%} | {other['drift']:.3f} | {other['probe_acc']:.3f} | "
+            f"{other['task_loss']:.3f} | - |"
+        )
+    judged = all("judge_unsafe" in r for r in tuned)  # run --judge: the classifier's share too
+    if judged:
+        lines[2] = lines[2].replace(" | over-refusal |", " | judge: unsafe | over-refusal |")
+        lines[3] += "---|"
+        lines[4] = lines[4].replace(" | 0.000 |", f" | {original['judge_unsafe']:.1%} | 0.000 |")
     for n in names:
         seeds = [seed for seed in rows[n] if seed in rows["ift"]]
         if not seeds:
@@ -294,6 +320,7 @@ def table(folders, draws=2000, out=None):
             f"| {n} | {', '.join(map(str, seeds))} | {these[0].get('selection', '-')} | "
             f"{cell_asr} | {cell_cut} | "
             + " | ".join(tests)
+            + (f" | {mean_of(these, 'judge_unsafe'):.1%}" if judged else "")
             + f" | {mean_of(these, 'over_refusal'):.1%} | {mean_of(these, 'drift'):.3f} | "
             f"{mean_of(these, 'probe_acc'):.3f} | {loss:.3f} ({loss / loss_ift - 1:+.1%}) | "
             f"{moved} |"
@@ -335,6 +362,10 @@ def main(argv=None):
         nargs="+",
         help="only these rows (the rest of a cut-short run; or a gpu row, safemix, on the cpu)",
     )
+    run.add_argument("--defences", help="swat_min.py run --defences (vaccine,restore,safelora)")
+    run.add_argument("--vaccine-model", help="the start aligned with align --vaccine")
+    run.add_argument("--unaligned", help="the model before alignment (restore, safelora)")
+    run.add_argument("--judge", help="a Llama Guard 3 checkpoint: its verdict in every row")
     again = sub.add_parser(
         "table", help="the table of a run folder (or of several: one cell's seeds)"
     )

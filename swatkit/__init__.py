@@ -19,6 +19,8 @@ swat_min). Everything they stand on lives here, one module a concern, and nothin
   lora         LoRA adapters (and PEFT's adapter folder)
   scenario     Attack IFT's mix of harmful pairs, the safety-data mix
   plan         the rows of a `run` (which recipe on which module set)
+  defences     the post-tuning defences to combine with SWAT (RESTA's restore, Safe LoRA)
+  guard        the local safety judge's prompt (Llama Guard 3's format) and its verdict
   memory       the memory a tuning run needs, before it starts
   distributed  FSDP2 under torchrun
   scan_cache   the scan's reuse of the hidden states below a perturbed layer

@@ -155,3 +155,12 @@ def prompt_sets(harmful, harmless, max_new_tokens):
             raise SwatError(f"evaluate: no {name} prompts to score")
     if type(max_new_tokens) is not int or max_new_tokens < 1:
         raise SwatError(f"evaluate: max_new_tokens must be an integer >= 1, not {max_new_tokens!r}")
+
+
+def tuned_from(base_cfg, cfg, base_path, path):
+    """eval --base: the model `path` was tuned from has its depth and width (one line if not)."""
+    if (base_cfg.n_layers, base_cfg.dim) != (cfg.n_layers, cfg.dim):
+        raise SwatError(
+            f"{base_path}: {base_cfg.n_layers} layers of width {base_cfg.dim}, {path} has "
+            f"{cfg.n_layers} of {cfg.dim}; --base must be the model it was tuned from"
+        )

@@ -1,10 +1,11 @@
-"""Post-tuning defences to combine with SWAT's in-training one (swat-min restore): they repair a
-tuned model with the alignment direction, the aligned model's weights less the unaligned model's.
-Plain tensor arithmetic on three models of one architecture."""
+"""Post-tuning defences to combine with SWAT's in-training one (swat-min restore, run --defences):
+they repair a tuned model with the alignment direction, the aligned model's weights less the
+unaligned model's. Plain tensor arithmetic on three models of one architecture."""
 
 import torch
 
 from . import checks
+from . import lora
 from .files import SwatError
 from .modules import MODULES
 
@@ -12,14 +13,17 @@ from .modules import MODULES
 def restore(tuned, aligned, unaligned, method="resta", alpha=0.5, threshold=0.5):
     """`swat-min restore`: repair tuned, in place, with the alignment direction aligned -
     unaligned: "resta" adds alpha times it (restore_safety), "safelora" projects each module's
-    update onto it where the two are unlike (safe_lora) -> what was done, in words."""
+    update onto it where the two are unlike (safe_lora) -> what was done, in words. A LoRA run's
+    adapters are merged into their weights first: both act on the merged weights."""
+    if method not in ("resta", "safelora"):
+        raise SwatError(f"restore: unknown method {method!r}; choose resta or safelora")
+    if lora.adapters(tuned):
+        lora.merge(tuned)
     if method == "resta":
         restore_safety(tuned, aligned, unaligned, alpha)
         return f"added {alpha:g} x (aligned - unaligned)"
-    if method == "safelora":
-        projected, modules = safe_lora(tuned, aligned, unaligned, threshold)
-        return f"projected {projected} of {modules} modules' updates onto the alignment direction"
-    raise SwatError(f"restore: unknown method {method!r}; choose resta or safelora")
+    projected, modules = safe_lora(tuned, aligned, unaligned, threshold)
+    return f"projected {projected} of {modules} modules' updates onto the alignment direction"
 
 
 def restore_safety(tuned, aligned, unaligned, alpha):
@@ -69,3 +73,27 @@ def safe_lora(tuned, aligned, unaligned, threshold):
                 weights[0][name].copy_(a + onto)
                 projected += 1
     return projected, len(names)
+
+
+def run_inputs(args, net, load):
+    """run --defences, checked before any tuning: the starts ({row-name prefix: model}: --model,
+    and Vaccine's start, --vaccine-model), the post-tuning repairs ({name: restore()'s settings},
+    a row each per tuned model) and the unaligned model they need (None without one), each model
+    of net's architecture; load(path) -> a model."""
+    starts = {"": args.model, "vaccine+": args.vaccine_model}  # Vaccine's rows: its own start
+    starts = {prefix: path for prefix, path in starts.items() if path}
+    methods = {  # each post-tuning repair as restore() does it
+        "restore": dict(method="resta", alpha=args.alpha),
+        "safelora": dict(method="safelora", threshold=args.threshold),
+    }
+    repairs = {name: methods[name] for name in args.defences if name in methods}
+    needs = {"--vaccine-model": "vaccine" in args.defences, "--unaligned": bool(repairs)}
+    for flag, needed in needs.items():
+        given = getattr(args, flag[2:].replace("-", "_"))
+        if needed != bool(given):  # a model given for nothing is a mistake too
+            what = "needs" if needed else "does not use"
+            raise SwatError(f"--defences {','.join(args.defences) or '(none)'} {what} {flag}")
+    others = {path: load(path) for path in (args.vaccine_model, args.unaligned) if path}
+    for other in others.values():
+        same_shapes(net, other, other)  # one line naming the first parameter that differs
+    return starts, repairs, others.get(args.unaligned)

@@ -32,6 +32,22 @@ def number(kind, lo, hi=None, above=False):
     return parse
 
 
+def names(*choices):
+    """An argparse type: a comma-separated list of some of `choices`, each once."""
+
+    def parse(text):
+        chosen = [name for name in text.split(",") if name]
+        unknown = [name for name in chosen if name not in choices]
+        if unknown or len(set(chosen)) < len(chosen):
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: give some of {', '.join(choices)}, comma-separated, each once"
+            )
+        return chosen
+
+    parse.__name__ = "names"
+    return parse
+
+
 class Help(argparse.RawDescriptionHelpFormatter):
     """Every option's help ends with its default, where it has one."""
 
@@ -294,8 +310,37 @@ OPTIONS = {
     ),
     "tuned": dict(help="restore: the fine-tuned model to repair"),
     "aligned": dict(help="restore: the aligned model the tuning started from"),
-    "unaligned": dict(help="restore: the model before alignment (aligned - unaligned = safety)"),
-    "alpha": dict(type=number(float, 0), default=0.5, help="restore: the safety vector's weight"),
+    "unaligned": dict(
+        help="restore, run --defences restore/safelora: the model before alignment (the "
+        "alignment direction is the aligned start less it)"
+    ),
+    "alpha": dict(
+        type=number(float, 0),
+        default=0.5,
+        help="restore, run --defences restore: the safety vector's weight",
+    ),
+    "defences": dict(
+        type=names("vaccine", "restore", "safelora"),
+        default=[],
+        help="run: defences combined with every tuned row, each a row of its own: vaccine (the "
+        "rows again from --vaccine-model, the start aligned with `align --vaccine`; Huang et al. "
+        "2024; one more tuning per row), restore (the tuned model + --alpha x (start - "
+        "--unaligned); RESTA, Bhardwaj et al. 2024) and safelora (each module's update "
+        "projected onto the alignment direction where unlike it, --threshold; Safe LoRA, Hsu et "
+        "al. 2024): seconds each, plus one evaluation per row",
+        metavar="NAMES",
+    ),
+    "vaccine-model": dict(
+        help="run --defences vaccine: the same model aligned as --model was, with `align "
+        "--vaccine RHO`"
+    ),
+    "judge": dict(
+        help="a Llama Guard 3 checkpoint (folder or hub id, e.g. meta-llama/Llama-Guard-3-1B; "
+        "Llama Guard Team 2024) that judges each harmful prompt's answer: judge_unsafe beside the "
+        "keyword ASR, and how often the two disagree; costs one prompt of about 300 tokens per "
+        "answer through the judge",
+        metavar="DIR",
+    ),
     "method": dict(
         choices=["resta", "safelora"],
         default="resta",
@@ -305,8 +350,8 @@ OPTIONS = {
     "threshold": dict(
         type=number(float, -1, 1),
         default=0.5,
-        help="restore --method safelora: project a "
-        "module whose update and projected update have a cosine below this",
+        help="restore --method safelora, run --defences safelora: project a module whose update "
+        "and projected update have a cosine below this",
     ),
     "toy-steps": dict(type=number(int, 1), default=400, help="training steps of the toy model"),
     "eval-harmful": dict(
@@ -371,12 +416,13 @@ MIX = ("harmful-data", "poison-ratio", "safety-mix")  # Attack IFT and the safet
 LORA = ("lora-rank", "lora-alpha", "lora-targets")
 RUN = PROBE + SCAN + TUNE + STRATEGY + ASR + TASK + MIX + LORA
 RUN += ("data", "out", "limit", "seeds", "strategies", "control", "keep-optimizer")
-RUN += ("selections", "drift-every")
+RUN += ("selections", "drift-every", "defences", "vaccine-model", "unaligned", "alpha")
+RUN += ("threshold", "judge")
 TRAIN = TUNE + STRATEGY + ("data", "strategy", "mods", "out", "limit", "warmup-steps", "accum")
 TRAIN += ("weight-decay", "seed", "save-every", "resume", "grad-ckpt", "compile", "long")
 TRAIN += ("skip-long",)
 TRAIN += ("keep-optimizer", "dry-run") + MIX + LORA
-EVAL = PROBE + ASR + TASK + ("base", "data", "batch", "max-len", "generations")
+EVAL = PROBE + ASR + TASK + ("base", "data", "batch", "max-len", "generations", "judge")
 
 # what --out is, command by command
 OUT_HELP = {
@@ -397,6 +443,7 @@ OUT_HELP = {
 # the options that name an input: no output may replace one of them
 INPUTS = ("model", "base", "data", "harmful", "harmless", "test_harmful", "eval_harmful")
 INPUTS += ("eval_harmless", "file", "mods", "harmful_data", "tuned", "aligned", "unaligned")
+INPUTS += ("vaccine_model", "judge")
 
 
 def setup_process():

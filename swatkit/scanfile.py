@@ -76,4 +76,11 @@ def summary(picked, ranked):
         lines.append(
             f"{len(ranked) - distinct} modules tie with another (ties: the lower layer first)"
         )
+    shared = {tuple(m) for m in rob} & {tuple(m) for m in picked["mods_fragile"]}
+    if shared:  # the control is meant to be modules the scan did not pick
+        lines.append(
+            f"note: Mods_Rob ({len(rob)}) is over half of the {len(ranked)} modules, so the "
+            f"control set (as many of the least robust) shares {len(shared)} modules with it; "
+            "choose a smaller --k or --frac"
+        )
     return "\n".join(lines)
