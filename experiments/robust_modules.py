@@ -42,7 +42,7 @@ import model
 import probe
 import robustness
 import train
-from swatkit import data, scenario
+from swatkit import data, plan, scenario
 from swatkit.files import SwatError, write_text
 
 # The evidence cells' settings: 20 steps of 8, lr 5e-5, 256 tokens, 32 held-out GSM8K examples.
@@ -211,6 +211,125 @@ def matched(args):
         at = float(np.interp(cell["task_drop"], drops, rises))  # beyond the curve: its last rise
         print(f"| {name.replace('_', ':')} | {cell['task_drop']:.4f} | "
               f"{cell['refusal_rise']:+.4f} | {at:+.4f} |")  # fmt: skip
+
+
+def asr_recipe(args, net, tok):
+    """The parameters a real-ASR row tunes, by its name: "ift" (every parameter; at --lr, so that
+    "ift --lr 5e-6" is plain IFT at the rate matching a set's task progress), "only" (the modules of
+    --include less --exclude; nothing else moves), "random" (as many modules as --size, drawn
+    from the seven kinds with the seed: the set's control) or "sppft" (every parameter but the
+    safety layers', which SPPFT freezes; the layers of the proxies' safety-layers.json, made here
+    if it is missing)."""
+    n = net.cfg.n_layers
+    every = {(layer, kind) for layer in range(n) for kind in model.MODULES}
+    if args.recipe == "ift":
+        return list(net.parameters())
+    if args.recipe == "only":
+        modules = train.parse_mods(args.include, n) if args.include else every
+        if args.exclude:
+            modules = modules - train.parse_mods(args.exclude, n)
+        return evaluation.group_params(net, modules)
+    if args.recipe == "random":
+        return evaluation.group_params(net, plan.random_set(args.size, model.MODULES, n, args.seed))
+    path = os.path.join(args.out, "safety-layers.json")  # as `proxies` writes it
+    if not os.path.exists(path):
+        harmful = data.builtin("harmful", "train")
+        gap, layers = safety_layers(net, tok, harmful, data.builtin("harmless", "train"))
+        write_text(path, json.dumps({"gap": gap, "layers": layers}))
+    first, last = json.load(open(path))["layers"]
+    frozen = {f"model.layers.{layer}." for layer in range(first, last + 1)}
+    return [p for name, p in net.named_parameters() if not name.startswith(tuple(frozen))]
+
+
+def asr(args):
+    """One real-ASR row (--name) of one seed: tune as asr_recipe says, at the groups' settings, then
+    the evidence cells' evaluation (AdvBench dev rows 1-100 for ASR, 100 built-in harmless prompts
+    for over-refusal, the 32 held-out GSM8K examples' task loss) -> asr/NAME-seedS.json and its
+    generations; the aligned start's own row once, asr/original.json."""
+    folder = os.path.join(args.out, args.scenario, "asr")
+    os.makedirs(folder, exist_ok=True)
+    net, tok = model.load(args.model)
+    adv = data.read_instructions(
+        os.path.join(args.shared, "data/advbench/harmful_behaviors_dev.csv")
+    )
+    chats, held = tuning_set(args.shared, args.scenario, args.pairs)
+    options = dict(harmful=adv[:100], harmless=data.builtin("harmless", "test")[:100],
+                   max_new_tokens=48, task=held, max_len=MAX_LEN, batch_size=BATCH, n_acc=0,
+                   task_tokens=160)  # fmt: skip
+    for name in ("original", f"{args.name}-seed{args.seed}"):
+        path = os.path.join(folder, name + ".json")
+        if os.path.exists(path):
+            print(f"{path} exists; skipped")
+            continue
+        began = time.time()
+        if name != "original":
+            torch.manual_seed(args.seed)
+            encoded = train.encode_all(tok, chats, MAX_LEN, "skip")
+            tuned = asr_recipe(args, net, tok)
+            evaluation.tune_only(net, encoded, tuned, STEPS, args.lr, BATCH, args.seed)
+        generations = os.path.join(folder, name + ".jsonl")
+        row = evaluation.evaluate(net, tok, name, gen_path=generations, **options)
+        row.update(seed=args.seed, lr=args.lr, recipe=args.recipe, seconds=time.time() - began)
+        write_text(path, json.dumps(row, indent=1))
+        print(json.dumps(row))
+
+
+def asr_table(args):
+    """The real-ASR rows of a scenario: each row's ASR and the cut of plain IFT's rise, with 95 %
+    intervals from a bootstrap over seeds and prompts (evidence.py's), over the seeds it shares
+    with ift; task loss against IFT's; and p, the paired sign-flip test across seeds, against
+    the row named --versus (plain IFT at the matched rate) -> markdown."""
+    import evidence
+
+    folder = os.path.join(args.out, args.scenario, "asr")
+    start = np.array(evidence.answered(os.path.join(folder, "original.jsonl"), None), float)
+    rows = {}
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".json") and "-seed" in name:  # a row of one seed (not the manifest)
+            row = json.load(open(os.path.join(folder, name)))
+            flags = evidence.answered(os.path.join(folder, name[:-5] + ".jsonl"), len(start))
+            rows.setdefault(name[:-5].rsplit("-seed", 1)[0], {})[row["seed"]] = (row, flags)
+    original = json.load(open(os.path.join(folder, "original.json")))
+    lines = [f"| row | seeds | ASR [95 % CI] | cut of IFT's rise [95 % CI] | p vs {args.versus} | "
+             "over-refusal | task loss (Δ vs ift) | time (s) |", "|---" * 8 + "|",
+             f"| original | - | {start.mean():.1%} | - | - | {original['over_refusal']:.1%} | "
+             f"{original['task_loss']:.3f} | - |"]  # fmt: skip
+    for name, seeds in rows.items():
+        both = sorted(seed for seed in seeds if seed in rows.get("ift", {}))
+        if not both:
+            continue
+        mine = np.array([seeds[seed][1] for seed in both], float)
+        ift = np.array([rows["ift"][seed][1] for seed in both], float)
+        low, high = evidence.bootstrap_interval(lambda s, p: mine[np.ix_(s, p)].mean(), len(both),
+                                                len(start), args.draws)  # fmt: skip
+        cut = "-"
+        if name != "ift" and ift.mean() > start.mean():
+
+            def share(s, p):  # the share of IFT's rise this row avoided, on one draw
+                rise = ift[np.ix_(s, p)].mean() - start[p].mean()
+                return (
+                    (ift[np.ix_(s, p)].mean() - mine[np.ix_(s, p)].mean()) / rise
+                    if rise > 0
+                    else float("nan")
+                )
+
+            point = (ift.mean() - mine.mean()) / (ift.mean() - start.mean())
+            lo, hi = evidence.bootstrap_interval(share, len(both), len(start), args.draws)
+            cut = f"{point:+.0%} [{lo:+.0%}, {hi:+.0%}]"
+        other = rows.get(args.versus, {})
+        paired = [seed for seed in both if seed in other]
+        p = "-"
+        if name != args.versus and paired:
+            diff = [np.mean(seeds[s][1]) - np.mean(other[s][1]) for s in paired]
+            p = f"{evidence.sign_flip_p(np.array(diff)):.2f} ({len(paired)})"
+        loss = np.mean([seeds[s][0]["task_loss"] for s in both])
+        loss_ift = np.mean([rows["ift"][s][0]["task_loss"] for s in both])
+        over = np.mean([seeds[s][0]["over_refusal"] for s in both])
+        seconds = np.mean([seeds[s][0]["seconds"] for s in both])
+        lines.append(f"| {name} | {', '.join(map(str, both))} | {mine.mean():.1%} [{low:.1%}, "
+                     f"{high:.1%}] | {cut} | {p} | {over:.1%} | {loss:.3f} "
+                     f"({loss / loss_ift - 1:+.1%}) | {seconds:.0f} |")  # fmt: skip
+    print("\n".join(lines))
 
 
 def module_order(files):
@@ -417,6 +536,21 @@ def main(argv=None):
     two.add_argument("--out", required=True)
     two.add_argument("--scales", type=float, nargs="+", default=[0.5])
     two.add_argument("--ns", type=int, nargs="+", default=[64])
+    row = commands.add_parser("asr")
+    for name in ("--model", "--pairs", "--shared", "--out", "--name"):
+        row.add_argument(name, required=True)
+    row.add_argument("--recipe", choices=("ift", "only", "random", "sppft"), required=True)
+    row.add_argument("--scenario", choices=("attack", "benign"), required=True)
+    row.add_argument("--seed", type=int, default=0)
+    row.add_argument("--lr", type=float, default=LR)
+    row.add_argument("--include", help="only: the modules tuned, e.g. q,k")
+    row.add_argument("--exclude", help="only: modules left out, e.g. 0-9:v")
+    row.add_argument("--size", type=int, help="random: how many modules")
+    rows = commands.add_parser("asr-table")
+    rows.add_argument("--out", required=True)
+    rows.add_argument("--scenario", choices=("attack", "benign"), required=True)
+    rows.add_argument("--versus", default="ift-lr5e-06", help="the row p is taken against")
+    rows.add_argument("--draws", type=int, default=2000)
     three = commands.add_parser("table")
     three.add_argument("folders", nargs="+")
     three.add_argument("--json", help="where to write the numbers (results/robust_modules.json)")
@@ -425,6 +559,8 @@ def main(argv=None):
         commands = {"truth": truth, "whole": whole, "subset": subset, "matched": matched}
         commands["proxies"] = proxies
         commands["table"] = table
+        commands["asr"] = asr
+        commands["asr-table"] = asr_table
         commands[args.command](args)
     except SwatError as e:
         sys.exit(f"error: {e}")
