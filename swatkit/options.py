@@ -304,8 +304,8 @@ OPTIONS = {
         type=number(float, 0),
         default=0.0,
         help="Vaccine (Huang et al. 2024): align under the worst-case perturbation of norm RHO of "
-        "every block's output, so that the refusals survive later drift (0: off; twice the time "
-        "a step)",
+        "every block's output, so that the refusals survive later drift (0: off; the paper's "
+        "runs use 2, as RESULTS.md does; twice the time a step)",
         metavar="RHO",
     ),
     "tuned": dict(help="restore: the fine-tuned model to repair"),
