@@ -86,13 +86,14 @@ def run_inputs(args, net, load):
         "restore": dict(method="resta", alpha=args.alpha),
         "safelora": dict(method="safelora", threshold=args.threshold),
     }
-    repairs = {name: methods[name] for name in args.defences if name in methods}
-    needs = {"--vaccine-model": "vaccine" in args.defences, "--unaligned": bool(repairs)}
+    chosen = args.defences or []  # none given: the plain rows alone
+    repairs = {name: methods[name] for name in chosen if name in methods}
+    needs = {"--vaccine-model": "vaccine" in chosen, "--unaligned": bool(repairs)}
     for flag, needed in needs.items():
         given = getattr(args, flag[2:].replace("-", "_"))
         if needed != bool(given):  # a model given for nothing is a mistake too
             what = "needs" if needed else "does not use"
-            raise SwatError(f"--defences {','.join(args.defences) or '(none)'} {what} {flag}")
+            raise SwatError(f"--defences {','.join(chosen) or '(none)'} {what} {flag}")
     others = {path: load(path) for path in (args.vaccine_model, args.unaligned) if path}
     for other in others.values():
         same_shapes(net, other, other)  # one line naming the first parameter that differs

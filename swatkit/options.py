@@ -321,7 +321,6 @@ OPTIONS = {
     ),
     "defences": dict(
         type=names("vaccine", "restore", "safelora"),
-        default=[],
         help="run: defences combined with every tuned row, each a row of its own: vaccine (the "
         "rows again from --vaccine-model, the start aligned with `align --vaccine`; Huang et al. "
         "2024; one more tuning per row), restore (the tuned model + --alpha x (start - "
