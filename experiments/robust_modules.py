@@ -179,20 +179,27 @@ def tune_and_measure(args, path, parameters):
     print(json.dumps(result))
 
 
-def matched(args):
-    """Each group measured so far against plain IFT at the rate that makes the same task progress:
-    plain IFT's refusal-loss rise at the group's task-loss decrease, read off the curve of the
-    `whole` runs (straight lines between its points, from no tuning at all), as a markdown table."""
-    folder = os.path.join(args.out, args.scenario, f"seed{args.seed}")
+def ift_curve(folder, show=False):
+    """Plain IFT's trade-off curve of one scenario and seed, from its `whole` runs: [(task-loss
+    decrease, refusal-loss rise)] from no tuning (0, 0) on, by decrease."""
     curve = [(0.0, 0.0)]  # no tuning: no progress, no damage
     for name in sorted(os.listdir(folder)):
         if name.startswith("whole-lr"):
             run = json.load(open(os.path.join(folder, name)))
             drop = run["before"]["task_loss"] - run["after"]["task_loss"]
             curve.append((drop, run["after"]["refusal_loss"] - run["before"]["refusal_loss"]))
-            print(f"plain IFT at lr {run['lr']:g}: task-loss decrease {drop:.4f}, refusal-loss "
-                  f"rise {curve[-1][1]:+.4f}")  # fmt: skip
-    curve.sort()
+            if show:
+                print(f"plain IFT at lr {run['lr']:g}: task-loss decrease {drop:.4f}, refusal-loss "
+                      f"rise {curve[-1][1]:+.4f}")  # fmt: skip
+    return sorted(curve)
+
+
+def matched(args):
+    """Each group measured so far against plain IFT at the rate that makes the same task progress:
+    plain IFT's refusal-loss rise at the group's task-loss decrease, read off the curve of the
+    `whole` runs (straight lines between its points, from no tuning at all), as a markdown table."""
+    folder = os.path.join(args.out, args.scenario, f"seed{args.seed}")
+    curve = ift_curve(folder, show=True)
     drops = [d for d, _ in curve]
     rises = [r for _, r in curve]
     print(
@@ -419,20 +426,42 @@ def group_value(table, group):
     return sum(table[kind][layer] for layer, kind in group)
 
 
+def measured_runs(folder):
+    """Every seed measured so far of one scenario: [{"measured": {group: its numbers, beside plain
+    IFT at the same progress where that seed has the `whole` curve}, "attribution": the attributed
+    run or None}], from the per-group files (a run cut short counts with the groups it has)."""
+    runs = []
+    for seed_folder in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        groups_folder = os.path.join(folder, seed_folder, "groups")
+        if not os.path.isdir(groups_folder):
+            continue
+        names = module_order(os.listdir(groups_folder))
+        measured = {n.replace("_", ":"): json.load(open(os.path.join(groups_folder, n + ".json")))
+                    for n in names}  # fmt: skip
+        curve = ift_curve(os.path.join(folder, seed_folder))
+        if len(curve) > 1:
+            evaluation.beside_ift(measured, curve)
+        path = os.path.join(folder, seed_folder, "attribution.json")
+        attribution = json.load(open(path)) if os.path.exists(path) else None
+        runs.append({"measured": measured, "attribution": attribution})
+    return runs
+
+
 def table(args):
+    """Spearman between the ground truth and every proxy, 95 % bootstrap over the groups. The
+    ground truth of a group: its refusal-loss rise beyond plain IFT's at the same task progress
+    (the excess; its fragility ratio where a seed lacks the IFT curve), averaged over the seeds,
+    on the groups every seed has."""
     out = args.folders[0]
     truths = {}
     for scenario_name in ("attack", "benign"):
-        runs = []
-        folder = os.path.join(out, scenario_name)
-        for seed_folder in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-            path = os.path.join(folder, seed_folder, "truth.json")
-            if os.path.exists(path):
-                runs.append(json.load(open(path)))
+        runs = measured_runs(os.path.join(out, scenario_name))
         if runs:
             truths[scenario_name] = runs
-    first = next(iter(truths.values()))[0]["measured"]
-    names = list(first)  # 'kind:lo-hi', as evaluation.module_groups names them
+    if not truths:
+        raise SwatError(f"{out}: no measured group yet (run `truth` first)")
+    first = next(iter(truths.values()))
+    names = [n for n in first[0]["measured"] if all(n in r["measured"] for r in first)]
     groups = {}
     for name in names:
         kind, _, span = name.partition(":")
@@ -445,25 +474,29 @@ def table(args):
     result = {"default": "scan (readout metric, joint search)", "groups": names,
               "ground_truth": {}, "attributed": {}, "proxies": {}, "rows": []}  # fmt: skip
     for scenario_name, runs in truths.items():
+        runs = [r for r in runs if all(g in r["measured"] for g in names)]
         measured = {g: np.mean([r["measured"][g]["refusal_rise"] for r in runs]) for g in names}
         drop = {g: np.mean([r["measured"][g]["task_drop"] for r in runs]) for g in names}
         # damage per unit of task progress; a group that makes no progress is most fragile
         ratio = {g: measured[g] / drop[g] if drop[g] > 0 else 1e9 for g in names}
-        result["ground_truth"][scenario_name] = ratio
-        attributed = {g: np.mean([r["attribution"]["groups"][g]["attributed"] for r in runs])
-                      for g in names}  # fmt: skip
-        result["attributed"][scenario_name] = attributed
+        excess = {g: np.mean([r["measured"][g].get("excess_rise", ratio[g]) for r in runs])
+                  for g in names}  # fmt: skip
+        result["ground_truth"][scenario_name] = excess
         candidates = {
-            "attributed (first-order share of one IFT run)": attributed,
+            "fragility ratio (rise per unit of task-loss decrease)": ratio,
             "measured refusal-loss rise alone": measured,
-            "conflict (cos of task and refusal gradients)": {
-                g: np.mean([r["attribution"]["groups"][g]["conflict"] for r in runs]) for g in names
-            },
-            "importance (sum |W * grad R|)": {
-                g: np.mean([r["attribution"]["groups"][g]["importance"] for r in runs])
-                for g in names
-            },
         }
+        attributed = [r["attribution"] for r in runs if r["attribution"]]
+        if attributed:  # one IFT run's first-order shares, and the gradient proxies at its start
+            for key, label in (("attributed", "attributed (first-order share of one IFT run)"),
+                               ("conflict", "conflict (cos of task and refusal gradients)"),
+                               ("importance", "importance (sum |W * grad R|)")):  # fmt: skip
+                candidates[label] = {
+                    g: np.mean([a["groups"][g][key] for a in attributed]) for g in names
+                }
+            result["attributed"][scenario_name] = candidates[
+                "attributed (first-order share of one IFT run)"
+            ]
         for path in sorted(os.listdir(out)):
             if path.startswith("scan-"):
                 scan = json.load(open(os.path.join(out, path)))
@@ -482,19 +515,21 @@ def table(args):
             candidates[f"SPPFT safety layers ({lo}-{hi}): share of the group inside"] = {
                 g: np.mean([lo <= layer <= hi for layer, _ in groups[g]]) for g in names
             }
-        truth_values = [ratio[g] for g in names]
+        truth_values = [excess[g] for g in names]
         for label, values in candidates.items():
             rho, ci = bootstrap(truth_values, [values[g] for g in names])
             result["proxies"][f"{label} [{scenario_name}]"] = {"spearman": rho, "ci": ci}
             rows.append((scenario_name, label, rho, ci))
-    print("| scenario | proxy | Spearman vs measured fragility | 95 % CI |")
+    print(f"ground truth: the excess refusal-loss rise over plain IFT at the same progress, on "
+          f"{len(names)} groups")  # fmt: skip
+    print("| scenario | proxy | Spearman vs the ground truth | 95 % CI |")
     print("|---|---|---|---|")
     for scenario_name, label, rho, ci in rows:
         print(f"| {scenario_name} | {label} | {rho:+.2f} | [{ci[0]:+.2f}, {ci[1]:+.2f}] |")
-    for scenario_name, ratio in result["ground_truth"].items():
-        ordered = sorted(names, key=lambda g: ratio[g])
+    for scenario_name, truth_of in result["ground_truth"].items():
+        ordered = sorted(names, key=lambda g: truth_of[g])
         print(f"\n{scenario_name}: least fragile first: " + ", ".join(
-            f"{g} {ratio[g]:.3f}" for g in ordered))  # fmt: skip
+            f"{g} {truth_of[g]:+.4f}" for g in ordered))  # fmt: skip
     if args.json:
         write_text(args.json, json.dumps(result, indent=1, default=float))
         print(f"wrote {args.json}")
