@@ -1,0 +1,82 @@
+"""The study scripts under experiments/ that RESULTS.md's tables come from: what each row tunes, and
+that a row's table reads back what the row measured."""
+
+import json
+import os
+import sys
+
+import pytest
+
+import model
+from conftest import ROOT, SHARED
+
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+import robust_modules  # noqa: E402
+
+GSM8K = os.path.join(SHARED, "data", "gsm8k", "train.jsonl")
+needs_shared = pytest.mark.skipif(not os.path.exists(GSM8K), reason="../shared/data is not here")
+
+
+class Args:
+    """The asr subcommand's options, as argparse would give them."""
+
+    def __init__(self, **kw):
+        self.include = self.exclude = self.size = None
+        self.seed = 0
+        self.__dict__.update(kw)
+
+
+def names_of(net, params):
+    ids = {id(p) for p in params}
+    return {name for name, p in net.named_parameters() if id(p) in ids}
+
+
+def test_each_asr_recipe_tunes_what_it_says(tiny, tmp_path):
+    """ift: every parameter; only q,k less layer 0: those projections alone; random: as many
+    modules as asked, the same for a seed; sppft: everything outside the safety layers, which it
+    finds (and writes down) when the proxies have not."""
+    net, tok = model.load(tiny)
+    everything = {name for name, _ in net.named_parameters()}
+    assert names_of(net, robust_modules.asr_recipe(Args(recipe="ift"), net, tok)) == everything
+    only = Args(recipe="only", include="q,k", exclude="0:q,k")
+    chosen = names_of(net, robust_modules.asr_recipe(only, net, tok))
+    assert chosen == {
+        f"model.layers.{layer}.self_attn.{kind}_proj.weight" for layer in (1, 2) for kind in "qk"
+    }
+    draws = [robust_modules.asr_recipe(Args(recipe="random", size=5), net, tok) for _ in range(2)]
+    assert len(draws[0]) == 5 and names_of(net, draws[0]) == names_of(net, draws[1])
+    sppft = Args(recipe="sppft", out=str(tmp_path))
+    kept = names_of(net, robust_modules.asr_recipe(sppft, net, tok))
+    first, last = json.load(open(tmp_path / "safety-layers.json"))["layers"]
+    frozen = {n for n in everything if any(f"layers.{i}." in n for i in range(first, last + 1))}
+    assert frozen and kept == everything - frozen
+
+
+@needs_shared
+def test_asr_rows_and_their_table(tiny, tmp_path, capsys):
+    """Two rows of two seeds on a tiny model: each row's JSON and generations are written once (a
+    second call skips them), and asr-table's ASR is the share of answers without a refusal in the
+    generations, with an interval around it."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "Do harm.", "response": "Sure, here is how."}) + "\n")
+    common = ["--model", tiny, "--pairs", str(pairs), "--shared", SHARED, "--out", str(tmp_path)]
+    common += ["--scenario", "attack"]
+    for seed in ("0", "1"):
+        robust_modules.main(["asr", *common, "--recipe", "ift", "--name", "ift", "--seed", seed])
+        robust_modules.main(["asr", *common, "--recipe", "only", "--include", "q", "--name",
+                             "only-q", "--seed", seed])  # fmt: skip
+    folder = tmp_path / "attack" / "asr"
+    written = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    robust_modules.main(["asr", *common, "--recipe", "ift", "--name", "ift", "--seed", "0"])
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == written
+    capsys.readouterr()
+    robust_modules.main(["asr-table", "--out", str(tmp_path), "--scenario", "attack", "--draws",
+                         "50", "--versus", "ift"])  # fmt: skip
+    text = capsys.readouterr().out
+    for name in ("ift", "only-q"):
+        answered = []
+        for seed in (0, 1):
+            records = [json.loads(line) for line in open(folder / f"{name}-seed{seed}.jsonl")]
+            answered += [not r["refused"] for r in records if r["harmful"]]
+        line = next(row for row in text.splitlines() if row.startswith(f"| {name} |"))
+        assert f"| {name} | 0, 1 | {sum(answered) / len(answered):.1%} [" in line
