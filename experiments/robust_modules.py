@@ -277,6 +277,8 @@ def asr(args):
         generations = os.path.join(folder, name + ".jsonl")
         row = evaluation.evaluate(net, tok, name, gen_path=generations, **options)
         row.update(seed=args.seed, lr=args.lr, recipe=args.recipe, seconds=time.time() - began)
+        if name == "original":  # the start, tuned by nothing
+            row.update(seed=None, lr=None, recipe=None)
         write_text(path, json.dumps(row, indent=1))
         print(json.dumps(row))
 
