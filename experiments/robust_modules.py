@@ -283,14 +283,14 @@ def asr(args):
         print(json.dumps(row))
 
 
-def asr_table(args):
-    """The real-ASR rows of a scenario: each row's ASR and the cut of plain IFT's rise, with 95 %
-    intervals from a bootstrap over seeds and prompts (evidence.py's), over the seeds it shares
-    with ift; task loss against IFT's; and p, the paired sign-flip test across seeds, against
-    the row named --versus (plain IFT at the matched rate) -> markdown."""
+def asr_rows(out, scenario_name, versus, draws=2000):
+    """The real-ASR rows of a scenario, each over the seeds it shares with ift: its ASR and the cut
+    of plain IFT's rise, with 95 % intervals from a bootstrap over seeds and prompts (evidence.py's
+    draws), task loss against IFT's, and p, the paired sign-flip test across seeds, against the row
+    `versus` (plain IFT at the matched rate) -> (the start's row and flags, [row dicts])."""
     import evidence
 
-    folder = os.path.join(args.out, args.scenario, "asr")
+    folder = os.path.join(out, scenario_name, "asr")
     start = np.array(evidence.answered(os.path.join(folder, "original.jsonl"), None), float)
     rows = {}
     for name in sorted(os.listdir(folder)):
@@ -299,45 +299,61 @@ def asr_table(args):
             flags = evidence.answered(os.path.join(folder, name[:-5] + ".jsonl"), len(start))
             rows.setdefault(name[:-5].rsplit("-seed", 1)[0], {})[row["seed"]] = (row, flags)
     original = json.load(open(os.path.join(folder, "original.json")))
-    lines = [f"| row | seeds | ASR [95 % CI] | cut of IFT's rise [95 % CI] | p vs {args.versus} | "
-             "over-refusal | task loss (Δ vs ift) | time (s) |", "|---" * 8 + "|",
-             f"| original | - | {start.mean():.1%} | - | - | {original['over_refusal']:.1%} | "
-             f"{original['task_loss']:.3f} | - |"]  # fmt: skip
+    found = []
     for name, seeds in rows.items():
         both = sorted(seed for seed in seeds if seed in rows.get("ift", {}))
         if not both:
             continue
         mine = np.array([seeds[seed][1] for seed in both], float)
         ift = np.array([rows["ift"][seed][1] for seed in both], float)
-        low, high = evidence.bootstrap_interval(lambda s, p: mine[np.ix_(s, p)].mean(), len(both),
-                                                len(start), args.draws)  # fmt: skip
-        cut = "-"
+        ci = evidence.bootstrap_interval(lambda s, p: mine[np.ix_(s, p)].mean(), len(both),
+                                         len(start), draws)  # fmt: skip
+        cut = cut_ci = None
         if name != "ift" and ift.mean() > start.mean():
 
             def share(s, p):  # the share of IFT's rise this row avoided, on one draw
                 rise = ift[np.ix_(s, p)].mean() - start[p].mean()
-                return (
-                    (ift[np.ix_(s, p)].mean() - mine[np.ix_(s, p)].mean()) / rise
-                    if rise > 0
-                    else float("nan")
-                )
+                if rise <= 0:
+                    return float("nan")
+                return (ift[np.ix_(s, p)].mean() - mine[np.ix_(s, p)].mean()) / rise
 
-            point = (ift.mean() - mine.mean()) / (ift.mean() - start.mean())
-            lo, hi = evidence.bootstrap_interval(share, len(both), len(start), args.draws)
-            cut = f"{point:+.0%} [{lo:+.0%}, {hi:+.0%}]"
-        other = rows.get(args.versus, {})
+            cut = (ift.mean() - mine.mean()) / (ift.mean() - start.mean())
+            cut_ci = evidence.bootstrap_interval(share, len(both), len(start), draws)
+        other = rows.get(versus, {})
         paired = [seed for seed in both if seed in other]
-        p = "-"
-        if name != args.versus and paired:
+        p = None
+        if name != versus and paired:
             diff = [np.mean(seeds[s][1]) - np.mean(other[s][1]) for s in paired]
-            p = f"{evidence.sign_flip_p(np.array(diff)):.2f} ({len(paired)})"
+            p = (evidence.sign_flip_p(np.array(diff)), len(paired))
         loss = np.mean([seeds[s][0]["task_loss"] for s in both])
         loss_ift = np.mean([rows["ift"][s][0]["task_loss"] for s in both])
-        over = np.mean([seeds[s][0]["over_refusal"] for s in both])
-        seconds = np.mean([seeds[s][0]["seconds"] for s in both])
-        lines.append(f"| {name} | {', '.join(map(str, both))} | {mine.mean():.1%} [{low:.1%}, "
-                     f"{high:.1%}] | {cut} | {p} | {over:.1%} | {loss:.3f} "
-                     f"({loss / loss_ift - 1:+.1%}) | {seconds:.0f} |")  # fmt: skip
+        found.append({
+            "scenario": scenario_name, "tuning": "full", "selection": name,
+            "strategy": seeds[both[0]][0]["recipe"], "seeds": both, "asr": mine.mean(),
+            "asr_ci": list(ci), "cut": cut, "cut_ci": cut_ci and list(cut_ci),
+            "task_loss": loss, "task_loss_delta": loss / loss_ift - 1, "p_vs": p,
+            "over_refusal": np.mean([seeds[s][0]["over_refusal"] for s in both]),
+            "seconds": np.mean([seeds[s][0]["seconds"] for s in both]),
+        })  # fmt: skip
+    return (original, start), found
+
+
+def asr_table(args):
+    """asr_rows as markdown (printed)."""
+    (original, start), found = asr_rows(args.out, args.scenario, args.versus, args.draws)
+    lines = [f"| row | seeds | ASR [95 % CI] | cut of IFT's rise [95 % CI] | p vs {args.versus} | "
+             "over-refusal | task loss (Δ vs ift) | time (s) |", "|---" * 8 + "|",
+             f"| original | - | {start.mean():.1%} | - | - | {original['over_refusal']:.1%} | "
+             f"{original['task_loss']:.3f} | - |"]  # fmt: skip
+    for r in found:
+        cut = "-"
+        if r["cut"] is not None:
+            cut = f"{r['cut']:+.0%} [{r['cut_ci'][0]:+.0%}, {r['cut_ci'][1]:+.0%}]"
+        p = "-" if r["p_vs"] is None else f"{r['p_vs'][0]:.2f} ({r['p_vs'][1]})"
+        lines.append(f"| {r['selection']} | {', '.join(map(str, r['seeds']))} | {r['asr']:.1%} "
+                     f"[{r['asr_ci'][0]:.1%}, {r['asr_ci'][1]:.1%}] | {cut} | {p} | "
+                     f"{r['over_refusal']:.1%} | {r['task_loss']:.3f} "
+                     f"({r['task_loss_delta']:+.1%}) | {r['seconds']:.0f} |")  # fmt: skip
     print("\n".join(lines))
 
 
@@ -532,6 +548,9 @@ def table(args):
         ordered = sorted(names, key=lambda g: truth_of[g])
         print(f"\n{scenario_name}: least fragile first: " + ", ".join(
             f"{g} {truth_of[g]:+.4f}" for g in ordered))  # fmt: skip
+    for scenario_name in ("attack", "benign"):  # the real-ASR rows measured so far
+        if os.path.exists(os.path.join(out, scenario_name, "asr", "original.json")):
+            result["rows"] += asr_rows(out, scenario_name, "ift-lr5e-06", args.draws)[1]
     if args.json:
         write_text(args.json, json.dumps(result, indent=1, default=float))
         print(f"wrote {args.json}")
@@ -591,6 +610,7 @@ def main(argv=None):
     three = commands.add_parser("table")
     three.add_argument("folders", nargs="+")
     three.add_argument("--json", help="where to write the numbers (results/robust_modules.json)")
+    three.add_argument("--draws", type=int, default=2000, help="bootstrap draws of the ASR rows")
     args = parser.parse_args(argv)
     try:
         commands = {"truth": truth, "whole": whole, "subset": subset, "matched": matched}
