@@ -247,3 +247,28 @@ def test_run_combines_every_defence_with_every_tuned_row(tiny, tmp_path, capsys)
     assert "| judge: unsafe |" in text and "| vaccine (start) |" in text
     for name in names[2:]:
         assert f"| {name} | 0 |" in text
+
+
+def test_a_lora_run_is_repaired_by_safe_lora_on_its_merged_weights(tiny, tmp_path):
+    """run --lora-rank --defences safelora: the LoRA run's adapters are merged, then each module's
+    update projected as Safe LoRA does; the row's answers are those of the saved (merged) tuned
+    model given the same projection here."""
+    from swatkit import defences
+
+    unaligned = perturbed(tiny, tmp_path / "unaligned", 0.05, 1)
+    argv = ["run", "--model", tiny, "--data", str(data_file(tmp_path)), "--steps", "2"]
+    argv += ["--batch", "4", "--lr", "1e-2", "--n-eval", "3", "--max-new-tokens", "3"]
+    argv += ["--n-task", "4", "--n-acc", "0", "--strategies", "ift", "--seeds", "0"]
+    argv += ["--lora-rank", "2", "--defences", "safelora", "--unaligned", unaligned]
+    out = tmp_path / "o"
+    swat_min.main(argv + ["--threshold", "0.9", "--out", str(out)])
+    rows = json.load(open(out / "results.json"))["rows"]
+    assert [r["strategy"] for r in rows] == ["original", "ift", "ift+safelora"]
+    tuned, tok = model.load(str(out / "ift-seed0"))  # the LoRA run's merged weights
+    projected, modules = defences.safe_lora(
+        tuned, model.load(tiny)[0], model.load(unaligned)[0], 0.9
+    )
+    assert 0 < projected <= modules
+    records = [json.loads(line) for line in open(out / "ift-seed0" / "safelora.jsonl")]
+    texts = evaluation.answer(tuned, tok, [evaluation.user(r["prompt"]) for r in records], 3)
+    assert texts == [r["response"] for r in records]
