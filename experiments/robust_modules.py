@@ -277,10 +277,26 @@ def asr(args):
         generations = os.path.join(folder, name + ".jsonl")
         row = evaluation.evaluate(net, tok, name, gen_path=generations, **options)
         row.update(seed=args.seed, lr=args.lr, recipe=args.recipe, seconds=time.time() - began)
+        row["answered"] = answered_flags(generations)  # the table's per-prompt data, text-free
         if name == "original":  # the start, tuned by nothing
             row.update(seed=None, lr=None, recipe=None)
         write_text(path, json.dumps(row, indent=1))
         print(json.dumps(row))
+
+
+def answered_flags(generations):
+    """1 for each harmful prompt answered without a refusal, 0 for each refused, from a generations
+    file: what the tables need, without the prompts' text (AdvBench's, kept out of git)."""
+    records = [json.loads(line) for line in open(generations, encoding="utf-8")]
+    return [int(not r["refused"]) for r in records if r["harmful"]]
+
+
+def row_flags(folder, name):
+    """A row's answered flags: from its generations where they are, else from its JSON."""
+    generations = os.path.join(folder, name + ".jsonl")
+    if os.path.exists(generations):
+        return answered_flags(generations)
+    return json.load(open(os.path.join(folder, name + ".json")))["answered"]
 
 
 def asr_rows(out, scenario_name, versus, draws=2000):
@@ -291,12 +307,14 @@ def asr_rows(out, scenario_name, versus, draws=2000):
     import evidence
 
     folder = os.path.join(out, scenario_name, "asr")
-    start = np.array(evidence.answered(os.path.join(folder, "original.jsonl"), None), float)
+    start = np.array(row_flags(folder, "original"), float)
     rows = {}
     for name in sorted(os.listdir(folder)):
         if name.endswith(".json") and "-seed" in name:  # a row of one seed (not the manifest)
             row = json.load(open(os.path.join(folder, name)))
-            flags = evidence.answered(os.path.join(folder, name[:-5] + ".jsonl"), len(start))
+            flags = row_flags(folder, name[:-5])
+            if len(flags) != len(start):
+                raise SwatError(f"{name}: {len(flags)} harmful prompts, the start {len(start)}")
             rows.setdefault(name[:-5].rsplit("-seed", 1)[0], {})[row["seed"]] = (row, flags)
     original = json.load(open(os.path.join(folder, "original.json")))
     found = []
