@@ -105,7 +105,7 @@ def run_argv(cell, args):
         "unaligned",
         "judge",
     ):  # the defences' rows, the judge
-        if getattr(args, flag):
+        if getattr(args, flag, None):  # (a namespace made by hand may lack them)
             argv += ["--" + flag.replace("_", "-"), getattr(args, flag)]
     return argv + ["--selections"] + profile["selections"]
 
