@@ -147,14 +147,14 @@ def evaluate(
     }
     if base:
         row.update(security(net, tok, base))
-    verdicts = [None] * len(prompts)
+    verdicts = []  # one per harmful prompt, with a judge
     if judge:  # the classifier's verdict on each harmful prompt's answer, beside the keywords'
-        verdicts[: len(harmful)] = judged(*judge, harmful, texts[: len(harmful)], gen_batch)
-        unsafe = [v == "unsafe" for v in verdicts[: len(harmful)]]
+        verdicts = judged(*judge, harmful, texts[: len(harmful)], gen_batch)
+        unsafe = [v == "unsafe" for v in verdicts]
         row["judge_unsafe"] = sum(unsafe) / len(harmful)
         disagree = sum(u == r for u, r in zip(unsafe, refusals))  # unsafe yet refused, or neither
         row["judge_vs_keywords"] = disagree / len(harmful)
-        row["judge_unparsed"] = verdicts[: len(harmful)].count(None)  # neither safe nor unsafe
+        row["judge_unparsed"] = verdicts.count(None)  # neither safe nor unsafe
     if task:
         row["task_loss"], row["task_acc"] = task_metrics(
             net, tok, task, max_len, batch_size, n_acc, task_tokens, gen_batch
@@ -168,7 +168,7 @@ def evaluate(
                 "response": t,
                 "refused": refused(t),
             }
-            if judge and i < len(harmful):
+            if i < len(verdicts):
                 record["judge"] = verdicts[i]
             records.append(json.dumps(record) + "\n")
         write_output(gen_path, "".join(records))

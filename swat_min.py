@@ -276,15 +276,16 @@ def cmd_run(args):
     print(f"== {n_models} tuned models to make; their checkpoints take about "
           f"{n_models * size / 1e9:.2f} GB in {args.out}")  # fmt: skip
     rows = []  # the starts first (the first: the original every row is set against), then tuned
-    weights = {}  # each start's weights: how far tuning moved each module
+    # each start, kept on the CPU: how far tuning moved each module, and what a repair restores
+    start_nets = {}
     for prefix, start in starts.items():
         print(f"== the start {start}: ASR, over-refusal, task metrics")
         net, tok = load(args, start)
         label = prefix.rstrip("+") or "original"
         gens = os.path.join(claim(args.out, f"{label}.jsonl"), f"{label}.jsonl")
-        rows.append(dict(evaluate(net, tok, label, base=base, task=task, gen_path=gens, **options)))
-        rows[-1]["seed"] = None
-        weights[start] = {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
+        row = evaluate(net, tok, label, base=base, task=task, gen_path=gens, **options)
+        rows.append(dict(row, seed=None))
+        start_nets[start] = net.to("cpu")
     watch = evaluation.drift_watch(args.drift_every, tok, base)  # None without --drift-every
     for seed, (plain, strategy, mods, n_safety, chosen_by) in plans:  # seeds in the order given
         for prefix, start in starts.items():
@@ -315,7 +316,8 @@ def cmd_run(args):
             # the mechanism: how far each module moved, Mods_Rob against the rest (and a picture)
             picture = f"updates-{name}-seed{seed}.svg"
             picture = os.path.join(claim(args.out, picture), picture)
-            row.update(moved(weights[start], net, kinds, rob, f"{name}, seed {seed}", picture))
+            before = start_nets[start].state_dict()
+            row.update(moved(before, net, kinds, rob, f"{name}, seed {seed}", picture))
             rows.append(row)
             report(args.out, rows, settings)  # after every model: an interrupted run keeps them
             if repairs:  # each repair starts from the tuned weights (a LoRA run's merged into them)
@@ -323,7 +325,7 @@ def cmd_run(args):
             for repair in repairs:  # the tuned model repaired, then evaluated again (a row each)
                 print(f"== {name}+{repair} (seed {seed}): {repair}, then evaluate")
                 net.load_state_dict(tuned)  # each repair from the tuned weights
-                print(train.restore(net, load(args, start)[0], unaligned, **repairs[repair]))
+                print(train.restore(net, start_nets[start], unaligned, **repairs[repair]))
                 gens = os.path.join(claim(folder, f"{repair}.jsonl"), f"{repair}.jsonl")
                 again = evaluate(net, tok, f"{name}+{repair}", base=base, task=task,
                                  gen_path=gens, **options)  # fmt: skip

@@ -99,12 +99,8 @@ def run_argv(cell, args):
     if unknown:
         raise SwatError(f"--rows: {', '.join(unknown)} not among {' '.join(every_row)}")
     argv += ["--strategies"] + rows
-    for flag in (
-        "defences",
-        "vaccine_model",
-        "unaligned",
-        "judge",
-    ):  # the defences' rows, the judge
+    passed = ("defences", "vaccine_model", "unaligned", "judge")  # the defences' rows, the judge
+    for flag in passed:
         if getattr(args, flag, None):  # (a namespace made by hand may lack them)
             argv += ["--" + flag.replace("_", "-"), getattr(args, flag)]
     return argv + ["--selections"] + profile["selections"]
@@ -262,6 +258,11 @@ def table(folders, draws=2000, out=None):
         return f"{sign_flip_p(diff):.2f} ({len(both)})"
 
     asr_start = start.mean()
+    judged = all("judge_unsafe" in r for r in tuned)  # run --judge: the classifier's share too
+
+    def judge_cell(r):  # the judge's column, where there is one
+        return f" {r['judge_unsafe']:.1%} |" if judged else ""
+
     lines = [
         f"{original['settings'].get('scenario', 'benign')}; tuning: "
         f"{original['settings'].get('tuning', 'full')}; {n_prompts} harmful prompts. 95 % "
@@ -270,24 +271,21 @@ def table(folders, draws=2000, out=None):
         "Δ loss are against ift on the row's own seeds.",
         "",
         "| row | seeds | selection | ASR [95 % CI] | cut of IFT's rise [95 % CI] | p vs ift "
-        "| p vs control | p vs random | over-refusal | drift | probe acc | task loss (Δ vs ift) "
-        "| \\|ΔW\\|/\\|W\\| Mods_Rob / rest |",
-        "|---" * 13 + "|",
-        f"| original | - | - | {asr_start:.1%} | - | - | - | - | {original['over_refusal']:.1%} "
-        f"| 0.000 | {original['probe_acc']:.3f} | {original['task_loss']:.3f} | - |",
+        "| p vs control | p vs random |" + " judge: unsafe |" * judged + " over-refusal | drift "
+        "| probe acc | task loss (Δ vs ift) | \\|ΔW\\|/\\|W\\| Mods_Rob / rest |",
+        "|---" * (13 + judged) + "|",
+        f"| original | - | - | {asr_start:.1%} | - | - | - | - |{judge_cell(original)} "
+        f"{original['over_refusal']:.1%} | 0.000 | {original['probe_acc']:.3f} | "
+        f"{original['task_loss']:.3f} | - |",
     ]
     first = files.read_json(os.path.join(folders[0], "results.json"))["rows"]
     for other in [r for r in first[1:] if r["seed"] is None]:  # another start (--defences vaccine)
         lines.append(
-            f"| {other['strategy']} (start) | - | - | {other['asr']:.1%} | - | - | - | - | "
-            f"{other['over_refusal']:.1%} | {other['drift']:.3f} | {other['probe_acc']:.3f} | "
+            f"| {other['strategy']} (start) | - | - | {other['asr']:.1%} | - | - | - | - |"
+            f"{judge_cell(other)} {other['over_refusal']:.1%} | {other['drift']:.3f} | "
+            f"{other['probe_acc']:.3f} | "
             f"{other['task_loss']:.3f} | - |"
         )
-    judged = all("judge_unsafe" in r for r in tuned)  # run --judge: the classifier's share too
-    if judged:
-        lines[2] = lines[2].replace(" | over-refusal |", " | judge: unsafe | over-refusal |")
-        lines[3] += "---|"
-        lines[4] = lines[4].replace(" | 0.000 |", f" | {original['judge_unsafe']:.1%} | 0.000 |")
     for n in names:
         seeds = [seed for seed in rows[n] if seed in rows["ift"]]
         if not seeds:
@@ -320,8 +318,9 @@ def table(folders, draws=2000, out=None):
             f"| {n} | {', '.join(map(str, seeds))} | {these[0].get('selection', '-')} | "
             f"{cell_asr} | {cell_cut} | "
             + " | ".join(tests)
-            + (f" | {mean_of(these, 'judge_unsafe'):.1%}" if judged else "")
-            + f" | {mean_of(these, 'over_refusal'):.1%} | {mean_of(these, 'drift'):.3f} | "
+            + " |"
+            + judge_cell({"judge_unsafe": mean_of(these, "judge_unsafe")})
+            + f" {mean_of(these, 'over_refusal'):.1%} | {mean_of(these, 'drift'):.3f} | "
             f"{mean_of(these, 'probe_acc'):.3f} | {loss:.3f} ({loss / loss_ift - 1:+.1%}) | "
             f"{moved} |"
         )

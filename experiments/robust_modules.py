@@ -38,6 +38,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import evaluation
+import evidence  # its bootstrap and sign-flip test, and its reader of generations
 import model
 import probe
 import robustness
@@ -238,12 +239,7 @@ def asr_recipe(args, net, tok):
         return evaluation.group_params(net, modules)
     if args.recipe == "random":
         return evaluation.group_params(net, plan.random_set(args.size, model.MODULES, n, args.seed))
-    path = os.path.join(args.out, "safety-layers.json")  # as `proxies` writes it
-    if not os.path.exists(path):
-        harmful = data.builtin("harmful", "train")
-        gap, layers = safety_layers(net, tok, harmful, data.builtin("harmless", "train"))
-        write_text(path, json.dumps({"gap": gap, "layers": layers}))
-    first, last = json.load(open(path))["layers"]
+    first, last = sppft_layers(net, tok, args.out)
     frozen = {f"model.layers.{layer}." for layer in range(first, last + 1)}
     return [p for name, p in net.named_parameters() if not name.startswith(tuple(frozen))]
 
@@ -277,25 +273,19 @@ def asr(args):
         generations = os.path.join(folder, name + ".jsonl")
         row = evaluation.evaluate(net, tok, name, gen_path=generations, **options)
         row.update(seed=args.seed, lr=args.lr, recipe=args.recipe, seconds=time.time() - began)
-        row["answered"] = answered_flags(generations)  # the table's per-prompt data, text-free
+        # the table's per-prompt data, text-free (AdvBench's prompts stay out of git)
+        row["answered"] = [int(a) for a in evidence.answered(generations, None)]
         if name == "original":  # the start, tuned by nothing
             row.update(seed=None, lr=None, recipe=None)
         write_text(path, json.dumps(row, indent=1))
         print(json.dumps(row))
 
 
-def answered_flags(generations):
-    """1 for each harmful prompt answered without a refusal, 0 for each refused, from a generations
-    file: what the tables need, without the prompts' text (AdvBench's, kept out of git)."""
-    records = [json.loads(line) for line in open(generations, encoding="utf-8")]
-    return [int(not r["refused"]) for r in records if r["harmful"]]
-
-
 def row_flags(folder, name):
     """A row's answered flags: from its generations where they are, else from its JSON."""
     generations = os.path.join(folder, name + ".jsonl")
     if os.path.exists(generations):
-        return answered_flags(generations)
+        return evidence.answered(generations, None)
     return json.load(open(os.path.join(folder, name + ".json")))["answered"]
 
 
@@ -304,8 +294,6 @@ def asr_rows(out, scenario_name, versus, draws=2000):
     of plain IFT's rise, with 95 % intervals from a bootstrap over seeds and prompts (evidence.py's
     draws), task loss against IFT's, and p, the paired sign-flip test across seeds, against the row
     `versus` (plain IFT at the matched rate) -> (the start's row and flags, [row dicts])."""
-    import evidence
-
     folder = os.path.join(out, scenario_name, "asr")
     start = np.array(row_flags(folder, "original"), float)
     rows = {}
@@ -398,6 +386,17 @@ def safety_layers(net, tok, harmful, harmless):
     return gap, [first, last]
 
 
+def sppft_layers(net, tok, out):
+    """SPPFT's safety layers of net on the built-in train prompts, [first, last]: found once and
+    kept, with the gap per layer, in out/safety-layers.json (read back after)."""
+    path = os.path.join(out, "safety-layers.json")
+    if not os.path.exists(path):
+        harmful = data.builtin("harmful", "train")
+        gap, layers = safety_layers(net, tok, harmful, data.builtin("harmless", "train"))
+        write_text(path, json.dumps({"gap": gap, "layers": layers}))
+    return json.load(open(path))["layers"]
+
+
 def proxies(args):
     os.makedirs(args.out, exist_ok=True)
     net, tok = model.load(args.model)
@@ -424,13 +423,8 @@ def proxies(args):
                       "seconds": time.time() - began}  # fmt: skip
             write_text(path, json.dumps(record))
             print(f"wrote {path} ({record['seconds']:.0f} s)")
-    path = os.path.join(args.out, "safety-layers.json")
-    if not os.path.exists(path):
-        harmful = data.builtin("harmful", "train")
-        harmless = data.builtin("harmless", "train")
-        gap, layers = safety_layers(net, tok, harmful, harmless)
-        write_text(path, json.dumps({"gap": gap, "layers": layers}))
-        print(f"safety layers {layers[0]}-{layers[1]}")
+    first, last = sppft_layers(net, tok, args.out)
+    print(f"safety layers {first}-{last}")
 
 
 def spearman(a, b):

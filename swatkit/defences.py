@@ -29,13 +29,13 @@ def restore(tuned, aligned, unaligned, method="resta", alpha=0.5, threshold=0.5)
 def restore_safety(tuned, aligned, unaligned, alpha):
     """RESTA-style safety restore (Bhardwaj et al. 2024, task arithmetic): add alpha times the
     safety vector, the aligned model's weights less the unaligned model's, to the tuned model's,
-    parameter by parameter, in place -> tuned."""
+    parameter by parameter, in place -> tuned (the other two may sit on another device)."""
     if not checks.finite(alpha):
         raise SwatError(f"restore: alpha must be a finite number >= 0, not {alpha!r}")
     weights = same_shapes(tuned, aligned, unaligned)
     with torch.no_grad():
         for name, p in weights[0].items():
-            p.add_(alpha * (weights[1][name] - weights[2][name]))
+            p.add_(alpha * (weights[1][name] - weights[2][name]).to(p.device))
     return tuned
 
 
@@ -58,13 +58,15 @@ def safe_lora(tuned, aligned, unaligned, threshold):
     run's merged adapter, or any tuning's change) is replaced by C dW, C = V V^T / ||V||_F with V
     = A - U the module's alignment direction, where dW and C dW are less similar (cosine over all
     entries) than threshold; the others are kept. In place -> (modules projected, modules)."""
+    # (the aligned and unaligned models may sit on another device: the sums run on the tuned one's)
     weights = same_shapes(tuned, aligned, unaligned)
     kinds = tuple(f".{path}.weight" for path in MODULES.values())
     names = [name for name in weights[0] if name.endswith(kinds)]
     projected = 0
     with torch.no_grad():
         for name in names:
-            t, a, u = (w[name].double() for w in weights)
+            device = weights[0][name].device
+            t, a, u = (w[name].to(device, torch.float64) for w in weights)
             update = t - a
             v = a - u
             onto = (v @ v.T / v.norm()) @ update
@@ -80,8 +82,9 @@ def run_inputs(args, net, load):
     and Vaccine's start, --vaccine-model), the post-tuning repairs ({name: restore()'s settings},
     a row each per tuned model) and the unaligned model they need (None without one), each model
     of net's architecture; load(path) -> a model."""
-    starts = {"": args.model, "vaccine+": args.vaccine_model}  # Vaccine's rows: its own start
-    starts = {prefix: path for prefix, path in starts.items() if path}
+    starts = {"": args.model}
+    if args.vaccine_model:  # Vaccine's rows, named vaccine+..., tune from its own start
+        starts["vaccine+"] = args.vaccine_model
     methods = {  # each post-tuning repair as restore() does it
         "restore": dict(method="resta", alpha=args.alpha),
         "safelora": dict(method="safelora", threshold=args.threshold),
@@ -97,4 +100,5 @@ def run_inputs(args, net, load):
     others = {path: load(path) for path in (args.vaccine_model, args.unaligned) if path}
     for other in others.values():
         same_shapes(net, other, other)  # one line naming the first parameter that differs
-    return starts, repairs, others.get(args.unaligned)
+    unaligned = others.get(args.unaligned)  # read only by the repairs: it waits on the CPU
+    return starts, repairs, None if unaligned is None else unaligned.to("cpu")

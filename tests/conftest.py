@@ -112,6 +112,16 @@ def tiny_hf(d, kind="llama", **kw):
     return m
 
 
+def data_file(tmp_path):
+    """16 short arithmetic examples (Alpaca format) as tmp_path/d.jsonl -> its path."""
+    path = tmp_path / "d.jsonl"
+    rows = [
+        {"instruction": f"What is {i} plus {i % 3}?", "output": f"{i + i % 3}"} for i in range(16)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 @pytest.fixture
 def tiny(tmp_path):
     d = str(tmp_path / "tiny")

@@ -13,7 +13,7 @@ import torch
 import evaluation
 import model
 import swat_min
-from conftest import make_tokenizer, tiny_hf
+from conftest import data_file, make_tokenizer, tiny_hf
 from swatkit import guard
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "llama_guard_3_chat_template.jinja")
@@ -165,15 +165,6 @@ def test_a_judge_without_llama_3s_tokens_is_refused_in_one_line(tiny, tmp_path):
     assert not (tmp_path / "g.jsonl").exists()
 
 
-def data_file(tmp_path):
-    path = tmp_path / "d.jsonl"
-    rows = [
-        {"instruction": f"What is {i} plus {i % 3}?", "output": f"{i + i % 3}"} for i in range(16)
-    ]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 def perturbed(tiny, out, scale, seed):
     """tiny's weights moved by scale x noise, saved to out -> out."""
     net, tok = model.load(tiny)
@@ -245,6 +236,10 @@ def test_run_combines_every_defence_with_every_tuned_row(tiny, tmp_path, capsys)
 
     text = evidence.table(str(out), draws=50)
     assert "| judge: unsafe |" in text and "| vaccine (start) |" in text
+    table = [line for line in text.splitlines() if line.startswith("|")]
+    assert (
+        len({line.replace("\\|", "").count("|") for line in table}) == 1
+    )  # every row, each column
     for name in names[2:]:
         assert f"| {name} | 0 |" in text
 

@@ -13,18 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 import swat_min
-from conftest import ROOT
+from conftest import ROOT, data_file
 
 WORKER = os.path.join(ROOT, "tests", "fsdp_worker.py")
-
-
-def data_file(tmp_path):
-    path = tmp_path / "d.jsonl"
-    rows = [
-        {"instruction": f"What is {i} plus {i % 3}?", "output": f"{i + i % 3}"} for i in range(16)
-    ]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def train_argv(tiny, data, out, *extra):
