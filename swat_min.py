@@ -418,7 +418,9 @@ def main(argv=None):
             if os.environ.get("RANK", "0") == "0":  # under torchrun the first process holds it
                 for path in filter(None, outputs[:2]):  # not the cache: runs may share it
                     held.enter_context(writing(path))
-            return args.fn(args)
+            made = args.fn(args)
+            distributed.finish()  # under torchrun: every process done, then the group closed
+            return made
     except KeyboardInterrupt:  # Ctrl-C: one line; what was written stays whole (outputs are atomic)
         out = getattr(args, "out", None)
         print(f"interrupted; results so far in {out}" if out else "interrupted", file=sys.stderr)

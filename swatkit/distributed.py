@@ -129,6 +129,14 @@ def barrier():
         dist.barrier()
 
 
+def finish():
+    """Close this process's part in the group once every process is done (one that exited with the
+    group still open could abort the others' teardown: "terminate called without an exception")."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def scratch(out):
     """The folder this process writes `run`'s files into: out for the first process; for each of
     the others a new scratch folder, deleted at exit (each computes what the first one writes)."""
