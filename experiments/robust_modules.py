@@ -289,6 +289,17 @@ def row_flags(folder, name):
     return json.load(open(os.path.join(folder, name + ".json")))["answered"]
 
 
+def selection_of(name, recipe):
+    """A row's selection in results/robust_modules.json's words: plain IFT at another rate is
+    "lr-matched", a random set "random", SPPFT "sppft"; a set tuned alone keeps its name, less
+    its rate ("oracle": the least fragile groups by the ground truth; "only-qk": every q and k)."""
+    if recipe == "ift":
+        return "ift" if name == "ift" else "lr-matched"
+    if recipe in ("random", "sppft"):
+        return recipe
+    return name.split("-lr")[0]
+
+
 def asr_rows(out, scenario_name, versus, draws=2000):
     """The real-ASR rows of a scenario, each over the seeds it shares with ift: its ASR and the cut
     of plain IFT's rise, with 95 % intervals from a bootstrap over seeds and prompts (evidence.py's
@@ -334,7 +345,8 @@ def asr_rows(out, scenario_name, versus, draws=2000):
         loss = np.mean([seeds[s][0]["task_loss"] for s in both])
         loss_ift = np.mean([rows["ift"][s][0]["task_loss"] for s in both])
         found.append({
-            "scenario": scenario_name, "tuning": "full", "selection": name,
+            "scenario": scenario_name, "tuning": "full", "row": name,
+            "selection": selection_of(name, seeds[both[0]][0]["recipe"]),
             "strategy": seeds[both[0]][0]["recipe"], "seeds": both, "asr": mine.mean(),
             "asr_ci": list(ci), "cut": cut, "cut_ci": cut_ci and list(cut_ci),
             "task_loss": loss, "task_loss_delta": loss / loss_ift - 1, "p_vs": p,
@@ -356,7 +368,7 @@ def asr_table(args):
         if r["cut"] is not None:
             cut = f"{r['cut']:+.0%} [{r['cut_ci'][0]:+.0%}, {r['cut_ci'][1]:+.0%}]"
         p = "-" if r["p_vs"] is None else f"{r['p_vs'][0]:.2f} ({r['p_vs'][1]})"
-        lines.append(f"| {r['selection']} | {', '.join(map(str, r['seeds']))} | {r['asr']:.1%} "
+        lines.append(f"| {r['row']} | {', '.join(map(str, r['seeds']))} | {r['asr']:.1%} "
                      f"[{r['asr_ci'][0]:.1%}, {r['asr_ci'][1]:.1%}] | {cut} | {p} | "
                      f"{r['over_refusal']:.1%} | {r['task_loss']:.3f} "
                      f"({r['task_loss_delta']:+.1%}) | {r['seconds']:.0f} |")  # fmt: skip

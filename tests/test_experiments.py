@@ -80,3 +80,12 @@ def test_asr_rows_and_their_table(tiny, tmp_path, capsys):
             answered += [not r["refused"] for r in records if r["harmful"]]
         line = next(row for row in text.splitlines() if row.startswith(f"| {name} |"))
         assert f"| {name} | 0, 1 | {sum(answered) / len(answered):.1%} [" in line
+
+
+def test_rows_are_named_by_their_selection():
+    """results/robust_modules.json's selection names: plain IFT at another rate is lr-matched, a
+    set tuned alone keeps its name less its rate."""
+    rows = [("ift", "ift"), ("ift-lr5e-06", "ift"), ("random-60", "random"), ("sppft", "sppft")]
+    rows += [("oracle-lr0.0002", "only"), ("only-qk", "only")]
+    names = [robust_modules.selection_of(name, recipe) for name, recipe in rows]
+    assert names == ["ift", "lr-matched", "random", "sppft", "oracle", "only-qk"]
