@@ -540,16 +540,30 @@ def table(args):
                 "attributed (first-order share of one IFT run)"
             ]
         for path in sorted(os.listdir(out)):
-            if path.startswith("scan-"):
+            if path.startswith("scan-"):  # `proxies`' scans, or a run's scan.json copied here
                 scan = json.load(open(os.path.join(out, path)))
-                tag = f"scale {scan['scale']}, n {scan['n']}"
+                settings = scan.get("settings", scan)  # a run's scan keeps its settings apart
+                tag = (
+                    f"scale {settings['scale']}, n {settings.get('n', settings.get('n_per_class'))}"
+                )
+                if "settings" in scan:
+                    tag += f", noise seed {settings['seed']}"
+                # a run scans q, k, v, o only: its proxies cover the attention groups
+                kinds = set(scan["tables"]["acc_drop"])
+                covered = [g for g in names if all(kind in kinds for _, kind in groups[g])]
                 for key, label in (("acc_drop", "readout acc drop (last layer)"),
                                    ("loss_rise", "readout log-loss rise (last layer)"),
                                    ("best_acc_drop", "readout acc drop (best layer)"),
                                    ("best_loss_rise", "readout log-loss rise (best layer)"),
                                    ("later", "later-layer mean log-loss rise")):  # fmt: skip
-                    candidates[f"{label}, {tag}"] = {
-                        g: group_value(scan["tables"][key], groups[g]) for g in names
+                    if key in scan["tables"]:
+                        candidates[f"{label}, {tag}"] = {
+                            g: group_value(scan["tables"][key], groups[g]) for g in covered
+                        }
+                if "mods_rob" in scan:  # the selection itself: a group outside Mods_Rob is fragile
+                    robust = {tuple(m) for m in scan["mods_rob"]}
+                    candidates[f"searched Mods_Rob: share of the group outside it, {tag}"] = {
+                        g: 1 - np.mean([m in robust for m in groups[g]]) for g in covered
                     }
         layers_path = os.path.join(out, "safety-layers.json")
         if os.path.exists(layers_path):
@@ -557,17 +571,21 @@ def table(args):
             candidates[f"SPPFT safety layers ({lo}-{hi}): share of the group inside"] = {
                 g: np.mean([lo <= layer <= hi for layer, _ in groups[g]]) for g in names
             }
-        truth_values = [excess[g] for g in names]
         for label, values in candidates.items():
-            rho, ci = bootstrap(truth_values, [values[g] for g in names])
-            result["proxies"][f"{label} [{scenario_name}]"] = {"spearman": rho, "ci": ci}
-            rows.append((scenario_name, label, rho, ci))
+            common = [g for g in names if g in values]  # the groups this proxy covers
+            rho, ci = bootstrap([excess[g] for g in common], [values[g] for g in common])
+            result["proxies"][f"{label} [{scenario_name}]"] = {
+                "spearman": rho,
+                "ci": ci,
+                "groups": len(common),
+            }
+            rows.append((scenario_name, label, rho, ci, len(common)))
     print(f"ground truth: the excess refusal-loss rise over plain IFT at the same progress, on "
           f"{len(names)} groups")  # fmt: skip
-    print("| scenario | proxy | Spearman vs the ground truth | 95 % CI |")
-    print("|---|---|---|---|")
-    for scenario_name, label, rho, ci in rows:
-        print(f"| {scenario_name} | {label} | {rho:+.2f} | [{ci[0]:+.2f}, {ci[1]:+.2f}] |")
+    print("| scenario | proxy | groups | Spearman vs the ground truth | 95 % CI |")
+    print("|---|---|---|---|---|")
+    for scenario_name, label, rho, ci, n in rows:
+        print(f"| {scenario_name} | {label} | {n} | {rho:+.2f} | [{ci[0]:+.2f}, {ci[1]:+.2f}] |")
     for scenario_name, truth_of in result["ground_truth"].items():
         ordered = sorted(names, key=lambda g: truth_of[g])
         print(f"\n{scenario_name}: least fragile first: " + ", ".join(

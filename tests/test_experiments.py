@@ -5,6 +5,7 @@ import json
 import os
 import sys
 
+import numpy as np
 import pytest
 
 import model
@@ -89,3 +90,47 @@ def test_rows_are_named_by_their_selection():
     rows += [("oracle-lr0.0002", "only"), ("only-qk", "only")]
     names = [robust_modules.selection_of(name, recipe) for name, recipe in rows]
     assert names == ["ift", "lr-matched", "random", "sppft", "oracle", "only-qk"]
+
+
+def test_the_proxy_table_reads_a_runs_scan(tmp_path):
+    """`table` on groups with known fragility and a run's scan.json copied beside them: each scan
+    proxy's Spearman equals scipy's on the attention groups the scan covers, and a group's share
+    outside the searched Mods_Rob counts as its predicted fragility."""
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(0)
+    groups = [f"{kind}_{lo}-{lo + 9}" for kind in ("q", "k", "v", "o") for lo in (0, 10, 20)]
+    folder = tmp_path / "attack" / "seed0" / "groups"
+    folder.mkdir(parents=True)
+    truth = {}
+    for name in groups + ["gate_0-9"]:
+        rise, drop = rng.normal(0, 0.01), rng.uniform(0.05, 0.3)
+        truth[name.replace("_", ":")] = rise / drop  # without IFT's curve: the fragility ratio
+        (folder / f"{name}.json").write_text(json.dumps({"refusal_rise": rise, "task_drop": drop}))
+    tables = {
+        key: {k: rng.normal(size=30).tolist() for k in "qkvo"} for key in ("acc_drop", "later")
+    }
+    robust = [[layer, kind] for layer in range(30) for kind in "qk" if layer % 3]
+    scan = {"settings": {"scale": 0.5, "n_per_class": 32, "seed": 0}, "tables": tables,
+            "mods_rob": robust}  # fmt: skip
+    (tmp_path / "scan-run-seed0.json").write_text(json.dumps(scan))
+    out = tmp_path / "study.json"
+    robust_modules.main(["table", str(tmp_path), "--json", str(out)])
+    proxies = json.load(open(out))["proxies"]
+    attention = [g.replace("_", ":") for g in groups]
+
+    def layers(group):  # "q:10-19" -> range(10, 20)
+        lo, hi = group.split(":")[1].split("-")
+        return range(int(lo), int(hi) + 1)
+
+    for key, label in (("acc_drop", "readout acc drop (last layer)"),
+                       ("later", "later-layer mean log-loss rise")):  # fmt: skip
+        values = [sum(tables[key][g[0]][layer] for layer in layers(g)) for g in attention]
+        found = proxies[f"{label}, scale 0.5, n 32, noise seed 0 [attack]"]
+        assert found["groups"] == 12
+        expected = spearmanr([truth[g] for g in attention], values).statistic
+        assert found["spearman"] == pytest.approx(expected, abs=1e-12)
+    inside = [np.mean([layer % 3 > 0 and g[0] in "qk" for layer in layers(g)]) for g in attention]
+    label = "searched Mods_Rob: share of the group outside it, scale 0.5, n 32, noise seed 0"
+    expected = spearmanr([truth[g] for g in attention], [1 - x for x in inside]).statistic
+    assert proxies[label + " [attack]"]["spearman"] == pytest.approx(expected, abs=1e-12)
