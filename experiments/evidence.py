@@ -103,7 +103,9 @@ def run_argv(cell, args):
     for flag in passed:
         if getattr(args, flag, None):  # (a namespace made by hand may lack them)
             argv += ["--" + flag.replace("_", "-"), getattr(args, flag)]
-    return argv + ["--selections"] + profile["selections"]
+    # the module sets: the profile's, or named (e.g. a study's oracle set, as robustness.parse_mods
+    # reads it)
+    return argv + ["--selections"] + (getattr(args, "selections", None) or profile["selections"])
 
 
 # ---- statistics ----
@@ -360,6 +362,12 @@ def main(argv=None):
         "--rows",
         nargs="+",
         help="only these rows (the rest of a cut-short run; or a gpu row, safemix, on the cpu)",
+    )
+    run.add_argument(
+        "--selections",
+        nargs="+",
+        help="Mods_Rob's selections instead of the profile's (e.g. a set"
+        " such as '10-19:q,k;0-9:k')",
     )
     run.add_argument("--defences", help="swat_min.py run --defences (vaccine,restore,safelora)")
     run.add_argument("--vaccine-model", help="the start aligned with align --vaccine")

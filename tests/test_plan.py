@@ -153,6 +153,9 @@ def test_run_compares_selections_random_and_control_and_watches_the_drift(
     args = argparse.Namespace(model="m", out="o", shared="s", pairs=None, profile="cpu", seeds=None)
     argv = evidence.run_argv("benign-gsm8k-lora", argparse.Namespace(**vars(args), rows=["mllr"]))
     assert argv[argv.index("--strategies") + 1 :][:2] == ["mllr", "--selections"]
+    named = argparse.Namespace(**vars(args), rows=["mllr"], selections=["0-1:q,k", "scan"])
+    argv = evidence.run_argv("benign-gsm8k-lora", named)  # a named set replaces the profile's
+    assert argv[argv.index("--selections") + 1 :] == ["0-1:q,k", "scan"]
     # a row the cpu profile leaves out may be named; a row no profile has is refused
     argv = evidence.run_argv(
         "benign-gsm8k-full", argparse.Namespace(**vars(args), rows=["safemix"])
