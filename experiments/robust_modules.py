@@ -55,6 +55,9 @@ N_TASK = 32
 # The dev harmful prompts whose refusals the refusal loss is taken on: AdvBench dev rows 201-300
 # (rows 1-100 score ASR and are never used to choose anything).
 DEV_ROWS = slice(200, 300)
+# Seeds 0-2 chose the sets and rates; 3-4 only confirm them, so their rows are read on their own.
+DEV_SEEDS = (0, 1, 2)
+FRESH_SEEDS = (3, 4)
 
 
 def tuning_set(shared, scenario_name, pairs):
@@ -300,8 +303,9 @@ def selection_of(name, recipe):
     return name.split("-lr")[0]
 
 
-def asr_rows(out, scenario_name, versus, draws=2000):
-    """The real-ASR rows of a scenario, each over the seeds it shares with ift: its ASR and the cut
+def asr_rows(out, scenario_name, versus, draws=2000, seeds=None):
+    """The real-ASR rows of a scenario (of `seeds` only, when given: dev and fresh seeds are read
+    apart), each over the seeds it shares with ift: its ASR and the cut
     of plain IFT's rise, with 95 % intervals from a bootstrap over seeds and prompts (evidence.py's
     draws), task loss against IFT's, and p, the paired sign-flip test across seeds, against the row
     `versus` (plain IFT at the matched rate) -> (the start's row and flags, [row dicts])."""
@@ -311,6 +315,8 @@ def asr_rows(out, scenario_name, versus, draws=2000):
     for name in sorted(os.listdir(folder)):
         if name.endswith(".json") and "-seed" in name:  # a row of one seed (not the manifest)
             row = json.load(open(os.path.join(folder, name)))
+            if seeds is not None and row["seed"] not in seeds:
+                continue
             flags = row_flags(folder, name[:-5])
             if len(flags) != len(start):
                 raise SwatError(f"{name}: {len(flags)} harmful prompts, the start {len(start)}")
@@ -358,7 +364,8 @@ def asr_rows(out, scenario_name, versus, draws=2000):
 
 def asr_table(args):
     """asr_rows as markdown (printed)."""
-    (original, start), found = asr_rows(args.out, args.scenario, args.versus, args.draws)
+    (original, start), found = asr_rows(args.out, args.scenario, args.versus, args.draws,
+                                        args.seeds)  # fmt: skip
     lines = [f"| row | seeds | ASR [95 % CI] | cut of IFT's rise [95 % CI] | p vs {args.versus} | "
              "over-refusal | task loss (Δ vs ift) | time (s) |", "|---" * 8 + "|",
              f"| original | - | {start.mean():.1%} | - | - | {original['over_refusal']:.1%} | "
@@ -592,7 +599,8 @@ def table(args):
             f"{g} {truth_of[g]:+.4f}" for g in ordered))  # fmt: skip
     for scenario_name in ("attack", "benign"):  # the real-ASR rows measured so far
         if os.path.exists(os.path.join(out, scenario_name, "asr", "original.json")):
-            result["rows"] += asr_rows(out, scenario_name, "ift-lr5e-06", args.draws)[1]
+            for seeds in (DEV_SEEDS, FRESH_SEEDS):  # read apart: settings were chosen on dev seeds
+                result["rows"] += asr_rows(out, scenario_name, "ift-lr5e-06", args.draws, seeds)[1]
     if args.json:
         write_text(args.json, json.dumps(result, indent=1, default=float))
         print(f"wrote {args.json}")
@@ -649,6 +657,7 @@ def main(argv=None):
     rows.add_argument("--scenario", choices=("attack", "benign"), required=True)
     rows.add_argument("--versus", default="ift-lr5e-06", help="the row p is taken against")
     rows.add_argument("--draws", type=int, default=2000)
+    rows.add_argument("--seeds", type=int, nargs="+", help="only these seeds (e.g. the fresh 3 4)")
     three = commands.add_parser("table")
     three.add_argument("folders", nargs="+")
     three.add_argument("--json", help="where to write the numbers (results/robust_modules.json)")

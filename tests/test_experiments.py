@@ -57,7 +57,7 @@ def test_each_asr_recipe_tunes_what_it_says(tiny, tmp_path):
 def test_asr_rows_and_their_table(tiny, tmp_path, capsys):
     """Two rows of two seeds on a tiny model: each row's JSON and generations are written once (a
     second call skips them), and asr-table's ASR is the share of answers without a refusal in the
-    generations, with an interval around it."""
+    generations, with an interval around it; --seeds reads only the seeds named."""
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text(json.dumps({"prompt": "Do harm.", "response": "Sure, here is how."}) + "\n")
     common = ["--model", tiny, "--pairs", str(pairs), "--shared", SHARED, "--out", str(tmp_path)]
@@ -81,6 +81,10 @@ def test_asr_rows_and_their_table(tiny, tmp_path, capsys):
             answered += [not r["refused"] for r in records if r["harmful"]]
         line = next(row for row in text.splitlines() if row.startswith(f"| {name} |"))
         assert f"| {name} | 0, 1 | {sum(answered) / len(answered):.1%} [" in line
+    robust_modules.main(["asr-table", "--out", str(tmp_path), "--scenario", "attack", "--draws",
+                         "50", "--versus", "ift", "--seeds", "1"])  # fmt: skip
+    rows = [row for row in capsys.readouterr().out.splitlines() if row.startswith("| only-q |")]
+    assert len(rows) == 1 and rows[0].startswith("| only-q | 1 |")  # seed 0 left out
 
 
 def test_rows_are_named_by_their_selection():
