@@ -305,10 +305,10 @@ def selection_of(name, recipe):
 
 def asr_rows(out, scenario_name, versus, draws=2000, seeds=None):
     """The real-ASR rows of a scenario (of `seeds` only, when given: dev and fresh seeds are read
-    apart), each over the seeds it shares with ift: its ASR and the cut
-    of plain IFT's rise, with 95 % intervals from a bootstrap over seeds and prompts (evidence.py's
-    draws), task loss against IFT's, and p, the paired sign-flip test across seeds, against the row
-    `versus` (plain IFT at the matched rate) -> (the start's row and flags, [row dicts])."""
+    apart), each over the seeds it shares with ift: its ASR and the cut of plain IFT's rise, with
+    95 % intervals from a bootstrap over seeds and prompts (evidence.py's draws), task loss against
+    IFT's, and p, the paired sign-flip test across seeds, against the row `versus` (plain IFT at
+    the matched rate) -> (the start's row and flags, [row dicts])."""
     folder = os.path.join(out, scenario_name, "asr")
     start = np.array(row_flags(folder, "original"), float)
     rows = {}
