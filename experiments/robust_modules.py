@@ -13,6 +13,8 @@ set against it (RESULTS.md, "What makes a module robust").
   proxies  the static proxies of the aligned start: the scan's tables (readout accuracy drop and
            log-loss rise, the later-layer mean) at each noise scale and prompt count asked, and
            SPPFT's safety layers (where harmful and harmless states part, by cosine similarity).
+  asr      one real-ASR row of one seed: a set tuned alone, plain IFT at a rate, a random set,
+           SPPFT, or SWAT / ML-LR with a set as Mods_Rob; asr-table tabulates them over seeds.
   table    Spearman between the ground truth and every proxy (95 % bootstrap over the groups),
            printed as markdown and written to results/robust_modules.json.
 
@@ -30,7 +32,9 @@ aligned model's refusals, made again there, are AdvBench text and stay out of gi
 import argparse
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -55,6 +59,10 @@ N_TASK = 32
 # The dev harmful prompts whose refusals the refusal loss is taken on: AdvBench dev rows 201-300
 # (rows 1-100 score ASR and are never used to choose anything).
 DEV_ROWS = slice(200, 300)
+# SWAT's and ML-LR's settings in the evidence cells: a warm-up three times the main phase, the rest
+# of Mods_Rob's kinds at 0.1 x the rate.
+WARMUP_FRAC = 3.0
+RATIO = 0.1
 # Seeds 0-2 chose the sets and rates; 3-4 only confirm them, so their rows are read on their own.
 DEV_SEEDS = (0, 1, 2)
 FRESH_SEEDS = (3, 4)
@@ -242,9 +250,31 @@ def asr_recipe(args, net, tok):
         return evaluation.group_params(net, modules)
     if args.recipe == "random":
         return evaluation.group_params(net, plan.random_set(args.size, model.MODULES, n, args.seed))
+    # sppft (swat and mllr rows go through train.train: method_row)
     first, last = sppft_layers(net, tok, args.out)
     frozen = {f"model.layers.{layer}." for layer in range(first, last + 1)}
     return [p for name, p in net.named_parameters() if not name.startswith(tuple(frozen))]
+
+
+def method_row(args, net, tok, chats, folder):
+    """SWAT or ML-LR with --include as Mods_Rob, through train.train with the evidence cells'
+    settings (SWAT: a warm-up of WARMUP_FRAC x the steps on Mods_Rob alone, then every parameter;
+    ML-LR: the other modules of Mods_Rob's kinds at lr x RATIO). train.train writes a checkpoint,
+    here into a scratch folder of this run's own, removed once the weights are back in net."""
+    if not args.include:
+        raise SwatError(f"asr --recipe {args.recipe}: name Mods_Rob with --include")
+    mods = train.parse_mods(args.include, net.cfg.n_layers)
+    if args.exclude:
+        mods = mods - train.parse_mods(args.exclude, net.cfg.n_layers)
+    warmup = train.warmup_length(args.recipe, STEPS, WARMUP_FRAC)
+    scratch = tempfile.mkdtemp(prefix=".swat-row-", dir=folder)
+    try:
+        train.train(net, tok, chats, os.path.join(scratch, "model"), args.recipe, mods,
+                    steps=STEPS, lr=args.lr, batch_size=BATCH, warmup_steps=warmup, ratio=RATIO,
+                    max_len=MAX_LEN, seed=args.seed, long="skip", scope="modules")  # fmt: skip
+    finally:
+        shutil.rmtree(scratch)
+    net.eval()
 
 
 def asr(args):
@@ -268,7 +298,9 @@ def asr(args):
             print(f"{path} exists; skipped")
             continue
         began = time.time()
-        if name != "original":
+        if name != "original" and args.recipe in ("swat", "mllr"):
+            method_row(args, net, tok, chats, folder)
+        elif name != "original":
             torch.manual_seed(args.seed)
             encoded = train.encode_all(tok, chats, MAX_LEN, "skip")
             tuned = asr_recipe(args, net, tok)
@@ -300,6 +332,8 @@ def selection_of(name, recipe):
         return "ift" if name == "ift" else "lr-matched"
     if recipe in ("random", "sppft"):
         return recipe
+    if recipe in ("swat", "mllr"):  # "swat-oracle": SWAT with the oracle set as Mods_Rob
+        name = name.removeprefix(recipe + "-")
     return name.split("-lr")[0]
 
 
@@ -645,11 +679,12 @@ def main(argv=None):
     row = commands.add_parser("asr")
     for name in ("--model", "--pairs", "--shared", "--out", "--name"):
         row.add_argument(name, required=True)
-    row.add_argument("--recipe", choices=("ift", "only", "random", "sppft"), required=True)
+    recipes = ("ift", "only", "random", "sppft", "swat", "mllr")
+    row.add_argument("--recipe", choices=recipes, required=True)
     row.add_argument("--scenario", choices=("attack", "benign"), required=True)
     row.add_argument("--seed", type=int, default=0)
     row.add_argument("--lr", type=float, default=LR)
-    row.add_argument("--include", help="only: the modules tuned, e.g. q,k")
+    row.add_argument("--include", help="only: the modules tuned, e.g. q,k; swat, mllr: Mods_Rob")
     row.add_argument("--exclude", help="only: modules left out, e.g. 0-9:v")
     row.add_argument("--size", type=int, help="random: how many modules")
     rows = commands.add_parser("asr-table")

@@ -87,13 +87,47 @@ def test_asr_rows_and_their_table(tiny, tmp_path, capsys):
     assert len(rows) == 1 and rows[0].startswith("| only-q | 1 |")  # seed 0 left out
 
 
+@needs_shared
+def test_swat_and_mllr_rows_go_through_train(tiny, tmp_path, monkeypatch):
+    """asr --recipe swat/mllr: Mods_Rob from --include (refused in one line without it), trained by
+    train.train into a scratch folder that does not outlive the row; the row records its recipe."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "Do harm.", "response": "Sure, here is how."}) + "\n")
+    common = ["--model", tiny, "--pairs", str(pairs), "--shared", SHARED, "--out", str(tmp_path)]
+    common += ["--scenario", "attack", "--seed", "0"]
+    monkeypatch.setattr(robust_modules, "STEPS", 2)  # 2 steps (SWAT: 6 of warm-up before them)
+    with pytest.raises(SystemExit, match="name Mods_Rob with --include"):
+        robust_modules.main(["asr", *common, "--recipe", "swat", "--name", "swat-none"])
+    for recipe in ("swat", "mllr"):
+        robust_modules.main(["asr", *common, "--recipe", recipe, "--include", "1-2:q,k",
+                             "--name", f"{recipe}-qk"])  # fmt: skip
+    folder = tmp_path / "attack" / "asr"
+    left = {p.name for p in folder.iterdir()} - {"swat-min.json"}  # less the folder's manifest
+    assert left == {f"{n}.{e}" for n in ("original", "swat-qk-seed0", "mllr-qk-seed0")
+                    for e in ("json", "jsonl")}  # fmt: skip
+    rows = {n: json.load(open(folder / f"{n}-qk-seed0.json")) for n in ("swat", "mllr")}
+    assert [rows[n]["recipe"] for n in rows] == ["swat", "mllr"]
+    # SWAT's warm-up steps come before the same main phase: the two rows end at different weights
+    assert rows["swat"]["task_loss"] != rows["mllr"]["task_loss"]
+
+
 def test_rows_are_named_by_their_selection():
     """results/robust_modules.json's selection names: plain IFT at another rate is lr-matched, a
     set tuned alone keeps its name less its rate."""
     rows = [("ift", "ift"), ("ift-lr5e-06", "ift"), ("random-60", "random"), ("sppft", "sppft")]
-    rows += [("oracle-lr0.0002", "only"), ("only-qk", "only")]
+    rows += [("oracle-lr0.0002", "only"), ("only-qk", "only"), ("swat-oracle", "swat")]
+    rows += [("mllr-oracle-lr1e-4", "mllr")]
     names = [robust_modules.selection_of(name, recipe) for name, recipe in rows]
-    assert names == ["ift", "lr-matched", "random", "sppft", "oracle", "only-qk"]
+    assert names == [
+        "ift",
+        "lr-matched",
+        "random",
+        "sppft",
+        "oracle",
+        "only-qk",
+        "oracle",
+        "oracle",
+    ]
 
 
 def test_the_proxy_table_reads_a_runs_scan(tmp_path):
