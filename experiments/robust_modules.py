@@ -405,6 +405,8 @@ def asr_table(args):
              f"| original | - | {start.mean():.1%} | - | - | {original['over_refusal']:.1%} | "
              f"{original['task_loss']:.3f} | - |"]  # fmt: skip
     for r in found:
+        if args.rows and r["row"] not in args.rows:  # only the rows asked for (and the start)
+            continue
         cut = "-"
         if r["cut"] is not None:
             cut = f"{r['cut']:+.0%} [{r['cut_ci'][0]:+.0%}, {r['cut_ci'][1]:+.0%}]"
@@ -693,6 +695,7 @@ def main(argv=None):
     rows.add_argument("--versus", default="ift-lr5e-06", help="the row p is taken against")
     rows.add_argument("--draws", type=int, default=2000)
     rows.add_argument("--seeds", type=int, nargs="+", help="only these seeds (e.g. the fresh 3 4)")
+    rows.add_argument("--rows", nargs="+", help="only these rows (e.g. ift swat-oracle)")
     three = commands.add_parser("table")
     three.add_argument("folders", nargs="+")
     three.add_argument("--json", help="where to write the numbers (results/robust_modules.json)")

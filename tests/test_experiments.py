@@ -85,6 +85,10 @@ def test_asr_rows_and_their_table(tiny, tmp_path, capsys):
                          "50", "--versus", "ift", "--seeds", "1"])  # fmt: skip
     rows = [row for row in capsys.readouterr().out.splitlines() if row.startswith("| only-q |")]
     assert len(rows) == 1 and rows[0].startswith("| only-q | 1 |")  # seed 0 left out
+    robust_modules.main(["asr-table", "--out", str(tmp_path), "--scenario", "attack", "--draws",
+                         "50", "--versus", "ift", "--rows", "only-q"])  # fmt: skip
+    rows = [row.split(" | ")[0] for row in capsys.readouterr().out.splitlines()[2:]]
+    assert rows == ["| original", "| only-q"]  # the start, and only the row asked for
 
 
 @needs_shared
