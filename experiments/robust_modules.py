@@ -244,16 +244,20 @@ def asr_recipe(args, net, tok):
     if args.recipe == "ift":
         return list(net.parameters())
     if args.recipe == "only":
-        modules = train.parse_mods(args.include, n) if args.include else every
-        if args.exclude:
-            modules = modules - train.parse_mods(args.exclude, n)
-        return evaluation.group_params(net, modules)
+        return evaluation.group_params(net, named_modules(args, n, every))
     if args.recipe == "random":
         return evaluation.group_params(net, plan.random_set(args.size, model.MODULES, n, args.seed))
-    # sppft (swat and mllr rows go through train.train: method_row)
     first, last = sppft_layers(net, tok, args.out)
     frozen = {f"model.layers.{layer}." for layer in range(first, last + 1)}
     return [p for name, p in net.named_parameters() if not name.startswith(tuple(frozen))]
+
+
+def named_modules(args, n_layers, every):
+    """The modules of --include (every module when it is not given) less those of --exclude."""
+    modules = train.parse_mods(args.include, n_layers) if args.include else every
+    if args.exclude:
+        modules = modules - train.parse_mods(args.exclude, n_layers)
+    return modules
 
 
 def method_row(args, net, tok, chats, folder):
@@ -263,9 +267,7 @@ def method_row(args, net, tok, chats, folder):
     here into a scratch folder of this run's own, removed once the weights are back in net."""
     if not args.include:
         raise SwatError(f"asr --recipe {args.recipe}: name Mods_Rob with --include")
-    mods = train.parse_mods(args.include, net.cfg.n_layers)
-    if args.exclude:
-        mods = mods - train.parse_mods(args.exclude, net.cfg.n_layers)
+    mods = named_modules(args, net.cfg.n_layers, set())
     warmup = train.warmup_length(args.recipe, STEPS, WARMUP_FRAC)
     scratch = tempfile.mkdtemp(prefix=".swat-row-", dir=folder)
     try:
@@ -273,8 +275,7 @@ def method_row(args, net, tok, chats, folder):
                     steps=STEPS, lr=args.lr, batch_size=BATCH, warmup_steps=warmup, ratio=RATIO,
                     max_len=MAX_LEN, seed=args.seed, long="skip", scope="modules")  # fmt: skip
     finally:
-        shutil.rmtree(scratch)
-    net.eval()
+        shutil.rmtree(scratch)  # train.train has left net trained and in evaluation mode
 
 
 def asr(args):
@@ -298,9 +299,9 @@ def asr(args):
             print(f"{path} exists; skipped")
             continue
         began = time.time()
-        if name != "original" and args.recipe in ("swat", "mllr"):
+        if name != "original" and args.recipe in ("swat", "mllr"):  # the methods: train.train
             method_row(args, net, tok, chats, folder)
-        elif name != "original":
+        elif name != "original":  # a set of parameters tuned, the rest frozen
             torch.manual_seed(args.seed)
             encoded = train.encode_all(tok, chats, MAX_LEN, "skip")
             tuned = asr_recipe(args, net, tok)
