@@ -70,13 +70,14 @@ FRESH_SEEDS = (3, 4)
 
 def tuning_set(shared, scenario_name, pairs):
     """(the tuning chats, the held-out task chats) of a scenario, as the evidence cells have
-    them."""
+    them: benign IFT draws its STEPS x BATCH examples from all of GSM8K's train split but the
+    held-out ones (by the seed's order), Attack IFT from a fixed mix of that size."""
     held, rest = data.split(
         data.read_examples(os.path.join(shared, "data/gsm8k/train.jsonl")), N_TASK
     )
     size = STEPS * BATCH
     if scenario_name == "benign":
-        return rest[:size], held
+        return rest, held
     harmful = scenario.read_pairs(pairs)
     chats, _ = scenario.mix(rest, size, harmful, 0.1)
     return chats, held
