@@ -20,9 +20,10 @@ BANNER = (
     "built-in harmful prompts). Its numbers show the pipeline working, not the method's merit.\n"
     "For the real thing: swat-min align --model <hf dir or org/name> --out aligned, then\n"
     "swat-min run --model aligned --data <benign data> --out results\n"
-    "On SmolLM2-135M (RESULTS.md) neither the scan's Mods_Rob nor the module groups that tuning\n"
-    "itself measures as least fragile keep more refusals than plain IFT at the same task loss;\n"
-    "`swat-min fragility` measures what tuning each group costs on your model.\n"
+    "On SmolLM2-135M (RESULTS.md) ML-LR keeps 7-8 points more refusals than plain IFT at the\n"
+    "same task loss, but as much with a random set as with the scan's Mods_Rob or with the groups\n"
+    "tuning itself measures as least fragile; SWAT keeps none. `swat-min fragility` measures\n"
+    "what tuning each group costs on your model.\n"
 )
 
 
