@@ -502,6 +502,36 @@ def tuned_change(net, rows, params, steps, lr, batch_size, seed):
     return refusal_rise, task_drop
 
 
+def proxies_of(net, groups, params, task_grad, refusal_grad):
+    """Two cheap proxies per group from gradients at the current weights: conflict, the cosine
+    between the refusal loss's gradient and a task step (-task gradient) over the group's weights
+    (> 0: a task step raises the refusal loss), and importance, sum |W * grad R| (SNIP-like). ->
+    {group: {"conflict": c, "importance": i}}."""
+    index = {id(p): i for i, p in enumerate(params)}
+    cells = {}
+    for gname, group in groups.items():
+        own = [index[id(p)] for p in group_params(net, group)]
+        dot = sum((task_grad[i] * refusal_grad[i]).sum().item() for i in own)
+        norms = sum(task_grad[i].square().sum().item() for i in own) ** 0.5
+        norms *= sum(refusal_grad[i].square().sum().item() for i in own) ** 0.5
+        importance = sum((params[i].detach() * refusal_grad[i]).abs().sum().item() for i in own)
+        cells[gname] = {"conflict": -dot / norms if norms else 0.0, "importance": importance}
+    return cells
+
+
+def gradient_proxies(net, tok, tuning, refusals, groups, batch_size=8, max_len=256, seed=0,
+                     batches=1):  # fmt: skip
+    """proxies_of at net's weights, the task gradient taken over the first `batches` batches of
+    the seed's data order (the batches a run would start with): seconds, not a run."""
+    data = train.encode_all(tok, tuning, max_len, long="skip")
+    refusal_rows = train.encode_all(tok, refusals, max_len, long="skip", what="refusal")
+    params = list(net.parameters())
+    refusal_grad = torch.autograd.grad(mean_loss(net, refusal_rows), params)
+    rows = [data[i] for i in train.order(len(data), seed, 0)[: batch_size * batches]]
+    task_grad = torch.autograd.grad(mean_loss(net, rows), params)
+    return proxies_of(net, groups, params, task_grad, refusal_grad)
+
+
 def attribution(net, tok, tuning, refusals, groups, steps=20, lr=5e-5, batch_size=8,
                 max_len=256, seed=0):  # fmt: skip
     """One plain IFT run of every parameter from net's weights (restored at the end), with each
@@ -529,14 +559,8 @@ def attribution(net, tok, tuning, refusals, groups, steps=20, lr=5e-5, batch_siz
     # the proxies at the start: the task gradient of the first batch against the refusal gradient
     first_rows = [data[i] for i in train.order(len(data), seed, 0)[:batch_size]]
     task_grad = torch.autograd.grad(mean_loss(net, first_rows), params)
-    per_group = {g: {"attributed": 0.0, "dot": 0.0, "task_sq": 0.0, "refusal_sq": 0.0,
-                     "importance": 0.0} for g in groups}  # fmt: skip
-    for i, gname in owner.items():
-        cell = per_group[gname]
-        cell["dot"] += (task_grad[i] * grad[i]).sum().item()
-        cell["task_sq"] += task_grad[i].square().sum().item()
-        cell["refusal_sq"] += grad[i].square().sum().item()
-        cell["importance"] += (params[i].detach() * grad[i]).abs().sum().item()
+    proxies = proxies_of(net, groups, params, task_grad, grad)
+    per_group = {g: dict(attributed=0.0, **cell) for g, cell in proxies.items()}
     previous = [p.detach().clone() for p in params]
 
     outside = [0.0]  # the share of the parameters in no group (embeddings, norms, other kinds)
@@ -558,10 +582,6 @@ def attribution(net, tok, tuning, refusals, groups, steps=20, lr=5e-5, batch_siz
         refusal_end = mean_loss(net, refusal_rows).item()
         for p, s in zip(params, start):
             p.copy_(s)
-    for cell in per_group.values():
-        norms = (cell.pop("task_sq") * cell.pop("refusal_sq")) ** 0.5
-        # conflict > 0: a task step (against the task gradient) raises the refusal loss
-        cell["conflict"] = -cell.pop("dot") / norms if norms else 0.0
     total = sum(c["attributed"] for c in per_group.values())
     return {"groups": per_group, "refusal_rise": refusal_end - refusal_start,
             "attributed_total": total, "attributed_outside": outside[0]}  # fmt: skip

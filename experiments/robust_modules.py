@@ -13,6 +13,8 @@ set against it (RESULTS.md, "What makes a module robust").
   proxies  the static proxies of the aligned start: the scan's tables (readout accuracy drop and
            log-loss rise, the later-layer mean) at each noise scale and prompt count asked, and
            SPPFT's safety layers (where harmful and harmless states part, by cosine similarity).
+  gradients the gradient proxies alone (conflict, importance) at the aligned start, for many
+           seeds' first batches: how much a one-batch proxy's ranking depends on the batch.
   asr      one real-ASR row of one seed: a set tuned alone, plain IFT at a rate, a random set,
            SPPFT, or SWAT / ML-LR with a set as Mods_Rob; asr-table tabulates them over seeds.
   table    Spearman between the ground truth and every proxy (95 % bootstrap over the groups),
@@ -484,6 +486,30 @@ def proxies(args):
     print(f"safety layers {first}-{last}")
 
 
+def gradients(args):
+    """The gradient proxies (evaluation.gradient_proxies) at the aligned start, one file per seed:
+    each seed's first --batches batches of its data order against the dev refusals' gradient
+    -> out/SCENARIO/gradients-bB-seedS.json. Seconds a seed, so many batches can be drawn."""
+    folder = os.path.join(args.out, args.scenario)
+    os.makedirs(folder, exist_ok=True)
+    net, tok = model.load(args.model)
+    refusal = refusals(net, tok, args.shared, args.out)
+    chats, _ = tuning_set(args.shared, args.scenario, args.pairs)
+    groups = evaluation.module_groups(net.cfg.n_layers)
+    for seed in args.seeds:
+        path = os.path.join(folder, f"gradients-b{args.batches}-seed{seed}.json")
+        if os.path.exists(path):
+            print(f"{path} exists; skipped")
+            continue
+        began = time.time()
+        cells = evaluation.gradient_proxies(net, tok, chats, refusal, groups, BATCH, MAX_LEN,
+                                            seed, args.batches)  # fmt: skip
+        record = {"seed": seed, "batches": args.batches, "groups": cells,
+                  "seconds": time.time() - began}  # fmt: skip
+        write_text(path, json.dumps(record, indent=1))
+        print(f"wrote {path} ({record['seconds']:.0f} s)")
+
+
 def spearman(a, b):
     """Spearman's rank correlation of two equal-length value lists (average ranks for ties)."""
     ranks = [np.argsort(np.argsort(x, kind="stable"), kind="stable").astype(float) for x in (a, b)]
@@ -584,6 +610,18 @@ def table(args):
             result["attributed"][scenario_name] = candidates[
                 "attributed (first-order share of one IFT run)"
             ]
+        drawn = {}  # the gradient proxies of many seeds' first batches: each, and their mean
+        for path in sorted(os.listdir(os.path.join(out, scenario_name))):
+            if path.startswith("gradients-"):
+                record = json.load(open(os.path.join(out, scenario_name, path)))
+                b, seed = record["batches"], record["seed"]
+                for key in ("conflict", "importance"):
+                    values = {g: record["groups"][g][key] for g in names}
+                    candidates[f"{key}, {b} batch(es) of seed {seed}"] = values
+                    drawn.setdefault((key, b), []).append(values)
+        for (key, b), draws in drawn.items():
+            label = f"{key}, {b} batch(es), mean of {len(draws)} seeds"
+            candidates[label] = {g: np.mean([d[g] for d in draws]) for g in names}
         for path in sorted(os.listdir(out)):
             if path.startswith("scan-"):  # `proxies`' scans, or a run's scan.json copied here
                 scan = json.load(open(os.path.join(out, path)))
@@ -680,6 +718,12 @@ def main(argv=None):
     two.add_argument("--out", required=True)
     two.add_argument("--scales", type=float, nargs="+", default=[0.5])
     two.add_argument("--ns", type=int, nargs="+", default=[64])
+    grads = commands.add_parser("gradients")
+    for name in ("--model", "--pairs", "--shared", "--out"):
+        grads.add_argument(name, required=True)
+    grads.add_argument("--scenario", choices=("attack", "benign"), required=True)
+    grads.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    grads.add_argument("--batches", type=int, default=1, help="task batches a gradient averages")
     row = commands.add_parser("asr")
     for name in ("--model", "--pairs", "--shared", "--out", "--name"):
         row.add_argument(name, required=True)
@@ -706,6 +750,7 @@ def main(argv=None):
     try:
         commands = {"truth": truth, "whole": whole, "subset": subset, "matched": matched}
         commands["proxies"] = proxies
+        commands["gradients"] = gradients
         commands["table"] = table
         commands["asr"] = asr
         commands["asr-table"] = asr_table
