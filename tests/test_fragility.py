@@ -184,3 +184,37 @@ def test_the_scan_cannot_see_the_rescaling_that_makes_a_group_fragile(aligned):
         for kind in before[metric]:
             assert after[metric][kind] == pytest.approx(before[metric][kind], rel=1e-3, abs=1e-6)
     assert max(map(abs, before["later"]["up"])) > 1e-3  # and the scan does see up's noise
+
+
+def test_conflict_is_the_sign_of_a_small_task_step_on_the_refusal_loss(aligned):
+    """gradient_proxies' conflict > 0 means a small step down the task gradient, on that group
+    alone, raises the refusal loss: checked by taking the step (a finite difference), per group.
+    Its numbers are attribution's proxies at the start."""
+    net, tok, start = aligned
+    reset(net, start)
+    groups = evaluation.module_groups(
+        net.cfg.n_layers, ("q", "k", "v", "o", "gate", "up", "down"), 3
+    )
+    tuning = COMPLIANCE[:4] + SUMS[24:28]  # eight rows: one batch, the whole task loss below
+    cells = evaluation.gradient_proxies(net, tok, tuning, REFUSALS, groups, batch_size=8)
+    task_rows = train.encode_all(tok, tuning, 256)
+    refusal_rows = train.encode_all(tok, REFUSALS, 256)
+    checked = 0
+    for name, group in groups.items():
+        params = evaluation.group_params(net, group)
+        task_grad = torch.autograd.grad(evaluation.mean_loss(net, task_rows), params)
+        with torch.no_grad():
+            before = evaluation.mean_loss(net, refusal_rows).item()
+            for p, g in zip(params, task_grad):
+                p.sub_(3e-2 * g / g.norm())
+            change = evaluation.mean_loss(net, refusal_rows).item() - before
+        reset(net, start)
+        if abs(cells[name]["conflict"]) > 0.05 and abs(change) > 1e-5:
+            assert np.sign(change) == np.sign(cells[name]["conflict"]), name
+            checked += 1
+    assert checked >= 3  # the check said something
+    result = evaluation.attribution(net, tok, tuning, REFUSALS, groups, steps=1, lr=1e-4,
+                                    batch_size=8, max_len=256)  # fmt: skip
+    for name, cell in cells.items():
+        assert cell["conflict"] == pytest.approx(result["groups"][name]["conflict"], abs=1e-5)
+        assert cell["importance"] == pytest.approx(result["groups"][name]["importance"], rel=1e-5)
