@@ -615,12 +615,12 @@ def table(args):
             if path.startswith("gradients-"):
                 record = json.load(open(os.path.join(out, scenario_name, path)))
                 b, seed = record["batches"], record["seed"]
-                for key in ("conflict", "importance"):
-                    values = {g: record["groups"][g][key] for g in names}
-                    candidates[f"{key}, {b} batch(es) of seed {seed}"] = values
-                    drawn.setdefault((key, b), []).append(values)
-        for (key, b), draws in drawn.items():
-            label = f"{key}, {b} batch(es), mean of {len(draws)} seeds"
+                # (importance reads the refusal gradient alone: the same for every batch)
+                values = {g: record["groups"][g]["conflict"] for g in names}
+                candidates[f"conflict, {b} batch(es) of seed {seed}"] = values
+                drawn.setdefault(b, []).append(values)
+        for b, draws in drawn.items():
+            label = f"conflict, {b} batch(es), mean of {len(draws)} seeds"
             candidates[label] = {g: np.mean([d[g] for d in draws]) for g in names}
         for path in sorted(os.listdir(out)):
             if path.startswith("scan-"):  # `proxies`' scans, or a run's scan.json copied here
