@@ -611,14 +611,17 @@ def write_fragility(out, groups, measured, attributed, curve, settings):
     title = "training-time fragility: refusal-loss rise per unit of task-loss decrease"
     figures.heatmap_svg(os.path.join(out, "fragility.svg"), table, title, "fragility")
     # the terminal's table: one group a line, least fragile first
-    lines = ["group          fragility  refusal rise  task drop  IFT's rise there  attributed"]
+    # conflict: the cheap proxy (one batch's gradients) that ranked SmolLM2's groups as this does
+    lines = [
+        "group          fragility  refusal rise  task drop  IFT's rise there  attributed  conflict"
+    ]
     for name in sorted(groups, key=lambda g: measured[g]["fragility"]):
         m = measured[name]
         a = attributed["groups"][name]
         at = m.get("ift_rise_at_same_progress", float("nan"))
         lines.append(
             f"{name:<14} {m['fragility']:9.3f}  {m['refusal_rise']:12.4f}  {m['task_drop']:9.4f}  "
-            f"{at:16.4f}  {a['attributed']:10.4f}"
+            f"{at:16.4f}  {a['attributed']:10.4f}  {a['conflict']:+8.3f}"
         )
     lines.append(f"wrote {out}/fragility.json and fragility.svg")
     return "\n".join(lines)
