@@ -614,7 +614,8 @@ def table(args):
         for path in sorted(os.listdir(os.path.join(out, scenario_name))):
             if path.startswith("gradients-"):
                 record = json.load(open(os.path.join(out, scenario_name, path)))
-                b, seed = record["batches"], record["seed"]
+                b = record["batches"]
+                seed = record["seed"]
                 # (importance reads the refusal gradient alone: the same for every batch)
                 values = {g: record["groups"][g]["conflict"] for g in names}
                 candidates[f"conflict, {b} batch(es) of seed {seed}"] = values

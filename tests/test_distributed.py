@@ -127,7 +127,9 @@ def test_an_interrupted_run_resumes_to_the_same_weights_in_hf_format(tiny, tmp_p
     assert trainer["step"] == 2
     done = torchrun(argv + ["--resume"])
     assert done.returncode == 0, done.stderr[-3000:]
-    assert max_diff(weights(tmp_path / "one"), weights(tmp_path / "two")) <= 1e-6
+    # two ranks sum their gradients in another order than one process does: the last bits differ
+    # by machine (1.1e-6 seen); a resume that lost the optimizer's state would be off by ~lr
+    assert max_diff(weights(tmp_path / "one"), weights(tmp_path / "two")) <= 1e-5
     # an ordinary HF checkpoint: transformers loads it, every weight the gathered whole one
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "two").state_dict()
     ours = weights(tmp_path / "two")
