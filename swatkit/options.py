@@ -102,7 +102,7 @@ def build_parser(description, commands):
                 "\nthan plain IFT at the rate reaching the same task loss with the scan's set, the"
                 "\noracle's or a random one alike; SWAT none with it, but SWAT cut 46 % of"
                 "\nthe rise on benign GSM8K with --metric later --select topk --k 60 --n 32"
-                "\n(three dev seeds; the random set and fresh seeds still to run: RESULTS.md,"
+                "\n(three dev seeds; a random 60 cut nothing; fresh seeds still to run: RESULTS.md,"
                 "\n'What makes a module robust'); `swat-min fragility` measures what tuning"
                 "\neach group costs."
             )
