@@ -490,6 +490,8 @@ def gradients(args):
     """The gradient proxies (evaluation.gradient_proxies) at the aligned start, one file per seed:
     each seed's first --batches batches of its data order against the dev refusals' gradient
     -> out/SCENARIO/gradients-bB-seedS.json. Seconds a seed, so many batches can be drawn."""
+    if args.batches < 1:  # no task rows: no task gradient to set against the refusals'
+        raise SwatError(f"gradients --batches {args.batches}: must be 1 or more")
     folder = os.path.join(args.out, args.scenario)
     os.makedirs(folder, exist_ok=True)
     net, tok = model.load(args.model)
