@@ -98,13 +98,13 @@ def build_parser(description, commands):
         if "select" in names:  # the finding a user of the scan's selection should know of
             epilog += (
                 "\n\nThe default selection is the paper's (--metric readout, --select search). On"
-                "\nSmolLM2-135M no selection beat a random set: ML-LR kept 7-8 points more refusals"
-                "\nthan plain IFT at the rate reaching the same task loss with the scan's set, the"
-                "\noracle's or a random one alike; SWAT none with it. With --metric later"
-                "\n--select topk --k 60 --n 32 SWAT cut the rise on benign GSM8K by 46 % (three"
-                "\ndev seeds) and 22 % (two fresh ones; a random 60 cut nothing), but not under"
-                "\nAttack IFT (RESULTS.md, 'What makes a module robust'), so the default stays"
-                "\nthe paper's; `swat-min fragility` measures what tuning each group costs."
+                "\nSmolLM2-135M ML-LR kept 7-8 points more refusals than plain IFT at the rate"
+                "\nreaching the same task loss, with the scan's set, the oracle's or a random one"
+                "\nalike; SWAT kept none with the paper's set. With --metric later --select topk"
+                "\n--k 60 --n 32 SWAT cut the rise on benign GSM8K by 46 % (three dev seeds) and"
+                "\n22 % (two fresh ones), where a random 60 cut nothing, but not under Attack IFT"
+                "\n(RESULTS.md, 'What makes a module robust'): so the default stays the paper's."
+                "\n`swat-min fragility` measures what tuning each group costs."
             )
         command = sub.add_parser(
             name, help=what, description=what, epilog=epilog, formatter_class=Help
