@@ -590,6 +590,9 @@ def table(args):
               "ground_truth": {}, "attributed": {}, "proxies": {}, "rows": []}  # fmt: skip
     for scenario_name, runs in truths.items():
         runs = [r for r in runs if all(g in r["measured"] for g in names)]
+        if not runs:  # a run cut short: its groups wait until every one is measured
+            print(f"{scenario_name}: no seed has all {len(names)} groups yet; left out")
+            continue
         measured = {g: np.mean([r["measured"][g]["refusal_rise"] for r in runs]) for g in names}
         drop = {g: np.mean([r["measured"][g]["task_drop"] for r in runs]) for g in names}
         # damage per unit of task progress; a group that makes no progress is most fragile
@@ -666,6 +669,16 @@ def table(args):
                 "groups": len(common),
             }
             rows.append((scenario_name, label, rho, ci, len(common)))
+    both = result["ground_truth"]
+    if len(both) == 2:  # is fragility the module's, or the data's? the two scenarios' rankings
+        rho, ci = bootstrap([both["attack"][g] for g in names],
+                            [both["benign"][g] for g in names])  # fmt: skip
+        result["proxies"]["the other scenario's ground truth [attack vs benign]"] = {
+            "spearman": rho,
+            "ci": ci,
+            "groups": len(names),
+        }
+        rows.append(("both", "the other scenario's ground truth", rho, ci, len(names)))
     print(f"ground truth: the excess refusal-loss rise over plain IFT at the same progress, on "
           f"{len(names)} groups")  # fmt: skip
     print("| scenario | proxy | groups | Spearman vs the ground truth | 95 % CI |")

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 
+import evaluation
 import model
 from conftest import ROOT, SHARED
 
@@ -176,3 +177,42 @@ def test_the_proxy_table_reads_a_runs_scan(tmp_path):
     label = "searched Mods_Rob: share of the group outside it, scale 0.5, n 32, noise seed 0"
     expected = spearmanr([truth[g] for g in attention], [1 - x for x in inside]).statistic
     assert proxies[label + " [attack]"]["spearman"] == pytest.approx(expected, abs=1e-12)
+
+
+def write_groups(folder, rises, drop=0.2):
+    """One seed's measured groups as `truth` writes them, plus plain IFT's curve (one `whole`)."""
+    (folder / "groups").mkdir(parents=True)
+    for name, rise in rises.items():
+        cell = {"refusal_rise": rise, "task_drop": drop}
+        (folder / "groups" / (name.replace(":", "_") + ".json")).write_text(json.dumps(cell))
+    whole = {"lr": 5e-5, "before": {"task_loss": 2.0, "refusal_loss": 0.1}}
+    whole["after"] = {"task_loss": 1.0, "refusal_loss": 0.6}
+    (folder / "whole-lr5e-05.json").write_text(json.dumps(whole))
+
+
+def test_table_sets_the_two_scenarios_truths_side_by_side(tmp_path, capsys):
+    """table: each scenario's ground truth is the groups' excess over plain IFT at the same
+    progress; with both scenarios it reports their Spearman (checked against numpy's ranks); a
+    scenario whose run is cut short is left out, not averaged as NaN."""
+    names = list(evaluation.module_groups(6))
+    rng = np.random.default_rng(0)
+    attack = dict(zip(names, rng.normal(size=len(names))))
+    benign = dict(zip(names, rng.normal(size=len(names))))
+    write_groups(tmp_path / "attack" / "seed0", attack)
+    write_groups(tmp_path / "benign" / "seed0", dict(list(benign.items())[:5]))
+    robust_modules.main(["table", str(tmp_path), "--json", str(tmp_path / "a.json")])
+    assert "benign: no seed has all 21 groups yet; left out" in capsys.readouterr().out
+    assert list(json.load(open(tmp_path / "a.json"))["ground_truth"]) == ["attack"]
+    write_groups(tmp_path / "benign" / "seed1", benign)
+    robust_modules.main(["table", str(tmp_path), "--json", str(tmp_path / "b.json")])
+    result = json.load(open(tmp_path / "b.json"))
+    # the same progress for every group: the excess is each rise less one constant
+    offset = 0.5 * 0.2
+    assert result["ground_truth"]["attack"] == pytest.approx(
+        {g: r - offset for g, r in attack.items()}
+    )
+    ranks = [np.argsort(np.argsort([d[g] for g in names])) for d in (attack, benign)]
+    expected = np.corrcoef(ranks[0], ranks[1])[0, 1]
+    both = result["proxies"]["the other scenario's ground truth [attack vs benign]"]
+    assert both["spearman"] == pytest.approx(expected) and both["groups"] == len(names)
+    assert both["ci"][0] <= both["spearman"] <= both["ci"][1]
