@@ -70,14 +70,15 @@ DEV_SEEDS = (0, 1, 2)
 FRESH_SEEDS = (3, 4)
 
 
-def tuning_set(shared, scenario_name, pairs):
+def tuning_set(shared, scenario_name, pairs, steps=None):
     """(the tuning chats, the held-out task chats) of a scenario, as the evidence cells have
-    them: benign IFT draws its STEPS x BATCH examples from all of GSM8K's train split but the
-    held-out ones (by the seed's order), Attack IFT from a fixed mix of that size."""
+    them: benign IFT draws its steps x BATCH examples from all of GSM8K's train split but the
+    held-out ones (by the seed's order), Attack IFT from a fixed mix of that size (steps: STEPS
+    unless given)."""
     held, rest = data.split(
         data.read_examples(os.path.join(shared, "data/gsm8k/train.jsonl")), N_TASK
     )
-    size = STEPS * BATCH
+    size = (steps or STEPS) * BATCH
     if scenario_name == "benign":
         return rest, held
     harmful = scenario.read_pairs(pairs)
@@ -271,12 +272,13 @@ def method_row(args, net, tok, chats, folder):
     if not args.include:
         raise SwatError(f"asr --recipe {args.recipe}: name Mods_Rob with --include")
     mods = named_modules(args, net.cfg.n_layers, set())
-    warmup = train.warmup_length(args.recipe, STEPS, WARMUP_FRAC)
+    warmup = train.warmup_length(args.recipe, args.steps, WARMUP_FRAC)
     scratch = tempfile.mkdtemp(prefix=".swat-row-", dir=folder)
     try:
         train.train(net, tok, chats, os.path.join(scratch, "model"), args.recipe, mods,
-                    steps=STEPS, lr=args.lr, batch_size=BATCH, warmup_steps=warmup, ratio=RATIO,
-                    max_len=MAX_LEN, seed=args.seed, long="skip", scope="modules")  # fmt: skip
+                    steps=args.steps, lr=args.lr, batch_size=BATCH, warmup_steps=warmup,
+                    ratio=RATIO, max_len=MAX_LEN, seed=args.seed, long="skip",
+                    scope="modules")  # fmt: skip
     finally:
         shutil.rmtree(scratch)  # train.train has left net trained and in evaluation mode
 
@@ -285,14 +287,17 @@ def asr(args):
     """One real-ASR row (--name) of one seed: tune as asr_recipe says, at the groups' settings, then
     the evidence cells' evaluation (AdvBench dev rows 1-100 for ASR, 100 built-in harmless prompts
     for over-refusal, the 32 held-out GSM8K examples' task loss) -> asr/NAME-seedS.json and its
-    generations; the aligned start's own row once, asr/original.json."""
+    generations; the aligned start's own row once, asr/original.json. --steps sets the main
+    phase's length (and the tuning set's size) for the regime rows; it is kept in the row."""
+    if args.steps < 1:
+        raise SwatError(f"asr: --steps must be at least 1, got {args.steps}")
     folder = os.path.join(args.out, args.scenario, "asr")
     os.makedirs(folder, exist_ok=True)
     net, tok = model.load(args.model)
     adv = data.read_instructions(
         os.path.join(args.shared, "data/advbench/harmful_behaviors_dev.csv")
     )
-    chats, held = tuning_set(args.shared, args.scenario, args.pairs)
+    chats, held = tuning_set(args.shared, args.scenario, args.pairs, args.steps)
     options = dict(harmful=adv[:100], harmless=data.builtin("harmless", "test")[:100],
                    max_new_tokens=48, task=held, max_len=MAX_LEN, batch_size=BATCH, n_acc=0,
                    task_tokens=160)  # fmt: skip
@@ -308,10 +313,11 @@ def asr(args):
             torch.manual_seed(args.seed)
             encoded = train.encode_all(tok, chats, MAX_LEN, "skip")
             tuned = asr_recipe(args, net, tok)
-            evaluation.tune_only(net, encoded, tuned, STEPS, args.lr, BATCH, args.seed)
+            evaluation.tune_only(net, encoded, tuned, args.steps, args.lr, BATCH, args.seed)
         generations = os.path.join(folder, name + ".jsonl")
         row = evaluation.evaluate(net, tok, name, gen_path=generations, **options)
-        row.update(seed=args.seed, lr=args.lr, recipe=args.recipe, seconds=time.time() - began)
+        row.update(seed=args.seed, lr=args.lr, recipe=args.recipe, steps=args.steps,
+                   seconds=time.time() - began)  # fmt: skip
         # the table's per-prompt data, text-free (AdvBench's prompts stay out of git)
         row["answered"] = [int(a) for a in evidence.answered(generations, None)]
         if name == "original":  # the start, tuned by nothing
@@ -748,6 +754,7 @@ def main(argv=None):
     row.add_argument("--scenario", choices=("attack", "benign"), required=True)
     row.add_argument("--seed", type=int, default=0)
     row.add_argument("--lr", type=float, default=LR)
+    row.add_argument("--steps", type=int, default=STEPS, help="main-phase steps (SWAT: 3x warm-up)")
     row.add_argument("--include", help="only: the modules tuned, e.g. q,k; swat, mllr: Mods_Rob")
     row.add_argument("--exclude", help="only: modules left out, e.g. 0-9:v")
     row.add_argument("--size", type=int, help="random: how many modules")

@@ -112,6 +112,12 @@ def test_swat_and_mllr_rows_go_through_train(tiny, tmp_path, monkeypatch):
                     for e in ("json", "jsonl")}  # fmt: skip
     rows = {n: json.load(open(folder / f"{n}-qk-seed0.json")) for n in ("swat", "mllr")}
     assert [rows[n]["recipe"] for n in rows] == ["swat", "mllr"]
+    assert [rows[n]["steps"] for n in rows] == [2, 2]  # the main phase's length is kept in the row
+    with pytest.raises(SystemExit, match="--steps must be at least 1"):
+        robust_modules.main(["asr", *common, "--recipe", "ift", "--steps", "0", "--name", "none"])
+    # a longer main phase draws a tuning set to match (Attack IFT: steps x batch examples)
+    longer, _ = robust_modules.tuning_set(SHARED, "attack", str(pairs), steps=3)
+    assert len(longer) == 3 * robust_modules.BATCH
     # SWAT's warm-up steps come before the same main phase: the two rows end at different weights
     assert rows["swat"]["task_loss"] != rows["mllr"]["task_loss"]
 
