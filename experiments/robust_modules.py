@@ -34,6 +34,7 @@ aligned model's refusals, made again there, are AdvBench text and stay out of gi
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -291,6 +292,11 @@ def asr(args):
     phase's length (and the tuning set's size) for the regime rows; it is kept in the row."""
     if args.steps < 1:
         raise SwatError(f"asr: --steps must be at least 1, got {args.steps}")
+    # a row of another length is named for it, so the tables set it against IFT of that length
+    suffix = regime_of(args.name)[1]
+    if suffix != ("" if args.steps == STEPS else f"-steps{args.steps}"):
+        raise SwatError(f"asr: --steps {args.steps} wants a name ending -steps{args.steps} "
+                        f"(none at {STEPS}); got {args.name!r}")  # fmt: skip
     folder = os.path.join(args.out, args.scenario, "asr")
     os.makedirs(folder, exist_ok=True)
     net, tok = model.load(args.model)
@@ -338,6 +344,7 @@ def selection_of(name, recipe):
     """A row's selection in results/robust_modules.json's words: plain IFT at another rate is
     "lr-matched", a random set "random", SPPFT "sppft"; a set tuned alone keeps its name, less
     its rate ("oracle": the least fragile groups by the ground truth; "only-qk": every q and k)."""
+    name = regime_of(name)[0]  # "ift-steps40" is plain IFT in the 40-step regime
     if recipe == "ift":
         return "ift" if name == "ift" else "lr-matched"
     if recipe in ("random", "sppft"):
@@ -345,6 +352,15 @@ def selection_of(name, recipe):
     if recipe in ("swat", "mllr"):  # "swat-oracle": SWAT with the oracle set as Mods_Rob
         name = name.removeprefix(recipe + "-")
     return name.split("-lr")[0]
+
+
+def regime_of(name):
+    """(a row's name less its regime suffix, the suffix): "swat-search-steps40" is in the 40-step
+    regime ("-steps40") and is set against "ift-steps40"; a name without one, against "ift"."""
+    match = re.search(r"-steps\d+$", name)
+    if match is None:
+        return name, ""
+    return name[: match.start()], match.group(0)
 
 
 def asr_rows(out, scenario_name, versus, draws=2000, seeds=None):
@@ -368,15 +384,16 @@ def asr_rows(out, scenario_name, versus, draws=2000, seeds=None):
     original = json.load(open(os.path.join(folder, "original.json")))
     found = []
     for name, seeds in rows.items():
-        both = sorted(seed for seed in seeds if seed in rows.get("ift", {}))
+        baseline = "ift" + regime_of(name)[1]  # plain IFT of the same steps
+        both = sorted(seed for seed in seeds if seed in rows.get(baseline, {}))
         if not both:
             continue
         mine = np.array([seeds[seed][1] for seed in both], float)
-        ift = np.array([rows["ift"][seed][1] for seed in both], float)
+        ift = np.array([rows[baseline][seed][1] for seed in both], float)
         ci = evidence.bootstrap_interval(lambda s, p: mine[np.ix_(s, p)].mean(), len(both),
                                          len(start), draws)  # fmt: skip
         cut = cut_ci = None
-        if name != "ift" and ift.mean() > start.mean():
+        if name != baseline and ift.mean() > start.mean():
 
             def share(s, p):  # the share of IFT's rise this row avoided, on one draw
                 rise = ift[np.ix_(s, p)].mean() - start[p].mean()
@@ -393,11 +410,12 @@ def asr_rows(out, scenario_name, versus, draws=2000, seeds=None):
             diff = [np.mean(seeds[s][1]) - np.mean(other[s][1]) for s in paired]
             p = (evidence.sign_flip_p(np.array(diff)), len(paired))
         loss = np.mean([seeds[s][0]["task_loss"] for s in both])
-        loss_ift = np.mean([rows["ift"][s][0]["task_loss"] for s in both])
+        loss_ift = np.mean([rows[baseline][s][0]["task_loss"] for s in both])
         found.append({
             "scenario": scenario_name, "tuning": "full", "row": name,
             "selection": selection_of(name, seeds[both[0]][0]["recipe"]),
             "strategy": seeds[both[0]][0]["recipe"], "seeds": both, "asr": mine.mean(),
+            "steps": seeds[both[0]][0].get("steps", STEPS), "versus": baseline,
             "asr_ci": list(ci), "cut": cut, "cut_ci": cut_ci and list(cut_ci),
             "task_loss": loss, "task_loss_delta": loss / loss_ift - 1, "p_vs": p,
             "over_refusal": np.mean([seeds[s][0]["over_refusal"] for s in both]),

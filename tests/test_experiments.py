@@ -122,6 +122,34 @@ def test_swat_and_mllr_rows_go_through_train(tiny, tmp_path, monkeypatch):
     assert rows["swat"]["task_loss"] != rows["mllr"]["task_loss"]
 
 
+def test_a_longer_regimes_rows_are_set_against_ift_of_that_length(tmp_path):
+    """A row named -stepsN (asr --steps N) is set against "ift-stepsN", not the 20-step IFT: its
+    cut is the share of that IFT's rise it avoids; asr refuses a name that hides its length."""
+    folder = tmp_path / "benign" / "asr"
+    folder.mkdir(parents=True)
+    start = [0] * 10
+    flags = {"ift": [1] * 4 + [0] * 6, "ift-steps40": [1] * 8 + [0] * 2, "swat-s-steps40": [1] * 2}
+    flags["swat-s-steps40"] += [0] * 8
+    rows = {"original": dict(answered=start, task_loss=1.5, over_refusal=0.1, seconds=0, seed=None)}
+    for name, answered in flags.items():
+        recipe = name.split("-")[0]
+        steps = 40 if name.endswith("steps40") else 20
+        rows[f"{name}-seed0"] = dict(answered=answered, task_loss=1.0, over_refusal=0.1, seed=0,
+                                     seconds=1, recipe=recipe, steps=steps)  # fmt: skip
+    for name, row in rows.items():
+        (folder / f"{name}.json").write_text(json.dumps(row))
+    found = {r["row"]: r for r in robust_modules.asr_rows(str(tmp_path), "benign", "ift", 20)[1]}
+    swat = found["swat-s-steps40"]
+    assert swat["versus"] == "ift-steps40" and swat["steps"] == 40 and swat["selection"] == "s"
+    assert swat["cut"] == pytest.approx((0.8 - 0.2) / 0.8)  # not (0.4 - 0.2) / 0.4
+    assert found["ift-steps40"]["selection"] == "ift" and found["ift-steps40"]["cut"] is None
+    for steps, name in (("40", "swat-s"), ("20", "swat-s-steps40")):
+        with pytest.raises(SystemExit, match="wants a name ending"):
+            robust_modules.main(["asr", "--model", "none", "--pairs", "none", "--shared", "none",
+                                 "--out", str(tmp_path), "--scenario", "benign", "--recipe",
+                                 "swat", "--steps", steps, "--name", name])  # fmt: skip
+
+
 def test_rows_are_named_by_their_selection():
     """results/robust_modules.json's selection names: plain IFT at another rate is lr-matched, a
     set tuned alone keeps its name less its rate."""
