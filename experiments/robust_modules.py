@@ -351,6 +351,8 @@ def selection_of(name, recipe):
         return recipe
     if recipe in ("swat", "mllr"):  # "swat-oracle": SWAT with the oracle set as Mods_Rob
         name = name.removeprefix(recipe + "-")
+    if name.startswith("random-"):  # "swat-random-60": a random draw of 60 as Mods_Rob
+        return "random"
     return name.split("-lr")[0]
 
 

@@ -155,7 +155,7 @@ def test_rows_are_named_by_their_selection():
     set tuned alone keeps its name less its rate."""
     rows = [("ift", "ift"), ("ift-lr5e-06", "ift"), ("random-60", "random"), ("sppft", "sppft")]
     rows += [("oracle-lr0.0002", "only"), ("only-qk", "only"), ("swat-oracle", "swat")]
-    rows += [("mllr-oracle-lr1e-4", "mllr")]
+    rows += [("mllr-oracle-lr1e-4", "mllr"), ("swat-random-60", "swat")]
     names = [robust_modules.selection_of(name, recipe) for name, recipe in rows]
     assert names == [
         "ift",
@@ -166,6 +166,7 @@ def test_rows_are_named_by_their_selection():
         "only-qk",
         "oracle",
         "oracle",
+        "random",
     ]
 
 
