@@ -17,6 +17,8 @@ set against it (RESULTS.md, "What makes a module robust").
            seeds' first batches: how much a one-batch proxy's ranking depends on the batch.
   asr      one real-ASR row of one seed: a set tuned alone, plain IFT at a rate, a random set,
            SPPFT, or SWAT / ML-LR with a set as Mods_Rob; asr-table tabulates them over seeds.
+           --steps N (a name ending -stepsN) is the regime rows' longer main phase, set against
+           plain IFT of N steps ("ift-stepsN").
   table    Spearman between the ground truth and every proxy (95 % bootstrap over the groups),
            printed as markdown and written to results/robust_modules.json.
 
