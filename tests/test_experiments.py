@@ -156,6 +156,7 @@ def test_rows_are_named_by_their_selection():
     rows = [("ift", "ift"), ("ift-lr5e-06", "ift"), ("random-60", "random"), ("sppft", "sppft")]
     rows += [("oracle-lr0.0002", "only"), ("only-qk", "only"), ("swat-oracle", "swat")]
     rows += [("mllr-oracle-lr1e-4", "mllr"), ("swat-random-60", "swat")]
+    rows += [("swat-search-steps40", "swat")]
     names = [robust_modules.selection_of(name, recipe) for name, recipe in rows]
     assert names == [
         "ift",
@@ -167,6 +168,7 @@ def test_rows_are_named_by_their_selection():
         "oracle",
         "oracle",
         "random",
+        robust_modules.DEFAULT_SELECTION,
     ]
 
 
