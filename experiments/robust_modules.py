@@ -344,6 +344,15 @@ def row_flags(folder, name):
     return json.load(open(os.path.join(folder, name + ".json")))["answered"]
 
 
+def regime_of(name):
+    """(a row's name less its regime suffix, the suffix): "swat-search-steps40" is in the 40-step
+    regime ("-steps40") and is set against "ift-steps40"; a name without one, against "ift"."""
+    match = re.search(r"-steps\d+$", name)
+    if match is None:
+        return name, ""
+    return name[: match.start()], match.group(0)
+
+
 def selection_of(name, recipe):
     """A row's selection in results/robust_modules.json's words: plain IFT at another rate is
     "lr-matched", a random set "random", SPPFT "sppft"; a set tuned alone keeps its name, less
@@ -362,21 +371,13 @@ def selection_of(name, recipe):
     return name.split("-lr")[0]
 
 
-def regime_of(name):
-    """(a row's name less its regime suffix, the suffix): "swat-search-steps40" is in the 40-step
-    regime ("-steps40") and is set against "ift-steps40"; a name without one, against "ift"."""
-    match = re.search(r"-steps\d+$", name)
-    if match is None:
-        return name, ""
-    return name[: match.start()], match.group(0)
-
-
 def asr_rows(out, scenario_name, versus, draws=2000, seeds=None):
     """The real-ASR rows of a scenario (of `seeds` only, when given: dev and fresh seeds are read
-    apart), each over the seeds it shares with ift: its ASR and the cut of plain IFT's rise, with
-    95 % intervals from a bootstrap over seeds and prompts (evidence.py's draws), task loss against
-    IFT's, and p, the paired sign-flip test across seeds, against the row `versus` (plain IFT at
-    the matched rate) -> (the start's row and flags, [row dicts])."""
+    apart), each over the seeds it shares with plain IFT of its own length ("ift", or
+    "ift-stepsN" for a -stepsN row; named in the row dict's "versus"): its ASR and the cut of that
+    IFT's rise, with 95 % intervals from a bootstrap over seeds and prompts (evidence.py's draws),
+    task loss against that IFT's, and p, the paired sign-flip test across seeds, against the
+    argument `versus` (plain IFT at the matched rate) -> (the start's row and flags, [rows])."""
     folder = os.path.join(out, scenario_name, "asr")
     start = np.array(row_flags(folder, "original"), float)
     rows = {}
@@ -616,8 +617,7 @@ def table(args):
         groups[name] = {(layer, kind) for layer in range(int(lo), int(hi) + 1)}
     rows = []
     # the numbers in results/robust_modules.json's form: the default selection of the day, the
-    # groups, the ground truth per scenario, each proxy's Spearman with it, and the tuned rows
-    # (none yet: the oracle and proxy rows need the hours listed in RESULTS.md)
+    # groups, the ground truth per scenario, each proxy's Spearman with it, and the real-ASR rows
     result = {"default": DEFAULT_SELECTION, "groups": names,
               "ground_truth": {}, "attributed": {}, "proxies": {}, "rows": []}  # fmt: skip
     for scenario_name, runs in truths.items():
