@@ -269,23 +269,47 @@ def named_modules(args, n_layers, every):
     return modules
 
 
-def method_row(args, net, tok, chats, folder):
+def module_weights(net):
+    """A copy of every (layer, kind) module weight: the start that moved_table measures from."""
+    names = [f"model.layers.{layer}.{model.MODULES[kind]}.weight"
+             for layer in range(net.cfg.n_layers) for kind in model.MODULES]  # fmt: skip
+    weights = net.state_dict()
+    return {name: weights[name].detach().float().cpu().clone() for name in names}
+
+
+def moved_table(before, net):
+    """How far tuning has moved each module from `before`: {kind: [|dW| / |W| per layer]}, rounded
+    (the rows keep it, so that any set's update size can be read off later)."""
+    table = evaluation.update_magnitudes(before, net, list(model.MODULES), set())[0]
+    return {kind: [round(v, 7) for v in row] for kind, row in table.items()}
+
+
+def method_row(args, net, tok, chats, folder, before):
     """SWAT or ML-LR with --include as Mods_Rob, through train.train with the evidence cells'
     settings (SWAT: a warm-up of WARMUP_FRAC x the steps on Mods_Rob alone, then every parameter;
     ML-LR: the other modules of Mods_Rob's kinds at lr x RATIO). train.train writes a checkpoint,
-    here into a scratch folder of this run's own, removed once the weights are back in net."""
+    here into a scratch folder of this run's own, removed once the weights are back in net.
+    -> {"moved_warmup": the modules' update sizes at the end of SWAT's warm-up} (ML-LR: {})."""
     if not args.include:
         raise SwatError(f"asr --recipe {args.recipe}: name Mods_Rob with --include")
     mods = named_modules(args, net.cfg.n_layers, set())
     warmup = train.warmup_length(args.recipe, args.steps, WARMUP_FRAC)
+    phases = {}
+
+    def at_warmup_end(net):
+        # train.train calls this every `warmup` steps; the first call ends the warm-up
+        phases.setdefault("moved_warmup", moved_table(before, net))
+        return {}
+
     scratch = tempfile.mkdtemp(prefix=".swat-row-", dir=folder)
     try:
         train.train(net, tok, chats, os.path.join(scratch, "model"), args.recipe, mods,
                     steps=args.steps, lr=args.lr, batch_size=BATCH, warmup_steps=warmup,
                     ratio=RATIO, max_len=MAX_LEN, seed=args.seed, long="skip",
-                    scope="modules")  # fmt: skip
+                    scope="modules", watch=(warmup, at_warmup_end) if warmup else None)  # fmt: skip
     finally:
         shutil.rmtree(scratch)  # train.train has left net trained and in evaluation mode
+    return phases
 
 
 def asr(args):
@@ -293,7 +317,8 @@ def asr(args):
     the evidence cells' evaluation (AdvBench dev rows 1-100 for ASR, 100 built-in harmless prompts
     for over-refusal, the 32 held-out GSM8K examples' task loss) -> asr/NAME-seedS.json and its
     generations; the aligned start's own row once, asr/original.json. --steps sets the main
-    phase's length (and the tuning set's size) for the regime rows; it is kept in the row."""
+    phase's length (and the tuning set's size) for the regime rows; it is kept in the row, as is
+    each module's update size at the end ("moved") and, for SWAT, at the end of the warm-up."""
     if args.steps < 1:
         raise SwatError(f"asr: --steps must be at least 1, got {args.steps}")
     # a row of another length is named for it, so the tables set it against IFT of that length
@@ -317,8 +342,10 @@ def asr(args):
             print(f"{path} exists; skipped")
             continue
         began = time.time()
+        before = module_weights(net)
+        phases = {}  # SWAT's update sizes at the end of its warm-up
         if name != "original" and args.recipe in ("swat", "mllr"):  # the methods: train.train
-            method_row(args, net, tok, chats, folder)
+            phases = method_row(args, net, tok, chats, folder, before)
         elif name != "original":  # a set of parameters tuned, the rest frozen
             torch.manual_seed(args.seed)
             encoded = train.encode_all(tok, chats, MAX_LEN, "skip")
@@ -328,6 +355,7 @@ def asr(args):
         row = evaluation.evaluate(net, tok, name, gen_path=generations, **options)
         row.update(seed=args.seed, lr=args.lr, recipe=args.recipe, steps=args.steps,
                    seconds=time.time() - began)  # fmt: skip
+        row.update(moved=moved_table(before, net), **phases)  # each module's update size
         # the table's per-prompt data, text-free (AdvBench's prompts stay out of git)
         row["answered"] = [int(a) for a in evidence.answered(generations, None)]
         if name == "original":  # the start, tuned by nothing

@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 import evaluation
 import model
@@ -120,6 +121,26 @@ def test_swat_and_mllr_rows_go_through_train(tiny, tmp_path, monkeypatch):
     assert len(longer) == 3 * robust_modules.BATCH
     # SWAT's warm-up steps come before the same main phase: the two rows end at different weights
     assert rows["swat"]["task_loss"] != rows["mllr"]["task_loss"]
+    # the update sizes per phase: SWAT's warm-up moves Mods_Rob alone; by the end, every module
+    inside = {(layer, kind) for layer in (1, 2) for kind in "qk"}
+    for kind, sizes in rows["swat"]["moved_warmup"].items():
+        assert [size > 0 for size in sizes] == [(n, kind) in inside for n in range(len(sizes))]
+    assert all(size > 0 for sizes in rows["swat"]["moved"].values() for size in sizes)
+    assert "moved_warmup" not in rows["mllr"]  # ML-LR has one phase
+
+
+def test_moved_table_is_each_modules_relative_update(tiny):
+    """moved_table: |W - W_start| / |W_start| of each (layer, kind) weight, against numpy."""
+    net, _ = model.load(tiny)
+    before = robust_modules.module_weights(net)
+    weight = net.model.layers[1].mlp.up_proj.weight
+    start = weight.detach().numpy().copy()
+    with torch.no_grad():
+        weight.add_(torch.randn_like(weight) * 0.01)
+    table = robust_modules.moved_table(before, net)
+    expected = np.linalg.norm(weight.detach().numpy() - start) / np.linalg.norm(start)
+    assert table["up"][1] == pytest.approx(expected, rel=1e-5)
+    assert sum(size for sizes in table.values() for size in sizes) == table["up"][1]
 
 
 def test_a_longer_regimes_rows_are_set_against_ift_of_that_length(tmp_path):
