@@ -19,6 +19,8 @@ set against it (RESULTS.md, "What makes a module robust").
            SPPFT, or SWAT / ML-LR with a set as Mods_Rob; asr-table tabulates them over seeds.
            --steps N (a name ending -stepsN) is the regime rows' longer main phase, set against
            plain IFT of N steps ("ift-stepsN").
+  updates  the asr rows' update sizes split by a module set (--include, e.g. Mods_Rob): inside
+           and outside it, at the end of SWAT's warm-up and at the end.
   table    Spearman between the ground truth and every proxy (95 % bootstrap over the groups),
            printed as markdown and written to results/robust_modules.json.
 
@@ -461,6 +463,35 @@ def asr_rows(out, scenario_name, versus, draws=2000, seeds=None):
     return (original, start), found
 
 
+def updates(args):
+    """Each row's update sizes split by a module set (--include): the mean |dW| / |W| of the
+    modules inside it and outside it, at the end of SWAT's warm-up ("-" for a one-phase recipe)
+    and at the end, over the row's seeds that kept them (asr rows keep "moved")."""
+    folder = os.path.join(args.out, args.scenario, "asr")
+    print("| row | seeds | set, warm-up end | rest, warm-up end | set, end | rest, end |")
+    print("|---|---|---|---|---|---|")
+    for name in args.rows:
+        pattern = re.escape(name) + r"-seed(\d+)\.json"
+        found = sorted(f for f in os.listdir(folder) if re.fullmatch(pattern, f))
+        kept = [json.load(open(os.path.join(folder, f))) for f in found]
+        kept = [row for row in kept if "moved" in row]
+        if not kept:
+            print(f"| {name} | none kept update sizes | - | - | - | - |")
+            continue
+        n_layers = len(kept[0]["moved"]["q"])
+        inside = train.parse_mods(args.include, n_layers)
+        cells = []
+        for phase in ("moved_warmup", "moved"):
+            for wanted in (True, False):  # the set, then the rest
+                sizes = [size for row in kept if phase in row
+                         for kind, per_layer in row[phase].items()
+                         for layer, size in enumerate(per_layer)
+                         if ((layer, kind) in inside) == wanted]  # fmt: skip
+                cells.append(f"{np.mean(sizes):.5f}" if sizes else "-")
+        seeds = ", ".join(str(row["seed"]) for row in kept)
+        print(f"| {name} | {seeds} | " + " | ".join(cells) + " |")
+
+
 def asr_table(args):
     """asr_rows as markdown (printed)."""
     (original, start), found = asr_rows(args.out, args.scenario, args.versus, args.draws,
@@ -819,6 +850,11 @@ def main(argv=None):
     rows.add_argument("--draws", type=int, default=2000)
     rows.add_argument("--seeds", type=int, nargs="+", help="only these seeds (e.g. the fresh 3 4)")
     rows.add_argument("--rows", nargs="+", help="only these rows (e.g. ift swat-oracle)")
+    sizes = commands.add_parser("updates")
+    sizes.add_argument("--out", required=True)
+    sizes.add_argument("--scenario", choices=("attack", "benign"), required=True)
+    sizes.add_argument("--include", required=True, help="the set to split by, e.g. Mods_Rob")
+    sizes.add_argument("--rows", nargs="+", required=True, help="e.g. ift-steps80 swat-oracle")
     three = commands.add_parser("table")
     three.add_argument("folders", nargs="+")
     three.add_argument("--json", help="where to write the numbers (results/robust_modules.json)")
@@ -831,6 +867,7 @@ def main(argv=None):
         commands["table"] = table
         commands["asr"] = asr
         commands["asr-table"] = asr_table
+        commands["updates"] = updates
         commands[args.command](args)
     except SwatError as e:
         sys.exit(f"error: {e}")

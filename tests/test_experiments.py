@@ -275,3 +275,26 @@ def test_table_sets_the_two_scenarios_truths_side_by_side(tmp_path, capsys):
     both = result["proxies"]["the other scenario's ground truth [attack vs benign]"]
     assert both["spearman"] == pytest.approx(expected) and both["groups"] == len(names)
     assert both["ci"][0] <= both["spearman"] <= both["ci"][1]
+
+
+def test_updates_splits_each_rows_update_sizes_by_a_set(tmp_path, capsys):
+    """updates: the mean update size inside and outside --include, per phase, over a row's seeds;
+    a one-phase row shows "-" for the warm-up, a row without update sizes says so."""
+    folder = tmp_path / "benign" / "asr"
+    folder.mkdir(parents=True)
+    zeros = {kind: [0.0, 0.0] for kind in ("q", "k", "v", "o", "gate", "up", "down")}
+    for seed, size in ((0, 0.002), (1, 0.004)):
+        warm = {**zeros, "q": [size, 0.0]}  # the warm-up moved 0:q alone
+        end = {kind: [size / 2, size / 2] for kind in zeros} | {"q": [size, size / 2]}
+        row = {"seed": seed, "moved": end, "moved_warmup": warm}
+        (folder / f"swat-x-seed{seed}.json").write_text(json.dumps(row))
+        (folder / f"ift-seed{seed}.json").write_text(json.dumps({"seed": seed, "moved": end}))
+    (folder / "old-seed0.json").write_text(json.dumps({"seed": 0}))
+    robust_modules.main(["updates", "--out", str(tmp_path), "--scenario", "benign", "--include",
+                         "0:q", "--rows", "swat-x", "ift", "old"])  # fmt: skip
+    lines = {line.split(" | ")[0][2:]: line for line in capsys.readouterr().out.splitlines()}
+    # inside: 0:q, mean over the seeds 0.003; the rest: 13 modules a seed
+    rest_end = (13 * 0.001 + 13 * 0.002) / 26
+    assert lines["swat-x"] == f"| swat-x | 0, 1 | 0.00300 | 0.00000 | 0.00300 | {rest_end:.5f} |"
+    assert lines["ift"] == f"| ift | 0, 1 | - | - | 0.00300 | {rest_end:.5f} |"
+    assert lines["old"].startswith("| old | none kept")
