@@ -344,20 +344,21 @@ def asr(args):
             print(f"{path} exists; skipped")
             continue
         began = time.time()
-        before = module_weights(net)
-        phases = {}  # SWAT's update sizes at the end of its warm-up
-        if name != "original" and args.recipe in ("swat", "mllr"):  # the methods: train.train
-            phases = method_row(args, net, tok, chats, folder, before)
-        elif name != "original":  # a set of parameters tuned, the rest frozen
-            torch.manual_seed(args.seed)
-            encoded = train.encode_all(tok, chats, MAX_LEN, "skip")
-            tuned = asr_recipe(args, net, tok)
-            evaluation.tune_only(net, encoded, tuned, args.steps, args.lr, BATCH, args.seed)
+        sizes = {}  # each module's update size: at the end, and at the end of SWAT's warm-up
+        if name != "original":  # the start's own row is tuned by nothing
+            before = module_weights(net)
+            if args.recipe in ("swat", "mllr"):  # the methods: train.train
+                sizes = method_row(args, net, tok, chats, folder, before)
+            else:  # a set of parameters tuned, the rest frozen
+                torch.manual_seed(args.seed)
+                encoded = train.encode_all(tok, chats, MAX_LEN, "skip")
+                tuned = asr_recipe(args, net, tok)
+                evaluation.tune_only(net, encoded, tuned, args.steps, args.lr, BATCH, args.seed)
+            sizes["moved"] = moved_table(before, net)
         generations = os.path.join(folder, name + ".jsonl")
         row = evaluation.evaluate(net, tok, name, gen_path=generations, **options)
         row.update(seed=args.seed, lr=args.lr, recipe=args.recipe, steps=args.steps,
-                   seconds=time.time() - began)  # fmt: skip
-        row.update(moved=moved_table(before, net), **phases)  # each module's update size
+                   seconds=time.time() - began, **sizes)  # fmt: skip
         # the table's per-prompt data, text-free (AdvBench's prompts stay out of git)
         row["answered"] = [int(a) for a in evidence.answered(generations, None)]
         if name == "original":  # the start, tuned by nothing
@@ -468,13 +469,15 @@ def updates(args):
     modules inside it and outside it, at the end of SWAT's warm-up ("-" for a one-phase recipe)
     and at the end, over the row's seeds that kept them (asr rows keep "moved")."""
     folder = os.path.join(args.out, args.scenario, "asr")
+    if not os.path.isdir(folder):
+        raise SwatError(f"{folder}: no asr rows here (is --out the folder asr wrote into?)")
     print("| row | seeds | set, warm-up end | rest, warm-up end | set, end | rest, end |")
     print("|---|---|---|---|---|---|")
     for name in args.rows:
         pattern = re.escape(name) + r"-seed(\d+)\.json"
         found = sorted(f for f in os.listdir(folder) if re.fullmatch(pattern, f))
-        kept = [json.load(open(os.path.join(folder, f))) for f in found]
-        kept = [row for row in kept if "moved" in row]
+        rows = [json.load(open(os.path.join(folder, f))) for f in found]
+        kept = [row for row in rows if "moved" in row]  # rows from before sizes were kept: none
         if not kept:
             print(f"| {name} | none kept update sizes | - | - | - | - |")
             continue

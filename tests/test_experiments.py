@@ -298,3 +298,6 @@ def test_updates_splits_each_rows_update_sizes_by_a_set(tmp_path, capsys):
     assert lines["swat-x"] == f"| swat-x | 0, 1 | 0.00300 | 0.00000 | 0.00300 | {rest_end:.5f} |"
     assert lines["ift"] == f"| ift | 0, 1 | - | - | 0.00300 | {rest_end:.5f} |"
     assert lines["old"].startswith("| old | none kept")
+    with pytest.raises(SystemExit, match="no asr rows here"):  # one line, not a traceback
+        robust_modules.main(["updates", "--out", str(tmp_path / "elsewhere"), "--scenario",
+                             "benign", "--include", "q", "--rows", "ift"])  # fmt: skip
