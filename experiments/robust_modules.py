@@ -63,6 +63,7 @@ BATCH = 8
 LR = 5e-5
 MAX_LEN = 256
 N_TASK = 32
+TASK_DATA = "data/gsm8k/train.jsonl"
 # The dev harmful prompts whose refusals the refusal loss is taken on: AdvBench dev rows 201-300
 # (rows 1-100 score ASR and are never used to choose anything).
 DEV_ROWS = slice(200, 300)
@@ -81,12 +82,12 @@ def tuning_set(shared, scenario_name, pairs, steps=None):
     """(the tuning chats, the held-out task chats) of a scenario, as the evidence cells have
     them: benign IFT draws its steps x BATCH examples from all of GSM8K's train split but the
     held-out ones (by the seed's order), Attack IFT from a fixed mix of that size (steps: STEPS
-    unless given)."""
-    held, rest = data.split(
-        data.read_examples(os.path.join(shared, "data/gsm8k/train.jsonl")), N_TASK
-    )
+    unless given); "alpaca", the general-domain regime, from alpaca_eval's 805 instructions."""
+    # alpaca_eval is small enough that 100 steps of 8 pass over it about once: tuning to convergence
+    source = "data/alpaca_eval/alpaca_eval.jsonl" if scenario_name == "alpaca" else TASK_DATA
+    held, rest = data.split(data.read_examples(os.path.join(shared, source)), N_TASK)
     size = (steps or STEPS) * BATCH
-    if scenario_name == "benign":
+    if scenario_name in ("benign", "alpaca"):
         return rest, held
     harmful = scenario.read_pairs(pairs)
     chats, _ = scenario.mix(rest, size, harmful, 0.1)
@@ -307,8 +308,8 @@ def method_row(args, net, tok, chats, folder, before):
     try:
         train.train(net, tok, chats, os.path.join(scratch, "model"), args.recipe, mods,
                     steps=args.steps, lr=args.lr, batch_size=BATCH, warmup_steps=warmup,
-                    ratio=RATIO, max_len=MAX_LEN, seed=args.seed, long="skip",
-                    scope="modules", watch=(warmup, at_warmup_end) if warmup else None)  # fmt: skip
+                    ratio=RATIO, max_len=MAX_LEN, seed=args.seed, long="skip", scope=args.scope,
+                    watch=(warmup, at_warmup_end) if warmup else None)  # fmt: skip
     finally:
         shutil.rmtree(scratch)  # train.train has left net trained and in evaluation mode
     return phases
@@ -355,6 +356,8 @@ def asr(args):
                 tuned = asr_recipe(args, net, tok)
                 evaluation.tune_only(net, encoded, tuned, args.steps, args.lr, BATCH, args.seed)
             sizes["moved"] = moved_table(before, net)
+            if args.recipe == "mllr":  # which weights ML-LR slowed: Mods_Rob's kinds, or all
+                sizes["scope"] = args.scope
         generations = os.path.join(folder, name + ".jsonl")
         row = evaluation.evaluate(net, tok, name, gen_path=generations, **options)
         row.update(seed=args.seed, lr=args.lr, recipe=args.recipe, steps=args.steps,
@@ -839,23 +842,29 @@ def main(argv=None):
         row.add_argument(name, required=True)
     recipes = ("ift", "only", "random", "sppft", "swat", "mllr")
     row.add_argument("--recipe", choices=recipes, required=True)
-    row.add_argument("--scenario", choices=("attack", "benign"), required=True)
+    row.add_argument("--scenario", choices=("attack", "benign", "alpaca"), required=True)
     row.add_argument("--seed", type=int, default=0)
     row.add_argument("--lr", type=float, default=LR)
     row.add_argument("--steps", type=int, default=STEPS, help="main-phase steps (SWAT: 3x warm-up)")
     row.add_argument("--include", help="only: the modules tuned, e.g. q,k; swat, mllr: Mods_Rob")
     row.add_argument("--exclude", help="only: modules left out, e.g. 0-9:v")
     row.add_argument("--size", type=int, help="random: how many modules")
+    row.add_argument(
+        "--scope",
+        choices=("modules", "all"),
+        default="modules",
+        help="mllr: slow the other modules of Mods_Rob's kinds, or every other weight",
+    )
     rows = commands.add_parser("asr-table")
     rows.add_argument("--out", required=True)
-    rows.add_argument("--scenario", choices=("attack", "benign"), required=True)
+    rows.add_argument("--scenario", choices=("attack", "benign", "alpaca"), required=True)
     rows.add_argument("--versus", default="ift-lr5e-06", help="the row p is taken against")
     rows.add_argument("--draws", type=int, default=2000)
     rows.add_argument("--seeds", type=int, nargs="+", help="only these seeds (e.g. the fresh 3 4)")
     rows.add_argument("--rows", nargs="+", help="only these rows (e.g. ift swat-oracle)")
     sizes = commands.add_parser("updates")
     sizes.add_argument("--out", required=True)
-    sizes.add_argument("--scenario", choices=("attack", "benign"), required=True)
+    sizes.add_argument("--scenario", choices=("attack", "benign", "alpaca"), required=True)
     sizes.add_argument("--include", required=True, help="the set to split by, e.g. Mods_Rob")
     sizes.add_argument("--rows", nargs="+", required=True, help="e.g. ift-steps80 swat-oracle")
     three = commands.add_parser("table")

@@ -129,6 +129,31 @@ def test_swat_and_mllr_rows_go_through_train(tiny, tmp_path, monkeypatch):
     assert "moved_warmup" not in rows["mllr"]  # ML-LR has one phase
 
 
+@needs_shared
+def test_the_alpaca_regime_and_mllrs_scope(tiny, tmp_path, monkeypatch):
+    """--scenario alpaca tunes on alpaca_eval (32 held out for the task loss, the rest to draw
+    from); ML-LR's --scope all slows every weight outside Mods_Rob, --scope modules only the other
+    modules of its kinds: the MLPs move about RATIO as far under the first (Adam's first steps are
+    about lr x sign(g)), and the row says which scope it ran."""
+    alpaca = os.path.join(SHARED, "data", "alpaca_eval", "alpaca_eval.jsonl")
+    records = [json.loads(line) for line in open(alpaca)]
+    instructions = {record["instruction"] for record in records}
+    chats, held = robust_modules.tuning_set(SHARED, "alpaca", None)
+    assert (len(held), len(chats)) == (robust_modules.N_TASK, len(records) - 32)
+    assert all(chat[0]["content"] in instructions for chat in chats + held)
+    common = ["--model", tiny, "--pairs", "unused", "--shared", SHARED, "--out", str(tmp_path)]
+    common += ["--scenario", "alpaca", "--recipe", "mllr", "--include", "q,k"]
+    monkeypatch.setattr(robust_modules, "STEPS", 2)
+    for scope in ("all", "modules"):
+        robust_modules.main(["asr", *common, "--scope", scope, "--name", f"mllr-qk-{scope}"])
+    rows = {s: json.load(open(tmp_path / "alpaca" / "asr" / f"mllr-qk-{s}-seed0.json"))
+            for s in ("all", "modules")}  # fmt: skip
+    assert [rows[s]["scope"] for s in rows] == ["all", "modules"]
+    for kind in ("gate", "up", "down"):
+        ratio = np.mean(rows["all"]["moved"][kind]) / np.mean(rows["modules"]["moved"][kind])
+        assert 0.3 * robust_modules.RATIO < ratio < 3 * robust_modules.RATIO, (kind, ratio)
+
+
 def test_moved_table_is_each_modules_relative_update(tiny):
     """moved_table: |W - W_start| / |W_start| of each (layer, kind) weight, against numpy."""
     net, _ = model.load(tiny)
