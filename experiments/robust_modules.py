@@ -518,6 +518,33 @@ def asr_table(args):
                      f"{r['over_refusal']:.1%} | {r['task_loss']:.3f} "
                      f"({r['task_loss_delta']:+.1%}) | {r['seconds']:.0f} |")  # fmt: skip
     print("\n".join(lines))
+    curve_lines = on_ifts_curve([r for r in found if not args.rows or r["row"] in args.rows])
+    if curve_lines:
+        print("\n" + "\n".join(curve_lines))
+
+
+def on_ifts_curve(found):
+    """Each method row against plain IFT's own trade-off at its task loss: the ASR read off the
+    straight line between the two plain-IFT rates (same steps) whose task losses bracket the row's
+    -> markdown lines (none when fewer than two rates ran, or no row falls between them)."""
+    lines = []
+    for r in found:
+        if r["strategy"] == "ift":
+            continue
+        curve = sorted((c["task_loss"], c["asr"], c["row"]) for c in found
+                       if c["strategy"] == "ift" and c["steps"] == r["steps"])  # fmt: skip
+        for (loss_a, asr_a, name_a), (loss_b, asr_b, name_b) in zip(curve, curve[1:]):
+            if loss_a <= r["task_loss"] <= loss_b:  # lower loss first: the faster rate
+                weight = (r["task_loss"] - loss_a) / max(loss_b - loss_a, 1e-12)
+                asr_then = asr_a + weight * (asr_b - asr_a)
+                lines.append(f"| {r['row']} | {r['task_loss']:.3f} | {r['asr']:.1%} | "
+                             f"{asr_then:.1%} (between {name_a} and {name_b}) |")  # fmt: skip
+                break
+    if not lines:
+        return []
+    head = ["| row | task loss | ASR | plain IFT's ASR at that task loss (its curve) |",
+            "|---|---|---|---|"]  # fmt: skip
+    return head + lines
 
 
 def module_order(files):
@@ -786,7 +813,7 @@ def table(args):
         ordered = sorted(names, key=lambda g: truth_of[g])
         print(f"\n{scenario_name}: least fragile first: " + ", ".join(
             f"{g} {truth_of[g]:+.4f}" for g in ordered))  # fmt: skip
-    for scenario_name in ("attack", "benign"):  # the real-ASR rows measured so far
+    for scenario_name in ("attack", "benign", "alpaca"):  # the real-ASR rows measured so far
         if os.path.exists(os.path.join(out, scenario_name, "asr", "original.json")):
             for seeds in (DEV_SEEDS, FRESH_SEEDS):  # read apart: settings were chosen on dev seeds
                 result["rows"] += asr_rows(out, scenario_name, "ift-lr5e-06", args.draws, seeds)[1]

@@ -154,6 +154,25 @@ def test_the_alpaca_regime_and_mllrs_scope(tiny, tmp_path, monkeypatch):
         assert 0.3 * robust_modules.RATIO < ratio < 3 * robust_modules.RATIO, (kind, ratio)
 
 
+def test_a_rows_asr_is_read_off_plain_ifts_curve_at_its_task_loss():
+    """on_ifts_curve: plain IFT's ASR at a method row's task loss, by numpy.interp over the plain
+    IFT rows of the same length; a row outside its range, or of another length, gets none."""
+    curve = {"ift": (0.90, 0.80), "ift-lr2.5e-05": (1.00, 0.50), "ift-lr1e-05": (1.20, 0.10)}
+    found = [{"row": n, "strategy": "ift", "steps": 100, "task_loss": loss, "asr": asr}
+             for n, (loss, asr) in curve.items()]  # fmt: skip
+    found += [
+        {"row": "mllr-qk", "strategy": "mllr", "steps": 100, "task_loss": 1.05, "asr": 0.2},
+        {"row": "swat-far", "strategy": "swat", "steps": 100, "task_loss": 0.8, "asr": 0.1},
+        {"row": "swat-20", "strategy": "swat", "steps": 20, "task_loss": 1.0, "asr": 0.1},
+    ]
+    lines = robust_modules.on_ifts_curve(found)
+    losses, asrs = zip(*sorted(curve.values()))
+    expected = np.interp(1.05, losses, asrs)
+    assert lines[2:] == [f"| mllr-qk | 1.050 | 20.0% | {expected:.1%} (between ift-lr2.5e-05 and "
+                         "ift-lr1e-05) |"]  # fmt: skip
+    assert robust_modules.on_ifts_curve(found[:1] + found[3:]) == []  # one rate: no curve
+
+
 def test_moved_table_is_each_modules_relative_update(tiny):
     """moved_table: |W - W_start| / |W_start| of each (layer, kind) weight, against numpy."""
     net, _ = model.load(tiny)
