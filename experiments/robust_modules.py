@@ -18,7 +18,8 @@ set against it (RESULTS.md, "What makes a module robust").
   asr      one real-ASR row of one seed: a set tuned alone, plain IFT at a rate, a random set,
            SPPFT, or SWAT / ML-LR with a set as Mods_Rob; asr-table tabulates them over seeds.
            --steps N (a name ending -stepsN) is the regime rows' longer main phase, set against
-           plain IFT of N steps ("ift-stepsN").
+           plain IFT of N steps ("ift-stepsN"); --scenario alpaca tunes on alpaca_eval instead.
+           asr-table also reads each row against plain IFT's curve at its task loss.
   updates  the asr rows' update sizes split by a module set (--include, e.g. Mods_Rob): inside
            and outside it, at the end of SWAT's warm-up and at the end.
   table    Spearman between the ground truth and every proxy (95 % bootstrap over the groups),
