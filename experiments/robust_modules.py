@@ -64,7 +64,9 @@ BATCH = 8
 LR = 5e-5
 MAX_LEN = 256
 N_TASK = 32
-TASK_DATA = "data/gsm8k/train.jsonl"
+# Each scenario's task data under --shared ("alpaca": the general-domain regime, to convergence)
+TASK_DATA = {"attack": "data/gsm8k/train.jsonl", "benign": "data/gsm8k/train.jsonl",
+             "alpaca": "data/alpaca_eval/alpaca_eval.jsonl"}  # fmt: skip
 # The dev harmful prompts whose refusals the refusal loss is taken on: AdvBench dev rows 201-300
 # (rows 1-100 score ASR and are never used to choose anything).
 DEV_ROWS = slice(200, 300)
@@ -84,9 +86,8 @@ def tuning_set(shared, scenario_name, pairs, steps=None):
     them: benign IFT draws its steps x BATCH examples from all of GSM8K's train split but the
     held-out ones (by the seed's order), Attack IFT from a fixed mix of that size (steps: STEPS
     unless given); "alpaca", the general-domain regime, from alpaca_eval's 805 instructions."""
-    # alpaca_eval is small enough that 100 steps of 8 pass over it about once: tuning to convergence
-    source = "data/alpaca_eval/alpaca_eval.jsonl" if scenario_name == "alpaca" else TASK_DATA
-    held, rest = data.split(data.read_examples(os.path.join(shared, source)), N_TASK)
+    source = os.path.join(shared, TASK_DATA[scenario_name])
+    held, rest = data.split(data.read_examples(source), N_TASK)
     size = (steps or STEPS) * BATCH
     if scenario_name in ("benign", "alpaca"):
         return rest, held
@@ -814,7 +815,7 @@ def table(args):
         ordered = sorted(names, key=lambda g: truth_of[g])
         print(f"\n{scenario_name}: least fragile first: " + ", ".join(
             f"{g} {truth_of[g]:+.4f}" for g in ordered))  # fmt: skip
-    for scenario_name in ("attack", "benign", "alpaca"):  # the real-ASR rows measured so far
+    for scenario_name in TASK_DATA:  # the real-ASR rows measured so far
         if os.path.exists(os.path.join(out, scenario_name, "asr", "original.json")):
             for seeds in (DEV_SEEDS, FRESH_SEEDS):  # read apart: settings were chosen on dev seeds
                 result["rows"] += asr_rows(out, scenario_name, "ift-lr5e-06", args.draws, seeds)[1]
@@ -870,7 +871,7 @@ def main(argv=None):
         row.add_argument(name, required=True)
     recipes = ("ift", "only", "random", "sppft", "swat", "mllr")
     row.add_argument("--recipe", choices=recipes, required=True)
-    row.add_argument("--scenario", choices=("attack", "benign", "alpaca"), required=True)
+    row.add_argument("--scenario", choices=tuple(TASK_DATA), required=True)
     row.add_argument("--seed", type=int, default=0)
     row.add_argument("--lr", type=float, default=LR)
     row.add_argument("--steps", type=int, default=STEPS, help="main-phase steps (SWAT: 3x warm-up)")
@@ -885,14 +886,14 @@ def main(argv=None):
     )
     rows = commands.add_parser("asr-table")
     rows.add_argument("--out", required=True)
-    rows.add_argument("--scenario", choices=("attack", "benign", "alpaca"), required=True)
+    rows.add_argument("--scenario", choices=tuple(TASK_DATA), required=True)
     rows.add_argument("--versus", default="ift-lr5e-06", help="the row p is taken against")
     rows.add_argument("--draws", type=int, default=2000)
     rows.add_argument("--seeds", type=int, nargs="+", help="only these seeds (e.g. the fresh 3 4)")
     rows.add_argument("--rows", nargs="+", help="only these rows (e.g. ift swat-oracle)")
     sizes = commands.add_parser("updates")
     sizes.add_argument("--out", required=True)
-    sizes.add_argument("--scenario", choices=("attack", "benign", "alpaca"), required=True)
+    sizes.add_argument("--scenario", choices=tuple(TASK_DATA), required=True)
     sizes.add_argument("--include", required=True, help="the set to split by, e.g. Mods_Rob")
     sizes.add_argument("--rows", nargs="+", required=True, help="e.g. ift-steps80 swat-oracle")
     three = commands.add_parser("table")
