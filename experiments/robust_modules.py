@@ -685,7 +685,7 @@ def measured_runs(folder):
             evaluation.beside_ift(measured, curve)
         path = os.path.join(folder, seed_folder, "attribution.json")
         attribution = json.load(open(path)) if os.path.exists(path) else None
-        runs.append({"measured": measured, "attribution": attribution})
+        runs.append({"seed": seed_folder, "measured": measured, "attribution": attribution})
     return runs
 
 
@@ -726,6 +726,20 @@ def table(args):
         excess = {g: np.mean([r["measured"][g].get("excess_rise", ratio[g]) for r in runs])
                   for g in names}  # fmt: skip
         result["ground_truth"][scenario_name] = excess
+        each = {r["seed"]: {g: r["measured"][g].get("excess_rise", ratio[g]) for g in names}
+                for r in runs}  # fmt: skip
+        result.setdefault("ground_truth_seeds", {})[scenario_name] = each
+        if len(runs) > 1:  # is the ground truth itself reproducible? another data order's ranking
+            first_seed, second_seed = list(each)[:2]
+            rho, ci = bootstrap([each[first_seed][g] for g in names],
+                                [each[second_seed][g] for g in names])  # fmt: skip
+            label = f"another seed's ground truth ({first_seed} vs {second_seed})"
+            result["proxies"][f"{label} [{scenario_name}]"] = {
+                "spearman": rho,
+                "ci": ci,
+                "groups": len(names),
+            }
+            rows.append((scenario_name, label, rho, ci, len(names)))
         candidates = {
             "fragility ratio (rise per unit of task-loss decrease)": ratio,
             "measured refusal-loss rise alone": measured,
@@ -815,6 +829,12 @@ def table(args):
         ordered = sorted(names, key=lambda g: truth_of[g])
         print(f"\n{scenario_name}: least fragile first: " + ", ".join(
             f"{g} {truth_of[g]:+.4f}" for g in ordered))  # fmt: skip
+        each = result["ground_truth_seeds"][scenario_name]
+        if len(each) > 1:  # each seed's excess beside the mean, least fragile first
+            print(f"| group | {' | '.join(each)} | mean |\n|---|" + "---|" * (len(each) + 1))
+            for g in ordered:
+                seeds = " | ".join(f"{values[g]:+.4f}" for values in each.values())
+                print(f"| {g} | {seeds} | {truth_of[g]:+.4f} |")
     for scenario_name in TASK_DATA:  # the real-ASR rows measured so far
         if os.path.exists(os.path.join(out, scenario_name, "asr", "original.json")):
             for seeds in (DEV_SEEDS, FRESH_SEEDS):  # read apart: settings were chosen on dev seeds

@@ -321,6 +321,32 @@ def test_table_sets_the_two_scenarios_truths_side_by_side(tmp_path, capsys):
     assert both["ci"][0] <= both["spearman"] <= both["ci"][1]
 
 
+def test_table_sets_one_seeds_ground_truth_against_anothers(tmp_path, capsys):
+    """table with two seeds of one scenario: the ground truth is their mean excess, each seed's is
+    kept, and the two seeds' rankings are compared (Spearman checked against scipy's)."""
+    from scipy.stats import spearmanr
+
+    names = list(evaluation.module_groups(6))
+    rng = np.random.default_rng(1)
+    first = dict(zip(names, rng.normal(size=len(names))))
+    second = {g: first[g] + rng.normal(scale=0.5) for g in names}  # the same ranking, noisier
+    write_groups(tmp_path / "attack" / "seed0", first)
+    write_groups(tmp_path / "attack" / "seed1", second)
+    robust_modules.main(["table", str(tmp_path), "--json", str(tmp_path / "a.json")])
+    result = json.load(open(tmp_path / "a.json"))
+    offset = 0.5 * 0.2  # plain IFT's rise at every group's progress
+    assert result["ground_truth_seeds"]["attack"]["seed1"] == pytest.approx(
+        {g: r - offset for g, r in second.items()}
+    )
+    mean = {g: (first[g] + second[g]) / 2 - offset for g in names}
+    assert result["ground_truth"]["attack"] == pytest.approx(mean)
+    found = result["proxies"]["another seed's ground truth (seed0 vs seed1) [attack]"]
+    expected = spearmanr([first[g] for g in names], [second[g] for g in names]).statistic
+    assert found["spearman"] == pytest.approx(expected) and found["groups"] == len(names)
+    assert found["ci"][0] <= found["spearman"] <= found["ci"][1]
+    assert "| group | seed0 | seed1 | mean |" in capsys.readouterr().out
+
+
 def test_updates_splits_each_rows_update_sizes_by_a_set(tmp_path, capsys):
     """updates: the mean update size inside and outside --include, per phase, over a row's seeds;
     a one-phase row shows "-" for the warm-up, a row without update sizes says so."""
