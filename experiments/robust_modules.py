@@ -12,7 +12,8 @@ set against it (RESULTS.md, "What makes a module robust").
            task progress (read off the `whole` curve), as a markdown table.
   proxies  the static proxies of the aligned start: the scan's tables (readout accuracy drop and
            log-loss rise, the later-layer mean) at each noise scale and prompt count asked, and
-           SPPFT's safety layers (where harmful and harmless states part, by cosine similarity).
+           SPPFT's safety layers (where harmful and harmless states part, by cosine similarity);
+           then how far the scans rank the modules alike (scan_agreement).
   gradients the gradient proxies alone (conflict, importance) at the aligned start, for many
            seeds' first batches: how much a one-batch proxy's ranking depends on the batch.
   asr      one real-ASR row of one seed: a set tuned alone, plain IFT at a rate, a random set,
@@ -611,6 +612,33 @@ def proxies(args):
             print(f"wrote {path} ({record['seconds']:.0f} s)")
     first, last = sppft_layers(net, tok, args.out)
     print(f"safety layers {first}-{last}")
+    scan_agreement(args.out)
+
+
+def scan_agreement(out):
+    """How far the scan agrees with itself: Spearman over every module between each two of
+    `proxies`' scans in out, per table (same noise seed: the settings and prompts differ). A proxy
+    that ranks the modules alike at every setting measures something steady, whatever its tie to
+    the ground truth; one that does not is noise. -> {"A vs B": {table: rho}}, printed."""
+    names = sorted(n for n in os.listdir(out) if n.startswith("scan-scale") and n.endswith(".json"))
+    scans = {n[len("scan-") : -len(".json")]: json.load(open(os.path.join(out, n))) for n in names}
+    found = {}
+    keys = ("acc_drop", "loss_rise", "later")
+    labels = list(scans)
+    for i, a in enumerate(labels):
+        for b in labels[i + 1 :]:
+            pair = {}
+            for key in keys:  # every (kind, layer) value, in one fixed order
+                kinds = sorted(set(scans[a]["tables"][key]) & set(scans[b]["tables"][key]))
+                x = [v for kind in kinds for v in scans[a]["tables"][key][kind]]
+                y = [v for kind in kinds for v in scans[b]["tables"][key][kind]]
+                pair[key] = spearman(x, y)
+            found[f"{a} vs {b}"] = pair
+    if found:
+        print("| scans | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys))
+        for pair, values in found.items():
+            print(f"| {pair} | " + " | ".join(f"{values[k]:+.2f}" for k in keys) + " |")
+    return found
 
 
 def gradients(args):

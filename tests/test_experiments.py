@@ -281,6 +281,27 @@ def test_the_proxy_table_reads_a_runs_scan(tmp_path):
     assert proxies[label + " [attack]"]["spearman"] == pytest.approx(expected, abs=1e-12)
 
 
+def test_scan_agreement_ranks_each_two_scans_modules_alike(tmp_path):
+    """scan_agreement: per table, Spearman over every (kind, layer) between each two scans, as
+    scipy computes it; a scan that is a monotone map of another agrees +1."""
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(2)
+    keys = ("acc_drop", "loss_rise", "later")
+    first = {key: {k: rng.normal(size=6).tolist() for k in ("q", "v", "up")} for key in keys}
+    other = {key: {k: rng.normal(size=6).tolist() for k in ("q", "v", "up")} for key in keys}
+    cubed = {key: {k: [v**3 for v in vs] for k, vs in first[key].items()} for key in keys}
+    for name, tables in (("0.5-n32", first), ("0.5-n64", cubed), ("1.0-n32", other)):
+        (tmp_path / f"scan-scale{name}.json").write_text(json.dumps({"tables": tables}))
+    found = robust_modules.scan_agreement(str(tmp_path))
+    assert found["scale0.5-n32 vs scale0.5-n64"] == pytest.approx({key: 1.0 for key in keys})
+    for key in keys:
+        x = [v for k in ("q", "up", "v") for v in first[key][k]]
+        y = [v for k in ("q", "up", "v") for v in other[key][k]]
+        expected = spearmanr(x, y).statistic
+        assert found["scale0.5-n32 vs scale1.0-n32"][key] == pytest.approx(expected, abs=1e-12)
+
+
 def write_groups(folder, rises, drop=0.2):
     """One seed's measured groups as `truth` writes them, plus plain IFT's curve (one `whole`)."""
     (folder / "groups").mkdir(parents=True)
