@@ -751,11 +751,10 @@ def table(args):
         drop = {g: np.mean([r["measured"][g]["task_drop"] for r in runs]) for g in names}
         # damage per unit of task progress; a group that makes no progress is most fragile
         ratio = {g: measured[g] / drop[g] if drop[g] > 0 else 1e9 for g in names}
-        excess = {g: np.mean([r["measured"][g].get("excess_rise", ratio[g]) for r in runs])
-                  for g in names}  # fmt: skip
-        result["ground_truth"][scenario_name] = excess
         each = {r["seed"]: {g: r["measured"][g].get("excess_rise", ratio[g]) for g in names}
                 for r in runs}  # fmt: skip
+        excess = {g: np.mean([values[g] for values in each.values()]) for g in names}
+        result["ground_truth"][scenario_name] = excess
         result.setdefault("ground_truth_seeds", {})[scenario_name] = each
         if len(runs) > 1:  # is the ground truth itself reproducible? another data order's ranking
             first_seed, second_seed = list(each)[:2]
